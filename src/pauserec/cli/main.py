@@ -1,0 +1,40 @@
+"""`pauserec`: the umbrella command (data, train, eval, recommend, demo).
+
+Each group lives in its own module and imports heavy libraries (torch, onnxruntime) only inside
+its commands, so `pauserec --help` and `pauserec data info` stay fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from pauserec import __version__
+
+app = typer.Typer(
+    name="pauserec",
+    help="PauseRec generative recommenders: data, training, batch recommendation, demo.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pauserec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """PauseRec generative recommenders: data, training, batch recommendation, demo."""
+
+
+def _register() -> None:
+    from pauserec.cli import data as data_cli
+
+    app.add_typer(data_cli.app, name="data")
+
+
+_register()

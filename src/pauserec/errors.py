@@ -1,0 +1,29 @@
+"""One error family for the whole toolkit.
+
+Every message says what was wrong and what to do next. CLIs catch ``PauserecError``,
+print its message and exit with code 2; anything else is a bug.
+"""
+
+
+class PauserecError(Exception):
+    """Base class of every error pauserec raises on purpose."""
+
+
+class DataError(PauserecError):
+    """A dataset, catalog, SID index or input file is missing or malformed."""
+
+
+class CheckpointError(PauserecError):
+    """A model checkpoint cannot be used (architecture, tokenizer, training card)."""
+
+
+class ExportError(PauserecError):
+    """Exporting or validating an engine failed."""
+
+
+class EngineError(PauserecError):
+    """An engine directory is missing, corrupt or of an unknown format version."""
+
+
+class BackendUnavailable(PauserecError):
+    """An explicitly requested implementation or backend is not installed or has no device."""
