@@ -36,5 +36,9 @@ def _register() -> None:
 
     app.add_typer(data_cli.app, name="data")
 
+    from pauserec.cli import recommend as recommend_cli
+
+    app.command("recommend")(recommend_cli.recommend)
+
 
 _register()
