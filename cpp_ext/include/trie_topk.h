@@ -1,0 +1,196 @@
+// Trie-masked top-k: the per-row rule shared by the C++ CPU and CUDA implementations.
+//
+// The semantics are pinned in the NumPy reference (pauserec.runtime.trie_topk.trie_topk_numpy);
+// this header is their native spelling:
+//   * candidates of row b are the pairs (parent j, edge e of node nodes[b, j]);
+//   * score = scores[b, j] + logprobs[b, j, tokens[e]], float32 addition; NaN counts as -inf;
+//   * a candidate whose score is -inf is never selected (so dead parents expand nothing);
+//   * order: higher score first; ties -> lower parent, then lower token;
+//   * fewer than k candidates -> padding (parent, token, node = -1, score = -inf).
+// Every referenced node (nodes[b, j] != -1, whatever its score) must be in [0, N), have a sane edge
+// range, tokens strictly increasing in [0, V) and children in [0, N); otherwise the call fails.
+//
+// Never compile this code with fast-math: the NaN test and the exact float addition matter.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#ifdef __CUDACC__
+#define PAUSEREC_HD __host__ __device__
+#else
+#define PAUSEREC_HD
+#endif
+
+namespace pauserec {
+namespace trie_topk {
+
+// Beam widths above this are rejected as a likely mistake (they would only allocate padding).
+constexpr int64_t kMaxK = int64_t(1) << 20;
+
+struct Candidate {
+  float score;     // already normalised by candidate_score (never NaN)
+  int32_t parent;  // beam index j in [0, K_in)
+  int32_t token;   // level-local code
+  int32_t edge;    // edge id e; the output node is children[edge]
+};
+
+// score of one candidate; NaN -> -inf
+PAUSEREC_HD inline float candidate_score(float parent_score, float logprob) {
+  const float s = parent_score + logprob;
+  return (s > -INFINITY) ? s : -INFINITY;
+}
+
+// A parent whose score is -inf or NaN expands nothing (every child score would be -inf or NaN).
+PAUSEREC_HD inline bool live_score(float s) { return s > -INFINITY; }
+
+// The one ordering: higher score, then lower parent, then lower token. Scores must be normalised.
+PAUSEREC_HD inline bool better(const Candidate& a, const Candidate& b) {
+  if (a.score != b.score) return a.score > b.score;
+  if (a.parent != b.parent) return a.parent < b.parent;
+  return a.token < b.token;
+}
+
+// ---- problem description (raw pointers, C-contiguous) ----
+
+struct TrieView {
+  const int32_t* offsets;   // (N + 1,)
+  const int32_t* tokens;    // (E,)
+  const int32_t* children;  // (E,)
+  int64_t num_nodes;        // N
+  int64_t num_edges;        // E
+};
+
+struct Problem {
+  const float* scores;    // (B, K_in)
+  const float* logprobs;  // (B, K_in, V)
+  const int32_t* nodes;   // (B, K_in)
+  TrieView trie;
+  int64_t batch;   // B
+  int64_t k_in;    // K_in
+  int64_t vocab;   // V
+  int64_t k;       // k
+  int32_t* out_parent;  // (B, k)
+  int32_t* out_token;   // (B, k)
+  int32_t* out_node;    // (B, k)
+  float* out_score;     // (B, k)
+};
+
+// ---- validation helpers ----
+
+enum Status : int32_t {
+  kOk = 0,
+  kBadNode = 1,      // node id outside [-1, N)
+  kBadOffsets = 2,   // edge range of a node outside [0, E] or reversed
+  kBadToken = 3,     // trie token outside [0, V)
+  kUnsorted = 4,     // trie tokens of one node not strictly increasing
+  kBadChild = 5,     // trie child outside [0, N)
+};
+
+struct ErrorInfo {
+  int32_t status = kOk;
+  int64_t row = -1, beam = -1, node = -1, edge = -1, value = 0;
+};
+
+// Checks the node id of one beam and returns its edge range [*begin, *end) (empty for node -1).
+PAUSEREC_HD inline int32_t node_edges(const TrieView& t, int32_t node, int64_t* begin, int64_t* end) {
+  *begin = 0;
+  *end = 0;
+  if (node == -1) return kOk;
+  if (node < -1 || node >= t.num_nodes) return kBadNode;
+  const int64_t lo = t.offsets[node], hi = t.offsets[node + 1];
+  if (lo < 0 || hi < lo || hi > t.num_edges) return kBadOffsets;
+  *begin = lo;
+  *end = hi;
+  return kOk;
+}
+
+// Checks edge e of a node whose edges start at begin.
+PAUSEREC_HD inline int32_t check_edge(const TrieView& t, int64_t e, int64_t begin, int64_t vocab) {
+  const int32_t tok = t.tokens[e];
+  if (tok < 0 || tok >= vocab) return kBadToken;
+  if (e > begin && tok <= t.tokens[e - 1]) return kUnsorted;
+  const int32_t child = t.children[e];
+  if (child < 0 || child >= t.num_nodes) return kBadChild;
+  return kOk;
+}
+
+PAUSEREC_HD inline void write_padding(const Problem& p, int64_t row, int64_t from) {
+  for (int64_t i = from; i < p.k; ++i) {
+    const int64_t o = row * p.k + i;
+    p.out_parent[o] = -1;
+    p.out_token[o] = -1;
+    p.out_node[o] = -1;
+    p.out_score[o] = -INFINITY;
+  }
+}
+
+// Host-only: validates every referenced node and edge of one row, in row-major beam/edge order.
+inline ErrorInfo validate_row(const Problem& p, int64_t b) {
+  ErrorInfo info;
+  for (int64_t j = 0; j < p.k_in; ++j) {
+    const int32_t node = p.nodes[b * p.k_in + j];
+    int64_t lo, hi;
+    int32_t st = node_edges(p.trie, node, &lo, &hi);
+    if (st != kOk) return ErrorInfo{st, b, j, node, -1, node};
+    for (int64_t e = lo; e < hi; ++e) {
+      st = check_edge(p.trie, e, lo, p.vocab);
+      if (st != kOk) return ErrorInfo{st, b, j, node, e, st == kBadChild ? p.trie.children[e] : p.trie.tokens[e]};
+    }
+  }
+  return info;
+}
+
+inline ErrorInfo validate_all(const Problem& p) {
+  for (int64_t b = 0; b < p.batch; ++b) {
+    ErrorInfo info = validate_row(p, b);
+    if (info.status != kOk) return info;
+  }
+  return ErrorInfo{};
+}
+
+// One message per failure: what was wrong and what to do next.
+inline std::string error_message(const ErrorInfo& e, const Problem& p) {
+  const std::string at = "nodes[" + std::to_string(e.row) + ", " + std::to_string(e.beam) + "]";
+  const std::string n = std::to_string(p.trie.num_nodes);
+  switch (e.status) {
+    case kBadNode:
+      return at + " = " + std::to_string(e.value) + " is outside [-1, " + n +
+             "): pass trie node ids of this trie (-1 for a dead beam)";
+    case kBadOffsets:
+      return "offsets of node " + std::to_string(e.node) + " (" + at + ") give an edge range outside [0, " +
+             std::to_string(p.trie.num_edges) + "]: offsets must be non-decreasing CSR offsets into tokens/children";
+    case kBadToken:
+      return "trie token " + std::to_string(e.value) + " at edge " + std::to_string(e.edge) + " (child of node " +
+             std::to_string(e.node) + ", " + at + ") is outside [0, V=" + std::to_string(p.vocab) +
+             "): logprobs must cover this level's codebook";
+    case kUnsorted:
+      return "trie tokens of node " + std::to_string(e.node) + " are not strictly increasing at edge " +
+             std::to_string(e.edge) + ": a node's children must be sorted by code, without repeats";
+    case kBadChild:
+      return "trie child " + std::to_string(e.value) + " at edge " + std::to_string(e.edge) +
+             " is outside [0, " + n + "): children must be node ids of this trie";
+    default:
+      return "invalid trie-masked top-k input";
+  }
+}
+
+// ---- CUDA entry points (defined in trie_topk_cuda.cu; declared here for the CUDA bindings) ----
+
+namespace cuda {
+enum ResultKind : int32_t { kDone = 0, kInvalidInput = 1, kRuntimeFailure = 2 };
+struct Result {
+  int32_t kind = kDone;
+  std::string message;
+};
+// Whether a CUDA device can be used; on false, *why says what is missing.
+bool device_usable(std::string* why);
+// Host arrays in and out (copies to and from the current device). Validates on the host first.
+Result run_host(const Problem& host_problem);
+// Device pointers in and out, on `stream` (0 = legacy default stream); synchronises that stream.
+Result run_device(const Problem& device_problem, uintptr_t stream);
+}  // namespace cuda
+
+}  // namespace trie_topk
+}  // namespace pauserec
