@@ -25,3 +25,22 @@ def synthetic_data(tmp_path_factory) -> Path:
     from pauserec.data.synthetic import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synthetic"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """Tiny seeded checkpoints {"direct", "pause" (k=5), "cot"} trained for a few seconds on synthetic_data.
+
+    Deterministic: fixed seed, fixed step count (no time budget), one torch thread.
+    """
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from pauserec.train.sft import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    return {
+        kind: train(
+            TrainConfig(data=synthetic_data, index=None, kind=kind, out=root / kind, preset="tiny", seed=0, threads=1)
+        ).out
+        for kind in ("direct", "pause", "cot")
+    }

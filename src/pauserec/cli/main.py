@@ -40,5 +40,13 @@ def _register() -> None:
 
     app.command("recommend")(recommend_cli.recommend)
 
+    from pauserec.cli import demo as demo_cli
+
+    app.command("demo")(demo_cli.demo)
+
+    from pauserec.cli import train as train_cli
+
+    train_cli.register(app)
+
 
 _register()
