@@ -1,0 +1,70 @@
+"""Backends behind one small protocol (``pauserec.runtime.session.Session``).
+
+* ``cpu``: ONNX Runtime, CPU execution provider;
+* ``cuda``: ONNX Runtime's CUDA execution provider with IO binding (needs onnxruntime-gpu + a GPU);
+* ``tensorrt``: the engine's ``.plan`` files through ``tensorrt`` + ``cuda-python``.
+
+``auto`` picks the first usable of tensorrt (when the engine has plans), cuda, cpu. An explicitly
+requested backend that is not usable raises BackendUnavailable saying what to install; nothing
+falls back silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pauserec.errors import BackendUnavailable, EngineError
+from pauserec.runtime.session import GraphIO, Session
+
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
+    """None when ``provider`` can run here (for an engine with/without TensorRT plans)."""
+    if provider == "cpu":
+        return None
+    if provider == "cuda":
+        from pauserec.runtime.backends.ort import cuda_unavailable_reason
+
+        return cuda_unavailable_reason()
+    if provider == "tensorrt":
+        if not has_plans:
+            return ("this engine has no TensorRT plans: export it with pauserec-export --backend tensorrt "
+                    "--static --batch B --beams K")
+        from pauserec.runtime.backends.trt import unavailable_reason as trt_reason
+
+        return trt_reason()
+    raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+
+
+def open_sessions(path: Path, graphs: dict[str, GraphIO], plans: dict[str, str], provider: str,
+                  threads: int | None) -> tuple[str, dict[str, Session]]:
+    """(provider used, graph name -> session)."""
+    if provider not in PROVIDERS:
+        raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if provider == "auto":
+        for candidate in ("tensorrt", "cuda"):
+            if unavailable_reason(candidate, bool(plans)) is None:
+                try:
+                    return candidate, _open(path, graphs, plans, candidate, threads)
+                except BackendUnavailable:
+                    continue
+        return "cpu", _open(path, graphs, plans, "cpu", threads)
+    reason = unavailable_reason(provider, bool(plans))
+    if reason:
+        raise BackendUnavailable(f"provider {provider!r} is not usable: {reason}")
+    return provider, _open(path, graphs, plans, provider, threads)
+
+
+def _open(path: Path, graphs: dict[str, GraphIO], plans: dict[str, str], provider: str,
+          threads: int | None) -> dict[str, Session]:
+    if provider == "tensorrt":
+        from pauserec.runtime.backends.trt import TrtSession
+
+        missing = [g for g in graphs if g not in plans]
+        if missing:
+            raise EngineError(f"the engine lists no TensorRT plan for {', '.join(missing)}; re-export it")
+        return {name: TrtSession(path / plans[name], io) for name, io in graphs.items()}
+    from pauserec.runtime.backends.ort import OrtSession
+
+    return {name: OrtSession(path / io.file, io, provider, threads) for name, io in graphs.items()}

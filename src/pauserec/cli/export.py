@@ -1,0 +1,90 @@
+"""`pauserec-export CKPT --out ENGINE`: checkpoint -> validated engine directory (see pauserec.export)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from pauserec.cli.common import console, handle_errors
+
+app = typer.Typer(add_completion=False, help="Export a PauseRec checkpoint to an ONNX/TensorRT engine directory.")
+
+
+@app.command()
+@handle_errors
+def export(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (HF model + tokenizer.json + card + catalog)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Engine directory to write."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (ORT dynamic quantization)."),
+    static: bool = typer.Option(False, "--static", help="Freeze batch, beams and history length (TensorRT)."),
+    batch: int = typer.Option(None, "--batch", help="Static batch size (users per call)."),
+    beams: int = typer.Option(None, "--beams", help="Static beam width."),
+    max_history: int = typer.Option(None, "--max-history", help="Items of history kept (default: the card's)."),
+    backend: str = typer.Option("onnx", "--backend", help="onnx | tensorrt (also builds .plan files)."),
+    atol: float = typer.Option(None, "--atol", help="Validation tolerance on log-probs (fp32 1e-4, fp16 5e-2)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    kind: str = typer.Option(None, "--kind", help="Override the card's model kind: direct | pause | cot."),
+    pause_k: int = typer.Option(None, "--pause-k", help="Override the number of pause tokens."),
+    catalog: Path = typer.Option(None, "--catalog", help="catalog.npz to use instead of the checkpoint's."),
+    data: Path = typer.Option(None, "--data", help="Dataset folder: int8 Hit@10 is measured on its test split."),
+    exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (opset 18, fast) | dynamo (opset 23)."),
+    threads: int = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: 1 / all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+) -> None:
+    """Export, validate against the HF model, and write an engine directory."""
+    from pauserec.export import ExportConfig, export_engine
+
+    cfg = ExportConfig(checkpoint=checkpoint, out=out, precision=precision, backend=backend, static=static,
+                       batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
+                       pause_k=pause_k, catalog=catalog, data=data, exporter=exporter,
+                       threads=threads)
+    t0 = time.perf_counter()
+
+    def progress(stage: str, detail: str) -> None:
+        if not as_json:
+            console.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] [bold]{stage:<9}[/] {detail}", highlight=False)
+
+    report = export_engine(cfg, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(_report_dict(report), indent=2))
+    else:
+        _print_summary(report)
+
+
+def _report_dict(report) -> dict:
+    return {
+        "out": str(report.out), "kind": report.kind, "precision": report.precision, "backend": report.backend,
+        "static": report.static, "files": report.files, "max_abs_err": report.max_abs_err,
+        "checks": report.checks, "quantized": report.quantized, "seconds": report.seconds,
+        "opset": report.manifest.get("opset"), "exporter": report.manifest.get("exporter"),
+    }
+
+
+def _print_summary(report) -> None:
+    from rich.table import Table
+
+    m = report.manifest
+    table = Table(title=f"engine {report.out}", show_header=False)
+    table.add_row("kind", f"{report.kind}" + (f" (k={m['pause_k']})" if report.kind == "pause" else ""))
+    table.add_row("SID levels", " x ".join(map(str, m["sid"]["codebook_sizes"])))
+    table.add_row("precision / backend", f"{report.precision} / {report.backend}")
+    shapes = m["shapes"]
+    table.add_row("shapes", f"static B={shapes['batch']} K={shapes['beams']} hist={shapes['hist']}"
+                  if report.static else f"dynamic (max history {shapes['max_history']} items)")
+    table.add_row("exporter", f"{m['exporter']}, opset {m['opset']}")
+    for graph, err in report.max_abs_err.items():
+        table.add_row(f"max |err| {graph}", f"{err:.2e}")
+    if report.quantized:
+        table.add_row("int8 vs fp32", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in report.quantized.items()))
+    for name, size in report.files.items():
+        table.add_row(name, f"{size / 1e6:.2f} MB")
+    table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

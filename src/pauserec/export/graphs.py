@@ -1,0 +1,326 @@
+"""Our own torch graph wrappers around the weights of an HF Qwen2 / Qwen3 / Llama causal LM.
+
+Three graphs share one ``Core`` (embedding, decoder layers, final norm, LM head, RoPE):
+
+* ``PrefillGraph``: history ids + mask -> log-probs of the first SID level (full vocabulary for cot)
+  + context KV. The instruction prefix's KV is a graph constant; the think suffix is a constant
+  appended after each row's last real history token.
+* ``DecodeGraph``: one SID token per beam -> log-probs over the next level's codes. It attends to the
+  per-user context KV (never copied per beam) and to the beams' own short KV, with one joint softmax.
+* ``ThinkGraph`` (cot): one full-vocabulary step extending the per-user context.
+
+Layout of every context: [prefix (constant)][history T slots][suffix S slots][rationale slots (cot)];
+a key is visible when its slot is valid and its position is not after the query's. Positions are
+prefix 0..P-1, then P + (number of valid context slots before it), so right padding costs nothing.
+
+The decoder layers reuse the HF modules (projections, norms, MLP), so biases, Qwen3 q/k norms and
+activations follow the checkpoint; attention and RoPE are written here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pauserec.errors import CheckpointError, ExportError
+
+SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama")
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+NEG = -1e9  # masked attention score (finite: a fully masked row stays NaN-free)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    arch: str
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+
+def model_dims(model) -> ModelDims:
+    """Check that ``model`` is an architecture we can export and return its sizes."""
+    cfg = model.config
+    arch = getattr(cfg, "model_type", "?")
+    if arch not in SUPPORTED_ARCHS:
+        raise CheckpointError(
+            f"unsupported architecture {arch!r}: pauserec exports {', '.join(SUPPORTED_ARCHS)} causal LMs; "
+            "convert the model to one of these or train one with `pauserec train`"
+        )
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if getattr(cfg, "use_sliding_window", False) and "sliding_attention" in layer_types:
+        raise ExportError("sliding-window attention is not supported by the export; set use_sliding_window=false")
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE:
+        raise ExportError(
+            f"RoPE scaling type {rope_type!r} is not supported (position-dependent); supported: "
+            f"{', '.join(SUPPORTED_ROPE)}. Export a checkpoint with one of these rope_parameters."
+        )
+    q_heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    if q_heads % kv_heads:
+        raise CheckpointError(f"num_attention_heads={q_heads} is not a multiple of num_key_value_heads={kv_heads}")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
+    return ModelDims(
+        layers=cfg.num_hidden_layers,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden=cfg.hidden_size,
+        vocab=model.get_output_embeddings().weight.shape[0],
+        arch=arch,
+    )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _joint_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], shape) -> torch.Tensor:
+    """Softmax over several key blocks at once, without concatenating the score blocks.
+
+    ``parts``: (scores (..., M, N_i) with masked keys already at NEG, values (..., N_i, D)) pairs, each
+    broadcastable as ``scores @ values``; every product is viewed as ``shape`` and summed.
+    """
+    peaks = [scores.amax(dim=-1, keepdim=True).reshape(*shape[:-1], 1) for scores, _ in parts]
+    peak = peaks[0]
+    for p in peaks[1:]:
+        peak = torch.maximum(peak, p)  # (..., M, 1) in the layout of ``shape``
+    total, den = 0, 0
+    for scores, values in parts:
+        e = torch.exp(scores - peak.reshape(*scores.shape[:-1], 1))
+        den = den + e.sum(dim=-1, keepdim=True).reshape(*shape[:-1], 1)
+        total = total + (e @ values).reshape(shape)
+    return total / den
+
+
+class Core(nn.Module):
+    """Embedding, decoder layers, final norm and head of an HF causal LM, with our attention + RoPE."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.dims = model_dims(model)
+        body = model.model
+        self.embed = body.embed_tokens
+        self.layers = body.layers
+        self.norm = body.norm
+        self.lm_head = model.get_output_embeddings()
+        rotary = body.rotary_emb
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.scale = self.dims.head_dim**-0.5
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (...,) int64 -> cos, sin (..., D) in the model dtype."""
+        freqs = pos.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.embed.weight.dtype
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Normed hidden (..., H) -> q (..., Hq, D), k, v (..., Hkv, D) with RoPE applied to q and k."""
+        attn = self.layers[i].self_attn
+        d = self.dims
+        q = attn.q_proj(x).unflatten(-1, (d.q_heads, d.head_dim))
+        k = attn.k_proj(x).unflatten(-1, (d.kv_heads, d.head_dim))
+        v = attn.v_proj(x).unflatten(-1, (d.kv_heads, d.head_dim))
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual + o_proj, then the MLP block. attn_out (..., Hq * D)."""
+        layer = self.layers[i]
+        h = h + layer.self_attn.o_proj(attn_out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """Last hidden (..., H) -> full-vocabulary log-probs (..., vocab), float32."""
+        return torch.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)
+
+
+@torch.no_grad()
+def prefix_kv(core: Core, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV of the constant instruction prefix, computed once at export: (layers, Hkv, P, D) each."""
+    d = core.dims
+    if not ids:
+        empty = torch.zeros(d.layers, d.kv_heads, 0, d.head_dim, dtype=core.embed.weight.dtype)
+        return empty, empty.clone()
+    x = torch.tensor(ids, dtype=torch.long)
+    n = len(ids)
+    cos, sin = core.rope(torch.arange(n))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    h = core.embed(x)  # (P, H)
+    keys, values = [], []
+    for i in range(d.layers):
+        q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (P, Hq|Hkv, D)
+        q = q.transpose(0, 1).unflatten(0, (d.kv_heads, d.group))  # (Hkv, G, P, D)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, P, D)
+        s = (q @ k.unsqueeze(1).transpose(-1, -2)) * core.scale  # (Hkv, G, P, P)
+        p = torch.softmax(s.masked_fill(~causal, NEG).float(), dim=-1).to(v.dtype)
+        out = (p @ v.unsqueeze(1)).permute(2, 0, 1, 3).reshape(n, -1)  # (P, Hq*D)
+        h = core.finish_layer(i, h, out)
+        keys.append(k)
+        values.append(v)
+    return torch.stack(keys), torch.stack(values)
+
+
+class _Graph(nn.Module):
+    """Shared constant: the prefix KV (layers, Hkv, P, D), computed at export time."""
+
+    def __init__(self, core: Core, instruction_ids) -> None:
+        super().__init__()
+        self.core = core
+        pk, pv = prefix_kv(core, list(instruction_ids))
+        self.register_buffer("prefix_key", pk)  # (layers, Hkv, P, D)
+        self.register_buffer("prefix_value", pv)
+        self.prefix_len = pk.shape[2]
+
+    def prefix_part(self, i: int, q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """q (B, Hkv, M, D), already scaled -> [(scores (B, Hkv, M, P), values (Hkv, P, D))]; none without prefix."""
+        if self.prefix_len == 0:
+            return []
+        return [(q @ self.prefix_key[i].transpose(-1, -2), self.prefix_value[i])]
+
+
+class PrefillGraph(_Graph):
+    """(history_ids (B,T), history_mask (B,T)) -> (logprobs (B,V1|vocab), ctx_key, ctx_value (layers,B,Hkv,T+S,D))."""
+
+    def __init__(self, core: Core, instruction_ids, suffix_ids, first_ids: list[int] | None) -> None:
+        super().__init__(core, instruction_ids)
+        self.register_buffer("think_suffix_ids", torch.tensor(list(suffix_ids), dtype=torch.long))
+        # None: full vocabulary (cot: the next token is a rationale token)
+        self.first_ids = None if first_ids is None else torch.tensor(list(first_ids), dtype=torch.long)
+
+    def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor):
+        d, core = self.core.dims, self.core
+        b = history_ids.shape[0]
+        t = history_ids.shape[1]
+        s = self.think_suffix_ids.shape[0]
+        lens = history_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        ids = torch.cat([history_ids, self.think_suffix_ids.unsqueeze(0).expand(b, s)], dim=1)  # (B, C)
+        hist_pos = torch.arange(t).unsqueeze(0).expand(b, t)
+        suf_pos = lens + torch.arange(s).unsqueeze(0)  # (B, S)
+        pos = torch.cat([hist_pos, suf_pos], dim=1) + self.prefix_len  # (B, C)
+        valid = torch.cat([history_mask > 0, torch.ones_like(suf_pos, dtype=torch.bool)], dim=1)  # (B, C)
+        visible = valid.unsqueeze(1) & (pos.unsqueeze(1) <= pos.unsqueeze(2))  # (B, Cq, Ck)
+        dtype = core.embed.weight.dtype
+        bias = torch.where(visible, 0.0, NEG).to(dtype)  # (B, Cq, Ck)
+        if self.prefix_len:
+            bias = torch.cat([torch.zeros_like(bias[:, :, :1]).expand(b, ids.shape[1], self.prefix_len), bias], dim=2)
+        bias = bias.unsqueeze(1).unsqueeze(1)  # (B, 1, 1, Cq, P+Ck): every query sees the whole prefix
+        cos, sin = core.rope(pos)
+        h = core.embed(ids)  # (B, C, H)
+        c = h.shape[1]
+        keys, values = [], []
+        for i in range(d.layers):
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, C, H*, D)
+            q = q.transpose(1, 2).reshape(b, d.kv_heads, d.group * c, d.head_dim) * core.scale  # (B,Hkv,G*C,D)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, C, D)
+            keys.append(k)
+            values.append(v)
+            if self.prefix_len:  # (B, Hkv, P+C, D): one small copy of the prefix, one softmax
+                k = torch.cat([self.prefix_key[i].unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
+                v = torch.cat([self.prefix_value[i].unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
+            scores = (q @ k.transpose(-1, -2)).view(b, d.kv_heads, d.group, c, -1) + bias  # (B,Hkv,G,C,P+C)
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, d.kv_heads, d.group * c, -1)
+            out = (probs @ v).view(b, d.q_heads, c, d.head_dim).transpose(1, 2).reshape(b, c, -1)  # (B,C,Hq*D)
+            h = core.finish_layer(i, h, out)
+        lp = core.logprobs(h[:, -1])  # (B, vocab): the last suffix token ends every row
+        if self.first_ids is not None:
+            lp = lp.index_select(1, self.first_ids)  # (B, V1)
+        return lp, torch.stack(keys), torch.stack(values)
+
+
+class DecodeGraph(_Graph):
+    """One SID level for all beams of all users.
+
+    Inputs: codes (B,K) level-local codes chosen at level ``step``; step () int64; ctx_key/ctx_value
+    (layers,B,Hkv,C,D) shared by the K beams; ctx_mask (B,C); beam_key/beam_value (layers,B,Hkv,K,L-1,D):
+    slot j holds the beam's level-j token (slots >= step are ignored).
+    Outputs: logprobs (B,K,Vnext) over level step+1's codes (-inf beyond its codebook), beam KV with slot
+    ``step`` written.
+    """
+
+    def __init__(self, core: Core, instruction_ids, sid_token_ids: list[list[int]]) -> None:
+        super().__init__(core, instruction_ids)
+        levels = len(sid_token_ids)
+        self.slots = levels - 1
+        v_in = max(len(x) for x in sid_token_ids[:-1])
+        v_out = max(len(x) for x in sid_token_ids[1:])
+        tin = torch.zeros(levels - 1, v_in, dtype=torch.long)
+        tout = torch.zeros(levels - 1, v_out, dtype=torch.long)
+        vout = torch.zeros(levels - 1, v_out, dtype=torch.bool)
+        for lvl in range(levels - 1):
+            tin[lvl, : len(sid_token_ids[lvl])] = torch.tensor(sid_token_ids[lvl])
+            tout[lvl, : len(sid_token_ids[lvl + 1])] = torch.tensor(sid_token_ids[lvl + 1])
+            vout[lvl, : len(sid_token_ids[lvl + 1])] = True
+        self.register_buffer("sid_in_table", tin)  # (L-1, Vin): code at level l -> token id
+        self.register_buffer("sid_out_table", tout)  # (L-1, Vout): code at level l+1 -> token id
+        self.register_buffer("sid_out_valid", vout)
+
+    def forward(self, codes, step, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
+        d, core = self.core.dims, self.core
+        b, k_beams = codes.shape[0], codes.shape[1]
+        dtype = core.embed.weight.dtype
+        tokens = self.sid_in_table[step].index_select(0, codes.reshape(-1)).view(b, k_beams)  # (B, K)
+        pos = (ctx_mask.sum(dim=1, keepdim=True) + step + self.prefix_len).expand(b, k_beams)  # (B, K)
+        slot = torch.arange(self.slots)
+        write = (slot == step).view(1, 1, -1, 1)  # (1, 1, L-1, 1)
+        own_bias = torch.where(slot <= step, 0.0, NEG).to(dtype).view(1, 1, 1, 1, -1)  # (1, 1, 1, 1, L-1)
+        ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(dtype).view(b, 1, 1, -1)  # (B, 1, 1, C)
+        cos, sin = core.rope(pos)
+        h = core.embed(tokens)  # (B, K, H)
+        shape = (b, d.kv_heads, k_beams * d.group, d.head_dim)
+        new_keys, new_values = [], []
+        for i in range(d.layers):
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, K, H*, D)
+            q5 = q.view(b, k_beams, d.kv_heads, d.group, d.head_dim).permute(0, 2, 1, 3, 4) * core.scale  # (B,Hkv,K,G,D)
+            qc = q5.reshape(shape)  # (B, Hkv, K*G, D): all beams of a user against one shared context
+            bk = torch.where(write, k.transpose(1, 2).unsqueeze(3), beam_key[i])  # (B, Hkv, K, L-1, D)
+            bv = torch.where(write, v.transpose(1, 2).unsqueeze(3), beam_value[i])
+            ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, K*G, C)
+            own = (q5 @ bk.transpose(-1, -2)) + own_bias  # (B, Hkv, K, G, L-1): each beam's own positions
+            out = _joint_attention(self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (own, bv)], shape)
+            out = out.view(b, d.kv_heads, k_beams, d.group, d.head_dim).permute(0, 2, 1, 3, 4).reshape(b, k_beams, -1)
+            h = core.finish_layer(i, h, out)  # (B, K, H)
+            new_keys.append(bk)
+            new_values.append(bv)
+        lp = core.logprobs(h)  # (B, K, vocab)
+        lp = lp.index_select(2, self.sid_out_table[step])  # (B, K, Vout)
+        lp = lp.masked_fill(~self.sid_out_valid[step], float("-inf"))
+        return lp, torch.stack(new_keys), torch.stack(new_values)
+
+
+class ThinkGraph(_Graph):
+    """cot: (token (B,), ctx_key, ctx_value (layers,B,Hkv,C,D), ctx_mask (B,C)) -> full-vocab logprobs (B,vocab)
+    + the token's KV (layers,B,Hkv,1,D). The caller writes the KV into a free context slot and marks it valid."""
+
+    def forward(self, token, ctx_key, ctx_value, ctx_mask):
+        d, core = self.core.dims, self.core
+        b = token.shape[0]
+        pos = ctx_mask.sum(dim=1, keepdim=True) + self.prefix_len  # (B, 1)
+        ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(core.embed.weight.dtype).view(b, 1, 1, -1)  # (B,1,1,C)
+        cos, sin = core.rope(pos)
+        h = core.embed(token.view(b, 1))  # (B, 1, H)
+        shape = (b, d.kv_heads, d.group, d.head_dim)
+        new_keys, new_values = [], []
+        for i in range(d.layers):
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, 1, H*, D)
+            qc = q.view(shape) * core.scale  # (B, Hkv, G, D)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, 1, D)
+            ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, G, C)
+            parts = self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (qc @ k.transpose(-1, -2), v)]
+            h = core.finish_layer(i, h, _joint_attention(parts, shape).reshape(b, 1, -1))
+            new_keys.append(k)
+            new_values.append(v)
+        return core.logprobs(h[:, 0]), torch.stack(new_keys), torch.stack(new_values)

@@ -1,0 +1,170 @@
+"""Graph inputs and outputs, declared once as data (torch-free).
+
+Export (names, dynamic axes), TensorRT optimisation profiles, the manifest and the runtime's checks
+all read these declarations. A dim is either an int (fixed by the model or the catalog) or a symbol:
+
+* ``batch``: users per call; ``beams``: beams per user (K);
+* ``hist``: history slots (items x (L + 1) tokens, right-padded);
+* ``ctx``: context slots after the constant prefix. Prefill outputs ``hist + suffix_len`` of them;
+  decode and think take any number (cot contexts grow by one slot per rationale token).
+
+``resolve_dims`` turns symbols into ints for static shapes and TensorRT profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KV = "kv"  # placeholder dtype of KV tensors: float32, or float16 for fp16 engines
+SYMBOLS = ("batch", "beams", "hist", "ctx")
+GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "think": "think.onnx"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "int64" | "float32" | KV
+    dims: tuple[int | str, ...]
+
+    def to_dict(self, kv_dtype: str = "float32") -> dict[str, Any]:
+        return {"name": self.name, "dtype": kv_dtype if self.dtype == KV else self.dtype, "dims": list(self.dims)}
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+    def shape(self, env: dict[str, int]) -> tuple[int, ...]:
+        """Concrete shape under ``env`` (symbol -> size); KeyError names an unbound symbol."""
+        return tuple(d if isinstance(d, int) else int(env[d]) for d in self.dims)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return GRAPH_FILES[self.name]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def to_dict(self, kv_dtype: str = "float32") -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict(kv_dtype) for t in self.inputs],
+            "outputs": [t.to_dict(kv_dtype) for t in self.outputs],
+        }
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The fixed sizes of one export: model, SID levels and the constant prompt parts."""
+
+    kind: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    codebook_sizes: tuple[int, ...]
+    prefix_len: int
+    suffix_len: int
+    max_rationale: int = 0
+
+    @property
+    def levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    @property
+    def first_width(self) -> int:
+        """Width of prefill's log-probs: level-1 codes, or the full vocabulary for cot."""
+        return self.vocab if self.kind == "cot" else self.codebook_sizes[0]
+
+    @property
+    def next_width(self) -> int:
+        return max(self.codebook_sizes[1:]) if self.levels > 1 else 0
+
+    @property
+    def ctx_extra(self) -> int:
+        """Context slots a cot search adds after the prefill (rationale + ``</think>``)."""
+        return self.max_rationale + 1 if self.kind == "cot" else 0
+
+
+def _kv(name: str, *middle: int | str, shape: ModelShape) -> TensorSpec:
+    return TensorSpec(name, KV, (shape.layers, "batch", shape.kv_heads, *middle, shape.head_dim))
+
+
+def graph_specs(shape: ModelShape) -> dict[str, GraphSpec]:
+    """The graphs of one engine: prefill, decode (when L > 1) and think (cot)."""
+    s = shape
+    ctx_kv = [_kv("ctx_key", "ctx", shape=s), _kv("ctx_value", "ctx", shape=s)]
+    specs = {
+        "prefill": GraphSpec(
+            "prefill",
+            inputs=(TensorSpec("history_ids", "int64", ("batch", "hist")), TensorSpec("history_mask", "int64", ("batch", "hist"))),
+            outputs=(TensorSpec("logprobs", "float32", ("batch", s.first_width)), *ctx_kv),
+        )
+    }
+    if s.levels > 1:
+        slots = s.levels - 1
+        beam_kv = [_kv(n, "beams", slots, shape=s) for n in ("beam_key", "beam_value")]
+        specs["decode"] = GraphSpec(
+            "decode",
+            inputs=(
+                TensorSpec("codes", "int64", ("batch", "beams")),
+                TensorSpec("step", "int64", ()),
+                *ctx_kv,
+                TensorSpec("ctx_mask", "int64", ("batch", "ctx")),
+                *beam_kv,
+            ),
+            outputs=(
+                TensorSpec("logprobs", "float32", ("batch", "beams", s.next_width)),
+                *[_kv(n, "beams", slots, shape=s) for n in ("beam_key_out", "beam_value_out")],
+            ),
+        )
+    if s.kind == "cot":
+        specs["think"] = GraphSpec(
+            "think",
+            inputs=(TensorSpec("token", "int64", ("batch",)), *ctx_kv, TensorSpec("ctx_mask", "int64", ("batch", "ctx"))),
+            outputs=(
+                TensorSpec("logprobs", "float32", ("batch", s.vocab)),
+                _kv("new_key", 1, shape=s),
+                _kv("new_value", 1, shape=s),
+            ),
+        )
+    return specs
+
+
+def hist_len(max_history: int, levels: int) -> int:
+    """History slots for ``max_history`` items: L SID tokens + one separator each."""
+    return max_history * (levels + 1)
+
+
+def resolve_dims(graph: str, shape: ModelShape, batch: int, beams: int, max_history: int) -> dict[str, int]:
+    """Symbol sizes of ``graph`` for a batch of ``batch`` users, ``beams`` beams, ``max_history`` items.
+
+    Prefill's ``ctx`` is what it outputs (hist + suffix); decode and think see the cot rationale too.
+    """
+    hist = hist_len(max_history, shape.levels)
+    ctx = hist + shape.suffix_len + (0 if graph == "prefill" else shape.ctx_extra)
+    return {"batch": batch, "beams": beams, "hist": hist, "ctx": ctx}
+
+
+def freeze(spec: GraphSpec, env: dict[str, int]) -> GraphSpec:
+    """The same graph with every symbol replaced by its size (static engines)."""
+
+    def fix(t: TensorSpec) -> TensorSpec:
+        return TensorSpec(t.name, t.dtype, t.shape(env))
+
+    return GraphSpec(spec.name, tuple(map(fix, spec.inputs)), tuple(map(fix, spec.outputs)))

@@ -1,0 +1,240 @@
+"""Every exported graph against the HF model's own forward pass; all mismatches reported at once.
+
+For each case (``random`` token histories and ``real`` catalog histories) a batch of right-padded
+histories goes through the ONNX graphs on ONNX Runtime (prefill, think steps for cot, one decode per
+SID level with arbitrary beam choices) and every log-prob is compared with
+``log_softmax(HF logits over the full vocabulary)`` gathered at the same codes, the HF model running
+the full unpadded sequence. int8 engines are not held to a tolerance: ``compare_quantized`` reports
+the Hit@10 change on a sample instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pauserec.data.prompts import PromptSpec
+from pauserec.errors import ExportError
+from pauserec.export.spec import ModelShape
+
+ATOL = {"fp32": 1e-4, "fp16": 5e-2, "int8": float("inf")}
+MAX_REF_ROWS, MAX_REF_BEAMS = 3, 3  # HF reference runs per case: rows x beams sequences
+
+
+@dataclass
+class Check:
+    graph: str
+    case: str
+    output: str
+    max_abs_err: float
+    atol: float
+    precision: str = "fp32"
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_abs_err <= self.atol)
+
+    def to_dict(self) -> dict:
+        """JSON-safe: a non-finite tolerance or error (int8's "no tolerance", NaN outputs) becomes None."""
+        d = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {**d, "ok": self.ok}
+
+
+class OrtGraphs:
+    """ONNX Runtime CPU sessions over staged graph files (validation only)."""
+
+    def __init__(self, files: dict[str, Path], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.sessions = {n: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for n, p in files.items()}
+
+    def run(self, graph: str, **feeds) -> list[np.ndarray]:
+        return self.sessions[graph].run(None, feeds)
+
+
+def hf_logprobs(model, ids: list[int]) -> np.ndarray:
+    """(len(ids), vocab) float64 log-probs of the HF model's own forward over the whole sequence."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], dtype=torch.long)).logits[0].double()
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+class torch_threads:
+    """Run torch on ``n`` threads (1 by default): export work is many small ops on short sequences, and
+    busy-waiting OpenMP threads beside ONNX Runtime's slow both down on small, shared machines."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n or 1
+
+    def __enter__(self):
+        import torch
+
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.prev)
+
+
+def _err(graph: np.ndarray, ref: np.ndarray) -> float:
+    graph = np.asarray(graph, dtype=np.float64)
+    if not np.isfinite(graph).all():
+        return float("inf")
+    return float(np.abs(graph - ref).max()) if graph.size else 0.0
+
+
+class _Case:
+    """One batch of histories pushed through the graphs, with the HF reference per (row, beam)."""
+
+    def __init__(self, name, graphs: OrtGraphs, model, spec: PromptSpec, shape: ModelShape, histories, kv_dtype,
+                 batch: int, hist: int | None, beams: int, rng) -> None:
+        self.name, self.g, self.model, self.spec, self.shape = name, graphs, model, spec, shape
+        self.kv_dtype, self.rng, self.beams = kv_dtype, rng, beams
+        self.histories = [list(h) for h in (histories * batch)[:batch]]
+        t = hist or max(len(h) for h in self.histories)
+        self.ids = np.full((batch, t), spec.pad_id, np.int64)
+        self.mask = np.zeros((batch, t), np.int64)
+        for b, h in enumerate(self.histories):
+            self.ids[b, : len(h)], self.mask[b, : len(h)] = h, 1
+        self.rows = sorted({0, 1, batch - 1} & set(range(batch)))[:MAX_REF_ROWS]
+        self.checks: dict[tuple[str, str], float] = {}
+
+    def record(self, graph: str, output: str, err: float) -> None:
+        key = (graph, output)
+        self.checks[key] = max(self.checks.get(key, 0.0), err)
+
+    def prompt(self, b: int) -> list[int]:
+        return [*self.spec.instruction_ids, *self.histories[b], *self.spec.think_suffix]
+
+    def run(self) -> None:
+        s, spec = self.shape, self.spec
+        lp, ck, cv = self.g.run("prefill", history_ids=self.ids, history_mask=self.mask)
+        cmask = np.concatenate([self.mask, np.ones((len(self.ids), s.suffix_len), np.int64)], axis=1)
+        prefixes = {b: self.prompt(b) for b in self.rows}
+        for b in self.rows:
+            ref = hf_logprobs(self.model, prefixes[b])[-1]
+            self.record("prefill", "logprobs", _err(lp[b], ref if s.kind == "cot" else ref[list(spec.sid_token_ids[0])]))
+        if s.kind == "cot":
+            ck, cv, cmask, prefixes = self.think(lp, ck, cv, cmask, prefixes)
+        if "decode" in self.g.sessions:
+            self.decode(ck, cv, cmask, prefixes)
+
+    def think(self, lp, ck, cv, cmask, prefixes):
+        """Random rationales of 0..2 tokens per row, then ``</think>``; every step checked."""
+        spec, batch = self.spec, len(self.ids)
+        steps = [list(self.rng.integers(0, self.shape.vocab, size=int(self.rng.integers(0, 3)))) for _ in range(batch)]
+        for b in range(batch):
+            steps[b] = [t if t != spec.think_end_id else spec.pad_id for t in steps[b]] + [spec.think_end_id]
+        cap = cmask.shape[1] + max(len(x) for x in steps) if self.static_ctx is None else self.static_ctx
+        ck, cv, cmask = _grow(ck, cap), _grow(cv, cap), _grow(cmask, cap)
+        used = len(self.mask[0]) + self.shape.suffix_len
+        for j in range(max(len(x) for x in steps)):
+            tok = np.array([x[j] if j < len(x) else spec.pad_id for x in steps], np.int64)
+            ctx = cap if self.static_ctx else used
+            out, nk, nv = self.g.run("think", token=tok, ctx_key=ck[:, :, :, :ctx], ctx_value=cv[:, :, :, :ctx],
+                                     ctx_mask=cmask[:, :ctx])
+            ck[:, :, :, used], cv[:, :, :, used] = nk[:, :, :, 0], nv[:, :, :, 0]
+            cmask[:, used] = [1 if j < len(x) else 0 for x in steps]
+            used += 1
+            for b in self.rows:
+                if j < len(steps[b]):
+                    prefixes[b] = prefixes[b] + [int(tok[b])]
+                    self.record("think", "logprobs", _err(out[b], hf_logprobs(self.model, prefixes[b])[-1]))
+        end = cap if self.static_ctx else used
+        return ck[:, :, :, :end], cv[:, :, :, :end], cmask[:, :end], prefixes
+
+    static_ctx: int | None = None
+
+    def decode(self, ck, cv, cmask, prefixes) -> None:
+        s, spec, batch, k = self.shape, self.spec, len(self.ids), self.beams
+        levels = s.levels
+        codes = np.stack([self.rng.integers(0, v, size=(batch, k)) for v in s.codebook_sizes], axis=-1)  # (B, K, L)
+        bk = np.zeros((s.layers, batch, s.kv_heads, k, levels - 1, s.head_dim), self.kv_dtype)
+        bv = bk.copy()
+        outs = []
+        for step in range(levels - 1):
+            lp, bk, bv = self.g.run("decode", codes=codes[:, :, step].astype(np.int64), step=np.array(step, np.int64),
+                                    ctx_key=ck, ctx_value=cv, ctx_mask=cmask, beam_key=bk, beam_value=bv)
+            outs.append(lp)
+        for b in self.rows:
+            for j in sorted({0, 1, k - 1} & set(range(k)))[:MAX_REF_BEAMS]:
+                sid = [spec.sid_token_ids[lv][codes[b, j, lv]] for lv in range(levels - 1)]
+                ref = hf_logprobs(self.model, prefixes[b] + sid)[-(levels - 1):]
+                for step in range(levels - 1):
+                    v = s.codebook_sizes[step + 1]
+                    r = ref[step][list(spec.sid_token_ids[step + 1])]
+                    err = _err(outs[step][b, j, :v], r)
+                    if not np.all(np.isneginf(outs[step][b, j, v:])):
+                        err = float("inf")
+                    self.record("decode", f"logprobs[level {step + 2}]", err)
+
+
+def _grow(x: np.ndarray, cap: int) -> np.ndarray:
+    """Pad the context axis (axis 3 of KV, axis 1 of masks) with zeros up to ``cap`` slots."""
+    axis = 3 if x.ndim == 5 else 1
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, cap - x.shape[axis])
+    return np.pad(x, pad)
+
+
+def validate_graphs(model, spec: PromptSpec, catalog, shape: ModelShape, files: dict[str, Path], atol: float,
+                    kv_dtype=np.float32, static_env: dict | None = None, seed: int = 0, threads: int | None = None,
+                    precision: str = "fp32") -> list[Check]:
+    """All checks for ``files`` (graph name -> ONNX file); the caller decides what a mismatch means."""
+    rng = np.random.default_rng(seed)
+    graphs = OrtGraphs(files, threads)
+    batch = static_env["batch"] if static_env else 3
+    beams = static_env["beams"] if static_env else 2
+    hist = static_env["hist"] if static_env else None
+    t_max = hist or spec.max_history * (shape.levels + 1)
+    lens = [t_max, max(1, t_max // 3), 1]
+    random_h = [list(rng.integers(0, shape.vocab, size=n)) for n in lens]
+    n_items = [spec.max_history, max(1, spec.max_history // 2), 1]
+    real_h = [list(spec.history_ids(catalog.sids[rng.integers(0, catalog.n_items, size=n)])) for n in n_items]
+    checks: list[Check] = []
+    for name, hists in (("random", random_h), ("real", real_h)):
+        case = _Case(name, graphs, model, spec, shape, hists, kv_dtype, batch, hist, beams, rng)
+        if static_env:
+            case.static_ctx = static_env["hist"] + shape.suffix_len + shape.ctx_extra
+        with torch_threads(threads):
+            case.run()
+        checks += [Check(g, name, out, err, atol, precision) for (g, out), err in case.checks.items()]
+    return checks
+
+
+def raise_mismatches(checks: list[Check], precision: str) -> None:
+    bad = [c for c in checks if not c.ok and c.precision == precision]
+    if bad:
+        lines = "\n".join(f"  {c.graph} [{c.case}] {c.output}: max abs err {c.max_abs_err:.3g} > atol {c.atol:g}"
+                          for c in bad)
+        raise ExportError(f"{len(bad)} {precision} graph output(s) differ from the HF model:\n{lines}\n"
+                          "no engine was written; report this with the checkpoint's config.json, or raise --atol")
+
+
+def summarize(checks: list[Check]) -> list[dict]:
+    return [c.to_dict() for c in checks]
+
+
+def compare_quantized(ref_dir: Path, q_dir: Path, histories: list[list[str]], targets: list[str] | None,
+                      beams: int = 20) -> dict:
+    """Hit@10 (when targets are known) and top-10 overlap of an int8 engine against its fp32 twin."""
+    from pauserec.runtime import Engine, Recommender
+
+    ref = Recommender(Engine.load(ref_dir, provider="cpu")).recommend(histories, k=10, beams=beams)
+    q = Recommender(Engine.load(q_dir, provider="cpu")).recommend(histories, k=10, beams=beams)
+    overlap = float(np.mean([len(set(a[a != ""]) & set(b[b != ""])) / 10 for a, b in zip(ref.items, q.items)]))
+    out = {"sample": len(histories), "top10_overlap": overlap, "top1_agreement": float(np.mean(ref.items[:, 0] == q.items[:, 0]))}
+    if targets is not None:
+        hit = lambda r: float(np.mean([t in row for t, row in zip(targets, r.items)]))  # noqa: E731
+        out.update({"hit10_fp32": hit(ref), "hit10_int8": hit(q), "hit10_change": hit(q) - hit(ref)})
+    return out

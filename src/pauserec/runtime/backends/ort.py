@@ -1,0 +1,90 @@
+"""ONNX Runtime backend: CPU, or CUDA with IO binding (context KV stays on the GPU between calls)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pauserec.errors import BackendUnavailable, EngineError
+from pauserec.runtime.session import GraphIO, check_declared
+
+ORT_DTYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
+CUDA_HELP = ("install the GPU build of ONNX Runtime (pip uninstall onnxruntime && pip install onnxruntime-gpu) "
+             "on a machine with an NVIDIA GPU and driver, or use provider='cpu'")
+
+
+def session_options(threads: int | None):
+    """Options for small machines: no busy-waiting intra-op threads, a fixed thread count when given."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when ONNX Runtime offers the CUDA provider, else what to install."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider: {CUDA_HELP}"
+    return None
+
+
+class OrtSession:
+    """One graph on ONNX Runtime; ``device`` is "cpu" or "cuda"."""
+
+    def __init__(self, path: Path, io: GraphIO, device: str, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        self.io, self.device = io, device
+        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        if device == "cuda":
+            reason = cuda_unavailable_reason()
+            if reason:
+                raise BackendUnavailable(reason)
+        try:
+            self.sess = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
+        if device == "cuda" and self.sess.get_providers()[0] != "CUDAExecutionProvider":
+            raise BackendUnavailable(f"ONNX Runtime could not create a CUDA session for {path.name} "
+                                     f"(got {self.sess.get_providers()}): no usable GPU or driver; {CUDA_HELP}")
+
+        def described(args) -> list[tuple[str, str | None, tuple]]:
+            return [(a.name, ORT_DTYPES.get(a.type), tuple(d if isinstance(d, int) else str(d) for d in a.shape))
+                    for a in args]
+
+        check_declared(io, described(self.sess.get_inputs()), described(self.sess.get_outputs()), f"{path.name}")
+        self.providers = self.sess.get_providers()
+
+    def run(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+        if self.device == "cuda":
+            return self._run_bound(feeds, keep)
+        arrays = {k: np.asarray(v, order="C") for k, v in feeds.items()}  # (keeps 0-d arrays 0-d)
+        return dict(zip(self.io.output_names, self.sess.run(self.io.output_names, arrays)))
+
+    def _run_bound(self, feeds: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
+        """IO binding: device values are bound as they are; outputs in ``keep`` stay on the GPU."""
+        import onnxruntime as ort
+
+        binding = self.sess.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.asarray(value, order="C"))
+        for name in self.io.output_names:
+            binding.bind_output(name, "cuda" if name in keep else "cpu")
+        self.sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return {n: (v if n in keep else v.numpy()) for n, v in zip(self.io.output_names, outs)}
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy()

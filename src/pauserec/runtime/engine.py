@@ -1,0 +1,142 @@
+"""An engine directory, loaded: manifest checks, catalog, one backend session per graph (no torch)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pauserec.data import Catalog
+from pauserec.data.prompts import PromptSpec
+from pauserec.errors import EngineError, PauserecError
+from pauserec.runtime.backends import open_sessions
+from pauserec.runtime.session import DTYPES, GraphIO
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+CATALOG_FILE = "catalog.npz"
+REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json of an engine directory, its version checked; EngineError naming the fix."""
+    redo = REEXPORT.format(path=path)
+    f = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise EngineError(f"engine directory {path} not found; create it with `{redo}`")
+    if not f.is_file():
+        raise EngineError(f"{path} has no {MANIFEST_FILE}: not an engine directory (or an interrupted export); "
+                          f"create it with `{redo}`")
+    try:
+        manifest = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{f} is not valid JSON ({e}); re-export the engine with `{redo}`") from e
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise EngineError(f"{path} has engine format version {version!r}; this pauserec reads version "
+                          f"{FORMAT_VERSION}. Re-export it with `{redo}`")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file listed in the manifest exists and has its recorded sha256."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise EngineError(f"{path / MANIFEST_FILE} lists no file checksums; re-export with `{REEXPORT.format(path=path)}`")
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise EngineError(f"{f} is missing from the engine; re-export with `{REEXPORT.format(path=path)}`")
+        if _sha256(f) != digest:
+            raise EngineError(f"checksum mismatch for {f}: the file is corrupt or was changed after export; "
+                              f"re-export with `{REEXPORT.format(path=path)}`")
+
+
+class Engine:
+    """A loaded engine: prompt spec, catalog, shapes and the graphs on one backend."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], catalog: Catalog, sessions: dict, provider: str) -> None:
+        self.path, self.manifest, self.catalog, self.sessions, self.provider = path, manifest, catalog, sessions, provider
+        try:
+            self.prompt = PromptSpec.from_dict(manifest["prompt"])
+            shapes, model = manifest["shapes"], manifest["model"]
+            self.kind: str = manifest["kind"]
+            self.kv_dtype = DTYPES[manifest["kv_dtype"]]
+            self.static: bool = bool(shapes["static"])
+            self.static_batch: int | None = shapes.get("batch")
+            self.static_beams: int | None = shapes.get("beams")
+            self.static_hist: int | None = shapes.get("hist")
+            self.suffix_len: int = int(shapes["suffix_len"])
+            self.ctx_extra: int = int(shapes["ctx_extra"])
+            self.layers, self.kv_heads, self.head_dim = int(model["layers"]), int(model["kv_heads"]), int(model["head_dim"])
+        except (KeyError, TypeError, ValueError, PauserecError) as e:
+            raise EngineError(f"{path / MANIFEST_FILE} is incomplete ({e!r}); re-export with "
+                              f"`{REEXPORT.format(path=path)}`") from e
+        if catalog.levels != self.levels:
+            raise EngineError(f"{path}: catalog has {catalog.levels} SID levels, the manifest {self.levels}; re-export it")
+        self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
+
+    @classmethod
+    def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None, verify: bool = True) -> Engine:
+        """Open an engine directory; ``provider`` is auto, cpu, cuda or tensorrt."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if verify:
+            verify_files(path, manifest)
+        try:
+            catalog = Catalog.load(path / CATALOG_FILE)
+        except PauserecError as e:
+            raise EngineError(f"{path}: {e}") from e
+        graphs = {name: GraphIO.from_manifest(name, d) for name, d in manifest.get("graphs", {}).items()}
+        if "prefill" not in graphs:
+            raise EngineError(f"{path / MANIFEST_FILE} declares no prefill graph; re-export with `{REEXPORT.format(path=path)}`")
+        used, sessions = open_sessions(path, graphs, manifest.get("plans") or {}, provider, threads)
+        return cls(path, manifest, catalog, sessions, used)
+
+    # -- shapes -----------------------------------------------------------------------------------
+    @property
+    def levels(self) -> int:
+        return int(self.manifest["sid"]["levels"])
+
+    @property
+    def max_history(self) -> int:
+        return self.prompt.max_history
+
+    # -- graphs -----------------------------------------------------------------------------------
+    def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray):
+        """(B,T) ids + mask -> log-probs (B, V1 | vocab), ctx_key, ctx_value (layers, B, Hkv, T+S, D)."""
+        out = self.sessions["prefill"].run({"history_ids": history_ids, "history_mask": history_mask},
+                                           keep=("ctx_key", "ctx_value"))
+        return out["logprobs"], out["ctx_key"], out["ctx_value"]
+
+    def decode(self, codes, step: int, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
+        """Level ``step`` codes (B,K) -> log-probs of level step+1 (B,K,V), beam KV with slot ``step`` written."""
+        out = self.sessions["decode"].run({
+            "codes": codes, "step": np.array(step, np.int64), "ctx_key": ctx_key, "ctx_value": ctx_value,
+            "ctx_mask": ctx_mask, "beam_key": beam_key, "beam_value": beam_value,
+        })
+        return out["logprobs"], out["beam_key_out"], out["beam_value_out"]
+
+    def think(self, token, ctx_key, ctx_value, ctx_mask):
+        """cot: one rationale token per user (B,) -> full-vocab log-probs (B, vocab), its KV (layers, B, Hkv, 1, D)."""
+        out = self.sessions["think"].run({"token": token, "ctx_key": ctx_key, "ctx_value": ctx_value, "ctx_mask": ctx_mask})
+        return out["logprobs"], out["new_key"], out["new_value"]
+
+    def to_numpy(self, value) -> np.ndarray:
+        return self.sessions["prefill"].to_numpy(value)
+
+    def __repr__(self) -> str:
+        shape = f"static B={self.static_batch} K={self.static_beams}" if self.static else "dynamic"
+        return (f"Engine({str(self.path)!r}, kind={self.kind}, levels={self.levels}, {self.manifest.get('precision')}, "
+                f"{shape}, provider={self.provider})")

@@ -1,0 +1,383 @@
+"""pauserec.export: tiny random Qwen2/Qwen3/Llama checkpoints export, validate, and make valid engines.
+
+The helpers at the top (tiny catalog, prompt spec, checkpoints, cached engine exports) are shared
+with test_runtime.py: engines are exported once per session into the pytest base temp directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from pauserec.data import Catalog  # noqa: E402
+from pauserec.data.prompts import PromptSpec, TrainingCard  # noqa: E402
+from pauserec.errors import CheckpointError, ExportError  # noqa: E402
+
+VOCAB = 96
+SID_BASE = 40
+LEVEL_SIZES = (4, 5, 6)
+
+# architecture -> (config class, config kwargs): GQA groups 2 / 4 / 1, tied and untied heads,
+# Qwen2 q/k/v biases, Qwen3 q/k norms, a non-default rope_theta, Llama with llama3 rope scaling.
+ARCHS = {
+    "qwen3": ("Qwen3Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, rope_theta=50000.0, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=1, rope_theta=1000.0, tie_word_embeddings=True)),
+    "llama": ("LlamaConfig", dict(hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                                  rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                                "rope_theta": 20000.0})),
+}
+
+
+def tiny_catalog(seed: int = 0) -> Catalog:
+    """20 unique 3-level SIDs (4 x 5 x 6 codes) plus a collision group of 3 items sharing one SID."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(v) for v in LEVEL_SIZES], indexing="ij"), -1).reshape(-1, 3)
+    inner = grid[1:-1]  # the first and last SIDs are always in: every code range is used
+    picked = np.concatenate([grid[:1], inner[np.sort(rng.choice(len(inner), 18, replace=False))], grid[-1:]])
+    sids = np.concatenate([picked, picked[[3, 3]]])
+    return Catalog([f"item{i}" for i in range(len(sids))], sids, ("a", "b", "c"), name="tiny")
+
+
+def tiny_spec(kind: str, pause_k: int = 3, max_history: int = 4, max_rationale: int = 3) -> PromptSpec:
+    sid_ids, start = [], SID_BASE
+    for v in LEVEL_SIZES:
+        sid_ids.append(tuple(range(start, start + v)))
+        start += v
+    return PromptSpec(kind=kind, pause_k=pause_k if kind == "pause" else 0, max_history=max_history,
+                      instruction_ids=(6, 7, 8, 9, 10, 11), item_sep_id=5, think_id=2, think_end_id=3, pause_id=4,
+                      eos_id=1, pad_id=0, sid_token_ids=tuple(sid_ids), max_rationale=max_rationale)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    name, kwargs = ARCHS[arch]
+    cfg = getattr(transformers, name)(vocab_size=VOCAB, max_position_embeddings=128, pad_token_id=0,
+                                      eos_token_id=1, **kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # larger logits than the default init: log-probs far from uniform
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def make_checkpoint(root: Path, arch: str, kind: str, card: bool = True, **spec_kw) -> Path:
+    path = root / f"ckpt-{arch}-{kind}"
+    if (path / "config.json").is_file():
+        return path
+    model = tiny_model(arch)
+    model.save_pretrained(path)
+    if card:
+        TrainingCard(prompt=tiny_spec(kind, **spec_kw), dataset="tiny").save(path)
+    tiny_catalog().save(path / "catalog.npz")
+    return path
+
+
+def exported(factory, arch: str, kind: str, suffix: str = "", **cfg) -> Path:
+    """Export (once per test session) the tiny checkpoint ``arch``/``kind``; returns the engine dir."""
+    from pauserec.export import ExportConfig, export_engine
+
+    root = factory.getbasetemp() / "pauserec-tiny"
+    root.mkdir(exist_ok=True)
+    out = root / f"engine-{arch}-{kind}{suffix}"
+    if not (out / "manifest.json").is_file():
+        export_engine(ExportConfig(checkpoint=make_checkpoint(root, arch, kind), out=out, **cfg))
+    return out
+
+
+def manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one torch thread is fastest, and spares the cores ONNX Runtime works on."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- exports of every architecture --------------------------------------------------------------
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory) -> dict[str, Path]:
+    return {
+        "qwen3-pause": exported(tmp_path_factory, "qwen3", "pause"),
+        "qwen2-direct": exported(tmp_path_factory, "qwen2", "direct"),
+        "llama-cot": exported(tmp_path_factory, "llama", "cot"),
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen3-pause", "qwen2-direct", "llama-cot"])
+def test_every_graph_validates_against_hf(engines, name):
+    m = manifest(engines[name])
+    checks = m["validation"]
+    graphs = {c["graph"] for c in checks}
+    assert graphs == set(m["graphs"])  # every graph was checked
+    assert {c["case"] for c in checks} == {"random", "real"}
+    assert all(c["ok"] and c["max_abs_err"] < 1e-4 for c in checks), checks
+    assert m["opset"] == 18 and m["precision"] == "fp32"
+
+
+def test_manifest_describes_the_engine(engines):
+    path = engines["qwen3-pause"]
+    m = manifest(path)
+    assert m["format_version"] == 1 and m["kind"] == "pause" and m["pause_k"] == 3
+    assert m["sid"] == {"levels": 3, "codebook_sizes": list(LEVEL_SIZES), "token_prefixes": ["a", "b", "c"]}
+    assert PromptSpec.from_dict(m["prompt"]) == tiny_spec("pause")
+    assert m["model"]["arch"] == "qwen3" and m["model"]["kv_heads"] == 2 and m["model"]["q_heads"] == 4
+    assert set(m["files"]) == {"prefill.onnx", "decode.onnx", "catalog.npz"}
+    assert len(m["source"]["sha256"]) == 64
+    assert m["shapes"]["static"] is False and m["shapes"]["prefix_len"] == 6 and m["shapes"]["suffix_len"] == 5
+    decode = {t["name"]: t for t in m["graphs"]["decode"]["inputs"]}
+    assert decode["ctx_key"]["dims"] == [2, "batch", 2, "ctx", 16]
+    assert decode["beam_key"]["dims"] == [2, "batch", 2, "beams", 2, 16]
+    out = {t["name"]: t for t in m["graphs"]["decode"]["outputs"]}
+    assert out["logprobs"]["dims"] == ["batch", "beams", max(LEVEL_SIZES[1:])]
+    assert Catalog.load(path / "catalog.npz") == tiny_catalog()
+    cot = manifest(engines["llama-cot"])
+    assert set(cot["graphs"]) == {"prefill", "decode", "think"}
+    assert cot["graphs"]["prefill"]["outputs"][0]["dims"] == ["batch", VOCAB]  # cot: full vocabulary first
+
+
+def test_pause_suffix_and_prefix_are_graph_constants(engines):
+    """The runtime feeds only history ids + mask; <think><pause>x3</think> and the prefix KV live in the graph."""
+    from pauserec.export.onnx import graph_inputs_and_initializers
+
+    spec = tiny_spec("pause")
+    inputs, inits = graph_inputs_and_initializers(engines["qwen3-pause"] / "prefill.onnx")
+    assert inputs == ["history_ids", "history_mask"]
+    suffix = list(spec.think_suffix)
+    assert suffix == [2, 4, 4, 4, 3]
+    assert any(v.dtype == np.int64 and v.ravel().tolist() == suffix for v in inits.values())
+    from pauserec.export.graphs import Core, prefix_kv
+
+    keys, values = prefix_kv(Core(tiny_model("qwen3")), list(spec.instruction_ids))  # (layers, Hkv, P, D)
+    for const in (*keys, *values):  # every layer's prefix KV is stored (in some layout) as an initializer
+        want = np.sort(const.numpy().ravel())
+        assert any(v.size == want.size and np.allclose(np.sort(v.ravel()), want, atol=1e-6) for v in inits.values())
+    d_inputs, _ = graph_inputs_and_initializers(engines["qwen3-pause"] / "decode.onnx")
+    assert "think" not in " ".join(d_inputs) and "pause" not in " ".join(d_inputs)
+
+
+def test_export_is_deterministic(tmp_path, engines):
+    from pauserec.export import ExportConfig, export_engine
+
+    ckpt = engines["qwen2-direct"].parent / "ckpt-qwen2-direct"
+    export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "again"))
+    assert manifest(tmp_path / "again")["files"] == manifest(engines["qwen2-direct"])["files"]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_non_empty_output_needs_force(tmp_path, engines):
+    from pauserec.export import ExportConfig, export_engine
+
+    ckpt = engines["qwen2-direct"].parent / "ckpt-qwen2-direct"
+    out = tmp_path / "eng"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(ExportError, match="--force"):
+        export_engine(ExportConfig(checkpoint=ckpt, out=out))
+    assert (out / "old.txt").is_file()
+    export_engine(ExportConfig(checkpoint=ckpt, out=out, force=True))
+    assert not (out / "old.txt").exists() and (out / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["eng"]  # no staging or old directories left
+
+
+def test_disk_full_leaves_no_engine(tmp_path, engines, monkeypatch):
+    from pauserec.export import ExportConfig, bundle, export_engine
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle, "write_json", full)
+    ckpt = engines["qwen2-direct"].parent / "ckpt-qwen2-direct"
+    with pytest.raises(ExportError, match="disk is full"):
+        export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_mismatch_is_listed_at_once(tmp_path, engines):
+    from pauserec.export import ExportConfig, export_engine
+
+    ckpt = engines["qwen2-direct"].parent / "ckpt-qwen2-direct"
+    with pytest.raises(ExportError) as info:  # an impossible tolerance: every check fails
+        export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng", atol=1e-12))
+    msg = str(info.value)
+    assert msg.startswith("6 fp32 graph output(s) differ")
+    for line in ("prefill [random] logprobs", "prefill [real] logprobs", "decode [random] logprobs[level 2]",
+                 "decode [real] logprobs[level 3]"):
+        assert line in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_without_card_names_the_flags(tmp_path):
+    from pauserec.export import ExportConfig, export_engine
+
+    ckpt = make_checkpoint(tmp_path, "qwen2", "direct", card=False)
+    (ckpt / "catalog.npz").unlink()
+    with pytest.raises(CheckpointError, match="--kind.*--catalog"):
+        export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
+    assert not (tmp_path / "eng").exists()
+
+
+def _word_tokenizer(path: Path, skip: str | None = None) -> None:
+    """A word-level tokenizer.json whose ids match tiny_spec (specials, instruction words, SID tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from pauserec.data.prompts import INSTRUCTION
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<think>", "</think>", "<pause>", "<item_sep>"])}
+    for w in INSTRUCTION.split():
+        vocab.setdefault(w, len(vocab))
+    while len(vocab) < SID_BASE:
+        vocab[f"w{len(vocab)}"] = len(vocab)
+    for level, prefix in enumerate("abc"):
+        for c in range(LEVEL_SIZES[level]):
+            vocab[f"<{prefix}_{c}>" if f"<{prefix}_{c}>" != skip else f"<unused_{level}_{c}>"] = len(vocab)
+    while len(vocab) < VOCAB:
+        vocab[f"w{len(vocab)}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def test_overrides_stand_in_for_a_missing_card(tmp_path):
+    from pauserec.export.bundle import load_sources
+
+    ckpt = make_checkpoint(tmp_path, "qwen3", "direct", card=False)
+    _word_tokenizer(ckpt)
+    src = load_sources(ckpt, kind="pause", pause_k=2, catalog=ckpt / "catalog.npz", max_history=3)
+    assert src.spec.kind == "pause" and src.spec.pause_k == 2 and src.spec.max_history == 3
+    assert src.spec.think_suffix == (2, 4, 4, 3)
+    assert src.spec.sid_token_ids[1][0] > src.spec.sid_token_ids[0][-1]
+
+
+def test_sid_tokens_missing_from_tokenizer_or_vocab(tmp_path):
+    from pauserec.export.bundle import load_sources
+
+    ckpt = make_checkpoint(tmp_path, "qwen3", "direct")
+    _word_tokenizer(ckpt, skip="<b_2>")
+    with pytest.raises(CheckpointError, match="<b_2>"):
+        load_sources(ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    spec = tiny_spec("direct").to_dict()
+    spec["sid_token_ids"][2] = [VOCAB + i for i in range(LEVEL_SIZES[2])]  # ids beyond the embedding
+    TrainingCard(prompt=PromptSpec.from_dict(spec)).save(ckpt)
+    with pytest.raises(CheckpointError, match="6 SID tokens are missing.*<c_0>"):
+        load_sources(ckpt)
+
+
+def test_unsupported_architecture(tmp_path):
+    from pauserec.export.bundle import load_sources
+
+    ckpt = make_checkpoint(tmp_path, "qwen2", "direct")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'gpt2'"):
+        load_sources(ckpt)
+
+
+def test_bad_config_combinations(tmp_path):
+    from pauserec.export import ExportConfig, export_engine
+
+    for cfg, msg in [
+        (dict(static=True, batch=2), "--beams"),
+        (dict(batch=2), "--static"),
+        (dict(backend="tensorrt"), "static"),
+        (dict(precision="bf16"), "precision"),
+        (dict(static=True, batch=1, beams=2, backend="tensorrt", precision="int8"), "calibration"),
+    ]:
+        with pytest.raises(ExportError, match=msg):
+            export_engine(ExportConfig(checkpoint=tmp_path, out=tmp_path / "eng", **cfg))
+
+
+# -- graph wrappers vs HF, in torch (fast: no ONNX) ----------------------------------------------
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 3000.0},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+])
+def test_rope_scaling_types_match_hf(rope):
+    from pauserec.export.graphs import Core, PrefillGraph
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_scaling=rope,
+                                   max_position_embeddings=128)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    spec = tiny_spec("pause")
+    graph = PrefillGraph(Core(model), spec.instruction_ids, spec.think_suffix, None)
+    hist = [12, 13, 14, 15, 16, 17, 18]
+    with torch.no_grad():
+        lp, _, _ = graph(torch.tensor([hist]), torch.ones(1, len(hist), dtype=torch.long))
+        ref = model(torch.tensor([[*spec.instruction_ids, *hist, *spec.think_suffix]])).logits[0, -1].log_softmax(-1)
+    assert float((lp[0] - ref).abs().max()) < 1e-5
+
+
+def test_position_dependent_rope_is_rejected():
+    from pauserec.export.graphs import model_dims
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ExportError, match="'dynamic' is not supported"):
+        model_dims(transformers.LlamaForCausalLM(cfg))
+
+
+# -- precisions, static shapes, CLI ----------------------------------------------------------------
+def test_fp16_export_validates(tmp_path_factory):
+    path = exported(tmp_path_factory, "qwen3", "pause", "-fp16", precision="fp16")
+    m = manifest(path)
+    assert m["precision"] == "fp16" and m["kv_dtype"] == "float16"
+    kv = [t for t in m["graphs"]["decode"]["inputs"] if t["name"] == "ctx_key"][0]
+    assert kv["dtype"] == "float16"
+    assert all(c["ok"] for c in m["validation"]) and max(c["max_abs_err"] for c in m["validation"]) < 5e-2
+
+
+def test_int8_reports_agreement_instead_of_failing(tmp_path_factory):
+    path = exported(tmp_path_factory, "qwen2", "direct", "-int8", precision="int8", quant_sample=16)
+    m = manifest(path)
+    q = [c for c in m["validation"] if c["graph"] == "engine"][0]
+    assert q["sample"] == 16 and 0.0 <= q["top10_overlap"] <= 1.0
+    assert {c["graph"] for c in m["validation"]} == {"prefill", "decode", "engine"}
+
+
+def test_static_export_freezes_shapes(tmp_path_factory):
+    import onnx
+
+    path = exported(tmp_path_factory, "qwen3", "cot", "-static", static=True, batch=2, beams=5, max_history=3)
+    m = manifest(path)
+    assert m["shapes"] | {"batch": 2, "beams": 5, "hist": 12, "static": True} == m["shapes"]
+    for name in ("prefill", "decode", "think"):
+        model = onnx.load(str(path / f"{name}.onnx"))
+        for vi in (*model.graph.input, *model.graph.output):
+            dims = vi.type.tensor_type.shape.dim
+            assert all(d.HasField("dim_value") for d in dims), (name, vi.name)
+    ctx = [t for t in m["graphs"]["decode"]["inputs"] if t["name"] == "ctx_mask"][0]["dims"]
+    assert ctx == [2, 12 + 1 + 3 + 1]  # history + <think> + rationale cap + </think>
+
+
+def test_cli_json(tmp_path, engines):
+    from typer.testing import CliRunner
+
+    from pauserec.cli.export import app
+
+    ckpt = engines["qwen2-direct"].parent / "ckpt-qwen2-direct"
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "eng"), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["kind"] == "direct" and report["opset"] == 18 and report["max_abs_err"]["decode"] < 1e-4
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "eng")])
+    assert res.exit_code == 2 and "--force" in res.output
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "eng2"), "--precision", "fp8"])
+    assert res.exit_code == 2 and "precision" in res.output
+    shutil.rmtree(tmp_path / "eng")
