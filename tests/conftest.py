@@ -44,3 +44,12 @@ def tiny_checkpoints(synthetic_data, tmp_path_factory) -> dict[str, Path]:
         ).out
         for kind in ("direct", "pause", "cot")
     }
+
+
+@pytest.fixture(scope="session")
+def trained_engines(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """The tiny checkpoints exported to engine directories {"direct", "pause", "cot"}."""
+    from pauserec.export import ExportConfig, export_engine
+
+    root = tmp_path_factory.mktemp("trained_engines")
+    return {kind: export_engine(ExportConfig(checkpoint=ck, out=root / kind)).out for kind, ck in tiny_checkpoints.items()}

@@ -280,12 +280,6 @@ def test_runtime_never_imports_torch(engine_dirs):
 
 
 # -- trained checkpoints (tests/conftest.py: tiny_checkpoints) -------------------------------------
-@pytest.fixture(scope="session")
-def trained_engines(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
-    from pauserec.export import ExportConfig, export_engine
-
-    root = tmp_path_factory.mktemp("trained_engines")
-    return {kind: export_engine(ExportConfig(checkpoint=ck, out=root / kind)).out for kind, ck in tiny_checkpoints.items()}
 
 
 def _same_or_tied(got_items, got_scores, want_items, want_scores, tol: float = 1e-5) -> bool:

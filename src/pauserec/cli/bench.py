@@ -46,3 +46,111 @@ def kernel(
         console.print(line, highlight=False)
     if out is not None:
         console.print(f"wrote {out}", highlight=False)
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{what} must be a comma-separated list of positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+@handle_errors
+def latency(
+    engines: list[Path] = typer.Argument(None, help="Engine directories; ratios are against the first."),
+    hf_baseline: list[Path] = typer.Option([], "--hf-baseline", help="Checkpoint(s) run through HF generate."),
+    data: Path = typer.Option(None, "--data", help="Take users from this dataset's test split."),
+    index: str = typer.Option(None, "--index", help="SID index of --data."),
+    batch_sizes: str = typer.Option("1,16,64", "--batch-sizes", help="Comma-separated batch sizes."),
+    beams: int = typer.Option(20, "--beams", min=1),
+    warmup: int = typer.Option(2, "--warmup", min=0),
+    iters: int = typer.Option(10, "--iters", min=1),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads for every system."),
+    no_rss: bool = typer.Option(False, "--no-rss", help="Skip the peak-RSS subprocess per system."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for latency.json/.md/.png."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
+) -> None:
+    """Latency, throughput and peak RSS of engines (and HF baselines) on the same users, in one run."""
+    from pauserec.bench.latency import LatencyConfig, run_latency
+    from pauserec.bench.report import finish, markdown, write_report
+
+    cfg = LatencyConfig(engines=tuple(engines or ()), hf_baselines=tuple(hf_baseline), data=data, index=index,
+                        batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
+                        threads=threads, rss=not no_rss)
+    total = len(cfg.batch_sizes) * (cfg.warmup + cfg.iters)
+    with console.status("measuring") as status:
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            status.update(f"measuring: iteration {done[0]}/{total}")
+
+        result = finish(run_latency(cfg, tick=tick), "latency", threads=threads, manifests=_manifests(cfg.engines))
+    files = write_report(result, out, "latency")
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(markdown(result), markup=False, soft_wrap=True)
+    console.print(f"wrote {', '.join(files.values())}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def quality(
+    engine: Path = typer.Argument(..., help="Engine directory."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder the model was trained on."),
+    index: str = typer.Option(None, "--index", help="SID index name."),
+    split: str = typer.Option("test", "--split", help="test or valid."),
+    beams: int = typer.Option(20, "--beams", min=1),
+    limit: int = typer.Option(None, "--limit", help="Only the first N users."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    threads: int = typer.Option(None, "--threads"),
+    out: Path = typer.Option(None, "--out", help="Folder for quality.json/.md."),
+    json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
+) -> None:
+    """Hit/NDCG@5/10 and invalid rate of an engine on a dataset split (runs the engine, not torch)."""
+    from rich.progress import Progress
+
+    from pauserec.bench.quality import run_quality
+    from pauserec.bench.report import finish, markdown, write_report
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=limit)
+        res = run_quality(engine, data, index, split=split, beams=beams, limit=limit, batch_size=batch_size,
+                          threads=threads, tick=lambda n: bar.advance(task, n))
+    result = finish({"systems": [res], "data": str(data), "index": index}, "quality", threads=threads,
+                    manifests=_manifests((engine,)))
+    if out is not None:
+        write_report(result, out, "quality")
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(markdown(result), markup=False, soft_wrap=True)
+    pop = res["popularity"]
+    console.print(f"popularity baseline: Hit@10 {pop['hit@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def compare(results: list[Path] = typer.Argument(..., help="Result JSON files written by pauserec-bench.")) -> None:
+    """Render saved results side by side (one table per file, in the order given)."""
+    from pauserec.bench.report import load_result, markdown
+
+    for path in results:
+        console.print(f"[bold]{path}[/] ({load_result(path).get('benchmark')})")
+        console.print(markdown(load_result(path)), markup=False, soft_wrap=True)
+
+
+def _manifests(engines) -> dict:
+    out = {}
+    for path in engines:
+        try:
+            m = json.loads((Path(path) / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        out[str(path)] = {k: m.get(k) for k in ("format_version", "kind", "pause_k", "precision", "source")}
+    return out

@@ -1,0 +1,120 @@
+"""`pauserec demo`: the whole pipeline on a fresh machine, no downloads, a few minutes on 2 cores.
+
+data (synthetic unless --data) -> train direct / pause / cot -> export three engines -> quality and
+latency benchmarks (+ the HF ``generate`` baseline) -> one report (JSON, Markdown, PNG if matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from pauserec.errors import PauserecError
+
+KINDS = ("direct", "pause", "cot")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("pauserec-demo")
+    data: Path | None = None  # None: a seeded synthetic dataset (documented as synthetic)
+    index: str | None = None
+    preset: str = "tiny"
+    train_minutes: float = 1.5  # per model
+    epochs: int | None = 6
+    beams: int = 20
+    batch_sizes: tuple[int, ...] = (1, 16)
+    iters: int = 5
+    quality_users: int | None = 500  # None: the whole test split
+    hf_baseline: bool = True
+    seed: int = 0
+    threads: int | None = None  # torch / ONNX Runtime threads (None: their defaults)
+    force: bool = False
+
+
+def _prepare_out(cfg: DemoConfig) -> None:
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        if not cfg.force:
+            raise PauserecError(f"demo output folder {cfg.out} is not empty; pass --force or another --out")
+        import shutil
+
+        shutil.rmtree(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
+    """Run every stage; returns {"quality": ..., "latency": ..., "files": {...}, "seconds": {...}}."""
+    from pauserec.bench.latency import LatencyConfig, run_latency
+    from pauserec.bench.quality import run_quality
+    from pauserec.bench.report import finish, markdown, write_report
+    from pauserec.data.synthetic import write_synthetic
+    from pauserec.export import ExportConfig, export_engine
+    from pauserec.train.sft import TrainConfig, train
+
+    say = (console or Console()).print
+    _prepare_out(cfg)
+    clock: dict[str, float] = {}
+    t_all = time.perf_counter()
+    data = cfg.data
+    if data is None:
+        data = write_synthetic(cfg.out / "data", seed=cfg.seed)
+        say(f"[bold]data[/]: synthetic catalog and user histories (seeded) in {data}")
+    else:
+        say(f"[bold]data[/]: {data} (index {cfg.index or 'default'})")
+
+    ckpts, engines = {}, {}
+    for kind in KINDS:
+        t0 = time.perf_counter()
+        say(f"[bold]train[/] {kind} ({cfg.preset}, <= {cfg.train_minutes:g} min)")
+        res = train(TrainConfig(data=data, index=cfg.index, kind=kind, out=cfg.out / "checkpoints" / kind,
+                                preset=cfg.preset, max_minutes=cfg.train_minutes, epochs=cfg.epochs,
+                                seed=cfg.seed, threads=cfg.threads, progress=True))
+        ckpts[kind] = res.out
+        clock[f"train_{kind}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        say(f"[bold]export[/] {kind} -> ONNX engine (validated against the PyTorch model)")
+        rep = export_engine(ExportConfig(checkpoint=res.out, out=cfg.out / "engines" / kind, seed=cfg.seed,
+                                         threads=cfg.threads))
+        engines[kind] = rep.out
+        clock[f"export_{kind}"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("[bold]quality[/]: Hit/NDCG on the test split, from the engines")
+    systems = [run_quality(engines[k], data, cfg.index, beams=cfg.beams, limit=cfg.quality_users, threads=cfg.threads)
+               for k in KINDS]
+    quality = finish({"systems": systems, "data": str(data), "index": cfg.index}, "quality", threads=cfg.threads)
+    clock["quality"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("[bold]latency[/]: engines side by side" + (" + HF generate baseline" if cfg.hf_baseline else ""))
+    lcfg = LatencyConfig(engines=tuple(engines[k] for k in ("cot", "pause", "direct")),
+                         hf_baselines=(ckpts["pause"],) if cfg.hf_baseline else (), data=data, index=cfg.index,
+                         batch_sizes=cfg.batch_sizes, beams=cfg.beams, iters=cfg.iters, warmup=1, seed=cfg.seed,
+                         threads=cfg.threads)
+    latency = finish(run_latency(lcfg), "latency", threads=cfg.threads, manifests=_manifests(engines))
+    clock["latency"] = time.perf_counter() - t0
+
+    files = {**write_report(quality, cfg.out / "report", "quality"), **{
+        f"latency_{k}": v for k, v in write_report(latency, cfg.out / "report", "latency").items()}}
+    clock["total"] = time.perf_counter() - t_all
+    (cfg.out / "report" / "timings.json").write_text(json.dumps(clock, indent=2) + "\n")
+    say("\n[bold]Quality[/] (test split" + (f", first {cfg.quality_users} users" if cfg.quality_users else "") + ")")
+    say(markdown(quality), markup=False, soft_wrap=True)
+    pop = systems[0]["popularity"]
+    say(f"popularity baseline: Hit@10 {pop['hit@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}\n")
+    say("[bold]Latency[/]")
+    say(markdown(latency), markup=False, soft_wrap=True)
+    say(f"report: {cfg.out / 'report'}  (total {clock['total']:.0f}s)")
+    return {"quality": quality, "latency": latency, "files": files, "seconds": clock}
+
+
+def _manifests(engines: dict) -> dict:
+    out = {}
+    for kind, path in engines.items():
+        m = json.loads((Path(path) / "manifest.json").read_text())
+        out[kind] = {k: m.get(k) for k in ("format_version", "kind", "pause_k", "precision", "source")}
+    return out

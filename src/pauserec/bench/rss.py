@@ -1,0 +1,49 @@
+"""`python -m pauserec.bench.rss engine|hf-generate PATH`: peak RSS of one system serving one batch.
+
+Run in a fresh process by the latency benchmark, because a process's peak RSS never goes down.
+Prints one JSON line: {"peak_rss_mb": ..., "torch_imported": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pauserec.bench.rss")
+    ap.add_argument("system", choices=["engine", "hf-generate"])
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    from pauserec.bench.latency import _EngineSystem, _HFSystem
+
+    system = (_EngineSystem if args.system == "engine" else _HFSystem)(args.path, args.threads)
+    rng = np.random.default_rng(0)
+    n = len(system.catalog.item_ids)
+    users = [rng.choice(n, size=min(20, n), replace=False) for _ in range(args.batch)]
+    system.run(users, 10, args.beams)
+    print(json.dumps({"peak_rss_mb": peak_rss_kib() / 1024, "torch_imported": "torch" in sys.modules}))
+
+
+def peak_rss_kib() -> float:
+    """This program's peak RSS. VmHWM belongs to the address space made at exec; ru_maxrss would
+    also count the parent's pages this process had before exec (a fork of a big benchmark)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+if __name__ == "__main__":
+    main()
