@@ -153,3 +153,28 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
     rows = [r["row"] for r in read_jsonl(out) + read_jsonl(cfg.errors_path)]
     assert sorted(rows) == list(range(60))  # none lost, none duplicated
     assert report.skipped_done >= 12
+
+
+def test_recommend_cli_on_a_real_engine(trained_engines, tmp_path):
+    from typer.testing import CliRunner
+
+    from pauserec.cli.main import app
+    from pauserec.runtime import Engine
+
+    ids = Engine.load(trained_engines["pause"]).catalog.item_ids
+    rows = [{"user_id": "a", "history": [ids[1], ids[2]]}, {"user_id": "b", "history": ["no-such-item"]},
+            {"user_id": "c", "history": [ids[3]] * 30}]
+    inp = tmp_path / "users.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    out = tmp_path / "recs.parquet"
+    res = CliRunner().invoke(app, ["recommend", str(trained_engines["pause"]), "-i", str(inp), "-o", str(out),
+                                   "--k", "5", "--beams", "8", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    recs = pq.read_table(out).to_pylist()
+    errors = read_jsonl(tmp_path / "recs.errors.jsonl")
+    assert [r["user_id"] for r in recs] == ["a", "c"] and [e["row"] for e in errors] == [1, 3]
+    assert all(len(r["items"]) == 5 and r["scores"] == sorted(r["scores"], reverse=True) for r in recs)
+    assert all(r["sids"][0].startswith("<") for r in recs)
+    assert "2 users recommended, 2 rejected" in res.output
+    res = CliRunner().invoke(app, ["recommend", str(tmp_path / "nope"), "-i", str(inp), "-o", str(out)])
+    assert res.exit_code == 2 and "error" in res.output
