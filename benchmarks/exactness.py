@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--hf-users", type=int, default=64)
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--random-len", type=int, default=0,
+                    help="use seeded random histories of this many items instead of the test users")
     args = ap.parse_args()
 
     import torch
@@ -70,7 +72,13 @@ def main() -> None:
     ids = engine.catalog.item_ids
     rec = Recommender(engine)
     ref = ReferenceRecommender.from_checkpoint(args.ckpt, beams=args.beams, top_n=10)
-    n = min(args.users, len(test))
+    if args.random_len:
+        rng = np.random.default_rng(0)
+        n_items = len(engine.catalog.item_ids)
+        histories = [rng.choice(n_items, size=args.random_len, replace=False) for _ in range(args.users)]
+    else:
+        histories = test.histories
+    n = min(args.users, len(histories))
     eng_items = np.full((n, 10), -1, np.int64)
     eng_scores = np.full((n, 10), -np.inf, np.float32)
     eng_sids = np.full((n, 10, engine.catalog.levels), -1, np.int64)
@@ -78,7 +86,7 @@ def main() -> None:
     t_ref = t_eng = 0.0
     with torch.inference_mode():
         for s in range(0, n, 32):
-            hist = [test.histories[u] for u in range(s, min(s + 32, n))]
+            hist = [histories[u] for u in range(s, min(s + 32, n))]
             t0 = time.perf_counter()
             r = ref.recommend(hist)
             t_ref += time.perf_counter() - t0
@@ -89,12 +97,13 @@ def main() -> None:
             eng_items[s : s + len(hist)], eng_scores[s : s + len(hist)] = e.item_index, e.scores
             eng_sids[s : s + len(hist)] = e.sids
     out = {"checkpoint": str(args.ckpt), "engine": str(args.engine), "kind": engine.manifest["kind"],
+           "histories": f"random, {args.random_len} items" if args.random_len else "test split",
            "beams": args.beams, "vs_reference": compare(eng_items, eng_scores, ref_items, ref_scores),
            "seconds": {"reference": t_ref, "engine": t_eng}}
     m = min(args.hf_users, n)
     if m:
         hf = HFBaseline(args.ckpt, threads=args.threads)
-        h = hf.recommend([test.histories[u] for u in range(m)], k=10, beams=args.beams)
+        h = hf.recommend([histories[u] for u in range(m)], k=10, beams=args.beams)
         out["vs_hf_generate"] = compare(eng_items[:m], eng_scores[:m], h.item_index, h.scores)
     # invalid = a returned SID that is not the catalog SID of the item it names
     real = eng_items >= 0
