@@ -96,7 +96,7 @@ def main() -> None:
             t_eng += time.perf_counter() - t0
             eng_items[s : s + len(hist)], eng_scores[s : s + len(hist)] = e.item_index, e.scores
             eng_sids[s : s + len(hist)] = e.sids
-    out = {"checkpoint": str(args.ckpt), "engine": str(args.engine), "kind": engine.manifest["kind"],
+    out = {"checkpoint": args.ckpt.name, "engine": args.engine.name, "kind": engine.manifest["kind"],
            "histories": f"random, {args.random_len} items" if args.random_len else "test split",
            "beams": args.beams, "vs_reference": compare(eng_items, eng_scores, ref_items, ref_scores),
            "seconds": {"reference": t_ref, "engine": t_eng}}

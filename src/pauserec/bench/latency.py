@@ -140,7 +140,7 @@ def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None
                 if it >= cfg.warmup:
                     lat[i].append(dt)
                     for key, v in timings.items():
-                        if isinstance(v, (int, float)):
+                        if isinstance(v, (int, float)) and key != "users":  # seconds only
                             split[i][key] = split[i].get(key, 0.0) + float(v)
             if tick:
                 tick()
