@@ -19,6 +19,16 @@ def scientific() -> Path:
     return SCIENTIFIC
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread, and it spares the core ONNX Runtime works on."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
     """A small seeded synthetic dataset in LC-Rec layout (4 levels, collisions included)."""

@@ -29,13 +29,7 @@ from pauserec.train.sft import IGNORE, TrainConfig, collate, encode_sample, enco
 KINDS = ("direct", "pause", "cot")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared 2-core machine stays usable)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

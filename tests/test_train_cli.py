@@ -22,12 +22,7 @@ from pauserec.train.reference import ReferenceRecommender  # noqa: E402
 from pauserec.train.sft import IGNORE, TrainConfig, encode_split, train  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_and_eval_commands(synthetic_data, tmp_path):
