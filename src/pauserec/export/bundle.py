@@ -25,9 +25,9 @@ from typing import Any
 from pauserec.data.prompts import CARD_FILE, INSTRUCTION, ITEM_SEP, PAUSE, THINK, THINK_END, PromptSpec, TrainingCard
 from pauserec.errors import CheckpointError, ExportError
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-CATALOG_FILE = "catalog.npz"
+# The engine-directory contract is owned by the runtime, which reads it; export writes to it.
+from pauserec.runtime.engine import CATALOG_FILE, FORMAT_VERSION, MANIFEST_FILE, sha256_file  # noqa: F401
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -40,14 +40,6 @@ class Sources:
     spec: PromptSpec
     catalog: Any  # pauserec.data.Catalog
     card: TrainingCard | None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_sha256(path: Path) -> str:

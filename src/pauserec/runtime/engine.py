@@ -21,7 +21,7 @@ CATALOG_FILE = "catalog.npz"
 REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +58,7 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
         f = path / name
         if not f.is_file():
             raise EngineError(f"{f} is missing from the engine; re-export with `{REEXPORT.format(path=path)}`")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise EngineError(f"checksum mismatch for {f}: the file is corrupt or was changed after export; "
                               f"re-export with `{REEXPORT.format(path=path)}`")
 
