@@ -136,12 +136,12 @@ class ReferenceRecommender:
         lp, cache = self._step(ids, mask, pos)
         B, out = len(prompts), [[] for _ in prompts]
         done = torch.zeros(B, dtype=torch.bool)
-        for _ in range(self.spec.max_rationale):
+        for step in range(self.spec.max_rationale):
             nxt = lp.argmax(-1)  # (B,)
             done |= nxt == self.spec.think_end_id
             for b in torch.nonzero(~done).flatten().tolist():
                 out[b].append(int(nxt[b]))
-            if bool(done.all()):
+            if bool(done.all()) or step == self.spec.max_rationale - 1:
                 break
             mask = torch.cat([mask, (~done).long()[:, None]], 1)
             pos = pos[:, -1:] + 1

@@ -225,6 +225,7 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
     task = progress.add_task(stage.name, total=planned, loss=float("nan"), tps=0.0) if progress else None
     model.train()
     losses, step, tokens, t0, frac = [], 0, 0, time.perf_counter(), 0.0
+    cpu0 = time.process_time()
     for _epoch in range(stage.epochs):
         for idx in length_batches(lengths, stage.batch_size, rng):
             ids, mask, labels = collate([stage.samples[i] for i in idx], pad_id)
@@ -263,6 +264,7 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
         "samples": len(lengths),
         "tokens": tokens,
         "wall_time_s": round(wall, 2),
+        "cpu_time_s": round(time.process_time() - cpu0, 2),
         "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
         "first_loss": float(np.mean(losses[:10])) if losses else float("nan"),
         "losses": losses,
@@ -325,8 +327,9 @@ def train(cfg: TrainConfig, dataset=None) -> TrainResult:
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise PauserecError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
     threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or get_preset(cfg.preset).threads
+    if threads:
+        torch.set_num_threads(threads)
     try:
         return _train(cfg, dataset)
     finally:
@@ -378,6 +381,7 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         "kind": cfg.kind, "pause_k": spec.pause_k, "lr": lr, "batch_size": bs, "epochs_planned": epochs,
         "epochs": sft["epochs"], "steps": sft["steps"], "final_loss": sft["final_loss"],
         "first_loss": sft["first_loss"], "wall_time_s": round(wall, 2), "sft_wall_time_s": sft["wall_time_s"],
+        "sft_cpu_time_s": sft["cpu_time_s"],
         "max_minutes": cfg.max_minutes, "max_steps": cfg.max_steps, "train_samples": sft["samples"],
         "tokens": sft["tokens"], "init_from": str(cfg.init_from) if cfg.init_from else None,
         "grounding": cfg.grounding, "pause_pretrain": cfg.pause_pretrain, "stages": stages,
