@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -402,7 +402,3 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}

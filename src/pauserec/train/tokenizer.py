@@ -94,7 +94,7 @@ def extend_tokenizer(hf_dir: str | Path, catalog) -> tuple[object, str, str]:
     tok = hf_tok.backend_tokenizer
     eos = hf_tok.eos_token or EOS
     pad = hf_tok.pad_token or PAD
-    wanted = [t for t in [pad, eos, *CONTROL_TOKENS[2:], *special_tokens(catalog)[len(CONTROL_TOKENS) :]]]
+    wanted = [pad, eos, *CONTROL_TOKENS[2:], *special_tokens(catalog)[len(CONTROL_TOKENS) :]]
     missing = [t for t in dict.fromkeys(wanted) if tok.token_to_id(t) is None]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return tok, pad, eos
