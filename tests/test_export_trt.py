@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pauserec.errors import BackendUnavailable, ExportError
-from pauserec.export.spec import ModelShape, freeze, graph_specs, resolve_dims
+from pauserec.runtime.spec import ModelShape, freeze, graph_specs, resolve_dims
 from pauserec.export.trt import graph_profile, profile
 from pauserec.runtime.backends.trt import unavailable_reason
 

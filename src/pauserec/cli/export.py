@@ -18,18 +18,24 @@ app = typer.Typer(add_completion=False, help="Export a PauseRec checkpoint to an
 def export(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (HF model + tokenizer.json + card + catalog)."),
     out: Path = typer.Option(..., "--out", "-o", help="Engine directory to write."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (ORT dynamic quantization)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (dynamic) | int4 (weight-only)."),
+    scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
+                                "sid: over each level's codebook only (less work per step)."),
+    min_agreement: float = typer.Option(0.8, "--min-agreement", help="fp16/int8/int4: least top-10 overlap with "
+                                        "the fp32 engine on the sample, else the export fails."),
     static: bool = typer.Option(False, "--static", help="Freeze batch, beams and history length (TensorRT)."),
     batch: int = typer.Option(None, "--batch", help="Static batch size (users per call)."),
     beams: int = typer.Option(None, "--beams", help="Static beam width."),
     max_history: int = typer.Option(None, "--max-history", help="Items of history kept (default: the card's)."),
     backend: str = typer.Option("onnx", "--backend", help="onnx | tensorrt (also builds .plan files)."),
-    atol: float = typer.Option(None, "--atol", help="Validation tolerance on log-probs (fp32 1e-4, fp16 5e-2)."),
+    atol: float = typer.Option(None, "--atol", help="fp32 validation tolerance on log-probs (default 1e-4)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     kind: str = typer.Option(None, "--kind", help="Override the card's model kind: direct | pause | cot."),
     pause_k: int = typer.Option(None, "--pause-k", help="Override the number of pause tokens."),
     catalog: Path = typer.Option(None, "--catalog", help="catalog.npz to use instead of the checkpoint's."),
-    data: Path = typer.Option(None, "--data", help="Dataset folder: int8 Hit@10 is measured on its test split."),
+    data: Path = typer.Option(None, "--data", help="Dataset folder: reduced precisions' Hit@10 change is measured "
+                              "on its test split."),
+    sample: int = typer.Option(64, "--sample", min=1, help="Users in the reduced-precision ranking comparison."),
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (opset 18, fast) | dynamo (opset 23)."),
     threads: int = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: 1 / all)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
@@ -39,8 +45,8 @@ def export(
 
     cfg = ExportConfig(checkpoint=checkpoint, out=out, precision=precision, backend=backend, static=static,
                        batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
-                       pause_k=pause_k, catalog=catalog, data=data, exporter=exporter,
-                       threads=threads)
+                       pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
+                       scoring=scoring, min_agreement=min_agreement, quant_sample=sample)
     t0 = time.perf_counter()
 
     def progress(stage: str, detail: str) -> None:
@@ -71,6 +77,7 @@ def _print_summary(report) -> None:
     table.add_row("kind", f"{report.kind}" + (f" (k={m['pause_k']})" if report.kind == "pause" else ""))
     table.add_row("SID levels", " x ".join(map(str, m["sid"]["codebook_sizes"])))
     table.add_row("precision / backend", f"{report.precision} / {report.backend}")
+    table.add_row("scoring", m["scoring"])
     shapes = m["shapes"]
     table.add_row("shapes", f"static B={shapes['batch']} K={shapes['beams']} hist={shapes['hist']}"
                   if report.static else f"dynamic (max history {shapes['max_history']} items)")
@@ -78,7 +85,7 @@ def _print_summary(report) -> None:
     for graph, err in report.max_abs_err.items():
         table.add_row(f"max |err| {graph}", f"{err:.2e}")
     if report.quantized:
-        table.add_row("int8 vs fp32", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+        table.add_row(f"{report.precision} vs fp32", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in report.quantized.items()))
     for name, size in report.files.items():
         table.add_row(name, f"{size / 1e6:.2f} MB")

@@ -3,8 +3,9 @@
 An engine directory::
 
     manifest.json   format_version, kind, pause_k, SID levels, PromptSpec, graph I/O, shapes,
-                    precision, exporter + opset, source checkpoint sha256, sha256 of every file
-    prefill.onnx    decode.onnx    think.onnx (cot)    [*.plan: TensorRT]
+                    scoring rule, precision, exporter + opset, source checkpoint sha256, sha256 of every file
+    prefill.onnx    decode.onnx    think.onnx (cot)    [*.plan: TensorRT]   (graphs, no weights)
+    weights.bin     every distinct weight tensor once, referenced by all graphs
     catalog.npz     Catalog.save (SIDs, trie, collision groups)
 
 Everything is written into a staging directory beside the target and renamed into place at the
@@ -244,7 +245,9 @@ def manifest_dict(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, stati
                 "token_prefixes": list(catalog.token_prefixes)},
         "prompt": spec.to_dict(),
         "model": {"arch": dims.arch, "layers": dims.layers, "q_heads": dims.q_heads, "kv_heads": dims.kv_heads,
-                  "head_dim": dims.head_dim, "hidden": dims.hidden, "vocab": dims.vocab},
+                  "head_dim": dims.head_dim, "hidden": dims.hidden, "intermediate": dims.intermediate,
+                  "vocab": dims.vocab, "tied_embeddings": dims.tied},
+        "scoring": shape.scoring,
         "graphs": {name: g.to_dict(kv) for name, g in graphs.items()},
         "plans": plans,
         "shapes": {

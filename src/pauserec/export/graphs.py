@@ -15,6 +15,17 @@ prefix 0..P-1, then P + (number of valid context slots before it), so right padd
 
 The decoder layers reuse the HF modules (projections, norms, MLP), so biases, Qwen3 q/k norms and
 activations follow the checkpoint; attention and RoPE are written here.
+
+Scoring rules (``SCORING``), recorded in the manifest:
+
+* ``full``: a SID token's log-prob is ``log_softmax`` over the whole vocabulary, as HF ``generate``
+  ranks (exact parity); every step multiplies by the full ``vocab x hidden`` head.
+* ``sid``: only the rows of the level's codebook are computed (``V_l x hidden``) and normalised over
+  that level, as the specialised SID engines do.
+
+Tied embeddings: the exporter folds the head's ``Transpose(W)`` into a ``W^T`` initializer; the
+token lookup reads the same ``W^T`` (a column gather), so both store identical bytes and the engine
+keeps one copy (``pauserec.export.weights`` stores equal tensors once).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from pauserec.errors import CheckpointError, ExportError
 
 SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
+SCORING = ("full", "sid")
 NEG = -1e9  # masked attention score (finite: a fully masked row stays NaN-free)
 
 
@@ -40,6 +52,8 @@ class ModelDims:
     hidden: int
     vocab: int
     arch: str
+    intermediate: int = 0
+    tied: bool = False
 
     @property
     def group(self) -> int:
@@ -76,6 +90,8 @@ def model_dims(model) -> ModelDims:
         hidden=cfg.hidden_size,
         vocab=model.get_output_embeddings().weight.shape[0],
         arch=arch,
+        intermediate=int(getattr(cfg, "intermediate_size", 0) or 0),
+        tied=model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr(),
     )
 
 
@@ -117,6 +133,18 @@ class Core(nn.Module):
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.scale = self.dims.head_dim**-0.5
+        self.tied = self.dims.tied
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (...) -> embeddings (..., H); tied models read the head's ``W^T`` (one stored copy)."""
+        if not self.tied:
+            return self.embed(ids)
+        cols = self.lm_head.weight.t().index_select(1, ids.reshape(-1))  # (H, N)
+        return cols.t().reshape(*ids.shape, -1)
+
+    def head_rows_t(self, token_ids: list[int]) -> torch.Tensor:
+        """(H, n) transposed head rows of ``token_ids``: the SID-level head of one codebook."""
+        return self.lm_head.weight.detach()[torch.tensor(token_ids, dtype=torch.long)].t().contiguous()
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (...,) int64 -> cos, sin (..., D) in the model dtype."""
@@ -146,6 +174,13 @@ class Core(nn.Module):
     def logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden (..., H) -> full-vocabulary log-probs (..., vocab), float32."""
         return torch.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)
+
+    def sid_logprobs(self, h: torch.Tensor, rows_t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``sid`` rule: hidden (..., H) x codebook rows (H, V) -> log-probs normalised over the valid codes."""
+        logits = (self.norm(h) @ rows_t).float()  # (..., V)
+        if valid is not None:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -195,11 +230,15 @@ class _Graph(nn.Module):
 class PrefillGraph(_Graph):
     """(history_ids (B,T), history_mask (B,T)) -> (logprobs (B,V1|vocab), ctx_key, ctx_value (layers,B,Hkv,T+S,D))."""
 
-    def __init__(self, core: Core, instruction_ids, suffix_ids, first_ids: list[int] | None) -> None:
+    def __init__(self, core: Core, instruction_ids, suffix_ids, first_ids: list[int] | None,
+                 scoring: str = "full") -> None:
         super().__init__(core, instruction_ids)
         self.register_buffer("think_suffix_ids", torch.tensor(list(suffix_ids), dtype=torch.long))
         # None: full vocabulary (cot: the next token is a rationale token)
         self.first_ids = None if first_ids is None else torch.tensor(list(first_ids), dtype=torch.long)
+        self.sid_head = scoring == "sid" and first_ids is not None
+        if self.sid_head:
+            self.register_buffer("first_head_t", core.head_rows_t(list(first_ids)))  # (H, V1)
 
     def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor):
         d, core = self.core.dims, self.core
@@ -219,7 +258,7 @@ class PrefillGraph(_Graph):
             bias = torch.cat([torch.zeros_like(bias[:, :, :1]).expand(b, ids.shape[1], self.prefix_len), bias], dim=2)
         bias = bias.unsqueeze(1).unsqueeze(1)  # (B, 1, 1, Cq, P+Ck): every query sees the whole prefix
         cos, sin = core.rope(pos)
-        h = core.embed(ids)  # (B, C, H)
+        h = core.embed_ids(ids)  # (B, C, H)
         c = h.shape[1]
         keys, values = [], []
         for i in range(d.layers):
@@ -235,6 +274,8 @@ class PrefillGraph(_Graph):
             probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, d.kv_heads, d.group * c, -1)
             out = (probs @ v).view(b, d.q_heads, c, d.head_dim).transpose(1, 2).reshape(b, c, -1)  # (B,C,Hq*D)
             h = core.finish_layer(i, h, out)
+        if self.sid_head:  # (B, V1): only level 1's rows of the head
+            return core.sid_logprobs(h[:, -1], self.first_head_t), torch.stack(keys), torch.stack(values)
         lp = core.logprobs(h[:, -1])  # (B, vocab): the last suffix token ends every row
         if self.first_ids is not None:
             lp = lp.index_select(1, self.first_ids)  # (B, V1)
@@ -251,7 +292,7 @@ class DecodeGraph(_Graph):
     ``step`` written.
     """
 
-    def __init__(self, core: Core, instruction_ids, sid_token_ids: list[list[int]]) -> None:
+    def __init__(self, core: Core, instruction_ids, sid_token_ids: list[list[int]], scoring: str = "full") -> None:
         super().__init__(core, instruction_ids)
         levels = len(sid_token_ids)
         self.slots = levels - 1
@@ -267,6 +308,10 @@ class DecodeGraph(_Graph):
         self.register_buffer("sid_in_table", tin)  # (L-1, Vin): code at level l -> token id
         self.register_buffer("sid_out_table", tout)  # (L-1, Vout): code at level l+1 -> token id
         self.register_buffer("sid_out_valid", vout)
+        self.sid_head = scoring == "sid"
+        if self.sid_head:  # (L-1, H, Vout): level l+1's head rows (padding columns repeat a real row, masked)
+            heads = [core.head_rows_t([int(t) for t in tout[lvl]]) for lvl in range(levels - 1)]
+            self.register_buffer("sid_head_t", torch.stack(heads))
 
     def forward(self, codes, step, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
         d, core = self.core.dims, self.core
@@ -279,7 +324,7 @@ class DecodeGraph(_Graph):
         own_bias = torch.where(slot <= step, 0.0, NEG).to(dtype).view(1, 1, 1, 1, -1)  # (1, 1, 1, 1, L-1)
         ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(dtype).view(b, 1, 1, -1)  # (B, 1, 1, C)
         cos, sin = core.rope(pos)
-        h = core.embed(tokens)  # (B, K, H)
+        h = core.embed_ids(tokens)  # (B, K, H)
         shape = (b, d.kv_heads, k_beams * d.group, d.head_dim)
         new_keys, new_values = [], []
         for i in range(d.layers):
@@ -295,6 +340,9 @@ class DecodeGraph(_Graph):
             h = core.finish_layer(i, h, out)  # (B, K, H)
             new_keys.append(bk)
             new_values.append(bv)
+        if self.sid_head:  # (B, K, Vout): only the next level's rows of the head
+            lp = core.sid_logprobs(h, self.sid_head_t[step], self.sid_out_valid[step])
+            return lp, torch.stack(new_keys), torch.stack(new_values)
         lp = core.logprobs(h)  # (B, K, vocab)
         lp = lp.index_select(2, self.sid_out_table[step])  # (B, K, Vout)
         lp = lp.masked_fill(~self.sid_out_valid[step], float("-inf"))
@@ -311,7 +359,7 @@ class ThinkGraph(_Graph):
         pos = ctx_mask.sum(dim=1, keepdim=True) + self.prefix_len  # (B, 1)
         ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(core.embed.weight.dtype).view(b, 1, 1, -1)  # (B,1,1,C)
         cos, sin = core.rope(pos)
-        h = core.embed(token.view(b, 1))  # (B, 1, H)
+        h = core.embed_ids(token.view(b, 1))  # (B, 1, H)
         shape = (b, d.kv_heads, d.group, d.head_dim)
         new_keys, new_values = [], []
         for i in range(d.layers):

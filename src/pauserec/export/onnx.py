@@ -1,4 +1,4 @@
-"""torch graph -> ONNX file: export, checker, fp16 conversion, int8 dynamic quantisation.
+"""torch graph -> ONNX file: export, checker, and the reduced precisions (fp16, int8, int4).
 
 Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` at opset 18. Our wrappers are
 plain tensor code (no HF cache classes), which it exports in about a second per graph with graphs as
@@ -14,10 +14,16 @@ import warnings
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.export.spec import GraphSpec
+from pauserec.runtime.spec import GraphSpec
 
 OPSETS = {"torchscript": 18, "dynamo": 23}
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Softmax", "LogSoftmax")  # norms and softmaxes stay in float32
+INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a small size cost
+LOWERING = {
+    "fp16": "float16 weights and KV (norms and softmaxes in float32)",
+    "int8": "int8 MatMul weights, activations quantised per call (ONNX Runtime dynamic quantization)",
+    "int4": f"int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, block {INT4_BLOCK})",
+}
 
 
 def exporter_info(exporter: str) -> dict:
@@ -89,9 +95,28 @@ def to_fp16(src: Path, dst: Path, spec: GraphSpec) -> Path:
         onnx.load(str(src)), keep_io_types=keep, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32]
     )
     _toposort(model.graph)  # the converter appends its Cast nodes at the end
-    onnx.save(model, str(dst))
-    check(dst)
+    save_external(model, dst)
     return dst
+
+
+def save_external(model, dst: Path) -> None:
+    """Save with every tensor in one external file beside ``dst`` (any size; ``consolidate`` reads it)."""
+    import onnx
+
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=dst.name + ".data", size_threshold=1024)
+    check(dst)
+
+
+def lower(precision: str, src: Path, dst: Path, spec: GraphSpec) -> Path:
+    """The ``precision`` version of the fp32 graph ``src`` (weights in ``src``'s weights.bin) at ``dst``."""
+    if precision == "fp16":
+        return to_fp16(src, dst, spec)
+    if precision == "int8":
+        return to_int8(src, dst)
+    if precision == "int4":
+        return to_int4(src, dst)
+    raise ExportError(f"unknown precision {precision!r}")
 
 
 def _toposort(graph) -> None:
@@ -114,7 +139,7 @@ def _toposort(graph) -> None:
 
 
 def to_int8(src: Path, dst: Path) -> Path:
-    """ONNX Runtime dynamic quantisation: int8 weights of MatMul/Gather, activations quantised per call."""
+    """ONNX Runtime dynamic quantisation: int8 weights of MatMul, activations quantised per call."""
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -123,10 +148,31 @@ def to_int8(src: Path, dst: Path) -> Path:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                             use_external_data_format=True)
     finally:
         logging.disable(logging.NOTSET)
     check(dst)
+    return dst
+
+
+def to_int4(src: Path, dst: Path) -> Path:
+    """Weight-only int4: every MatMul with a constant weight becomes MatMulNBits (activations stay float32)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True)
+            quant.process()
+            model = quant.model.model
+    finally:
+        logging.disable(logging.NOTSET)
+    save_external(model, dst)
     return dst
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pauserec.errors import BackendUnavailable, ExportError
-from pauserec.export.spec import GraphSpec, ModelShape, hist_len, resolve_dims
+from pauserec.runtime.spec import GraphSpec, ModelShape, hist_len, resolve_dims
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)

@@ -10,7 +10,8 @@ think step per call, ``</think>`` forced at ``max_rationale``; then one step per
 trie-masked top-k over the level's log-probs, then (below the last level) one decode call. Beam
 reordering gathers the beams' own KV (a few SID positions) and never touches the context.
 
-Scores: the sum over levels of ``log_softmax(full-vocabulary logits)`` at the chosen SID tokens.
+Scores: the sum over levels of the chosen SID tokens' log-probs under the engine's scoring rule:
+``full`` (log_softmax over the vocabulary, as HF ``generate``) or ``sid`` (over the level's codes).
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ class BeamSearch:
         self.buf_mask[:, self.used] = active
         self.used += 1
         ends = active & (tok == spec.think_end_id)
-        self.first[ends] = lp[ends][:, e.first_ids]
+        first = lp[ends][:, e.first_ids]  # (n, V1) full-vocabulary log-probs of level 1's codes
+        if e.scoring == "sid":  # renormalised over the level: a softmax over those rows' logits only
+            peak = first.max(axis=1, keepdims=True)
+            first = first - (peak + np.log(np.exp(first - peak).sum(axis=1, keepdims=True)))
+        self.first[ends] = first
         for b in np.flatnonzero(active & ~ends):
             self.rationales[b].append(int(tok[b]))
         self.n_rationale += active & ~ends

@@ -13,9 +13,9 @@ from pauserec.data import Catalog
 from pauserec.data.prompts import PromptSpec
 from pauserec.errors import EngineError, PauserecError
 from pauserec.runtime.backends import open_sessions
-from pauserec.runtime.session import DTYPES, GraphIO
+from pauserec.runtime.spec import DTYPES, GraphSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one weights.bin shared by the graphs; scoring rule
 MANIFEST_FILE = "manifest.json"
 CATALOG_FILE = "catalog.npz"
 REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
@@ -72,6 +72,7 @@ class Engine:
             self.prompt = PromptSpec.from_dict(manifest["prompt"])
             shapes, model = manifest["shapes"], manifest["model"]
             self.kind: str = manifest["kind"]
+            self.scoring: str = manifest["scoring"]
             self.kv_dtype = DTYPES[manifest["kv_dtype"]]
             self.static: bool = bool(shapes["static"])
             self.static_batch: int | None = shapes.get("batch")
@@ -85,6 +86,8 @@ class Engine:
                               f"`{REEXPORT.format(path=path)}`") from e
         if catalog.levels != self.levels:
             raise EngineError(f"{path}: catalog has {catalog.levels} SID levels, the manifest {self.levels}; re-export it")
+        if self.scoring not in ("full", "sid"):
+            raise EngineError(f"{path}: unknown scoring rule {self.scoring!r}; re-export with `{REEXPORT.format(path=path)}`")
         self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
 
     @classmethod
@@ -98,7 +101,7 @@ class Engine:
             catalog = Catalog.load(path / CATALOG_FILE)
         except PauserecError as e:
             raise EngineError(f"{path}: {e}") from e
-        graphs = {name: GraphIO.from_manifest(name, d) for name, d in manifest.get("graphs", {}).items()}
+        graphs = {name: GraphSpec.from_manifest(name, d) for name, d in manifest.get("graphs", {}).items()}
         if "prefill" not in graphs:
             raise EngineError(f"{path / MANIFEST_FILE} declares no prefill graph; re-export with `{REEXPORT.format(path=path)}`")
         used, sessions = open_sessions(path, graphs, manifest.get("plans") or {}, provider, threads)

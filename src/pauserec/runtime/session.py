@@ -1,67 +1,24 @@
-"""Graph I/O as the manifest declares it, and the checks that hold a backend's session to it.
+"""The protocol of one graph on one backend, and the check that holds it to the manifest.
 
-The runtime never imports ``pauserec.export``: the manifest is the one contract, so the I/O
-declarations are read back from it here. A backend opens one ``Session`` per graph; its declared
-inputs and outputs must match the manifest's (names, dtypes, ranks, fixed dims), else EngineError.
+The I/O declarations are ``pauserec.runtime.spec.GraphSpec`` (read back from the manifest). A
+backend opens one ``Session`` per graph; its declared inputs and outputs must match the manifest's
+(names, dtypes, ranks, fixed dims), else EngineError.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from pauserec.errors import EngineError
-
-DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
-
-
-@dataclass(frozen=True)
-class TensorIO:
-    name: str
-    dtype: str
-    dims: tuple[int | str, ...]
-
-    @property
-    def np_dtype(self) -> type:
-        return DTYPES[self.dtype]
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    name: str
-    file: str
-    inputs: tuple[TensorIO, ...]
-    outputs: tuple[TensorIO, ...]
-
-    @classmethod
-    def from_manifest(cls, name: str, d: dict[str, Any]) -> GraphIO:
-        try:
-            def tensors(key: str) -> tuple[TensorIO, ...]:
-                return tuple(TensorIO(t["name"], t["dtype"], tuple(t["dims"])) for t in d[key])
-
-            io = cls(name, d["file"], tensors("inputs"), tensors("outputs"))
-        except (KeyError, TypeError) as e:
-            raise EngineError(f"manifest entry of graph {name!r} is malformed ({e!r}); re-export the engine") from e
-        bad = [t.dtype for t in (*io.inputs, *io.outputs) if t.dtype not in DTYPES]
-        if bad:
-            raise EngineError(f"graph {name!r} declares unknown dtype {bad[0]!r}; re-export the engine")
-        return io
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
+from pauserec.runtime.spec import GraphSpec
 
 
 class Session(Protocol):
     """One graph on one backend. Feeds and results are numpy arrays (or backend device values)."""
 
-    io: GraphIO
+    io: GraphSpec
 
     def run(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
         """Run the graph; outputs named in ``keep`` may stay on the device (opaque values the same
@@ -71,7 +28,7 @@ class Session(Protocol):
     def to_numpy(self, value: Any) -> np.ndarray: ...
 
 
-def check_declared(io: GraphIO, actual_in: list[tuple[str, str, tuple]], actual_out: list[tuple[str, str, tuple]],
+def check_declared(io: GraphSpec, actual_in: list[tuple[str, str, tuple]], actual_out: list[tuple[str, str, tuple]],
                    where: str) -> None:
     """Compare a loaded graph's (name, dtype, dims) lists with the manifest; EngineError listing differences."""
     problems: list[str] = []

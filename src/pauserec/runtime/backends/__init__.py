@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pauserec.errors import BackendUnavailable, EngineError
-from pauserec.runtime.session import GraphIO, Session
+from pauserec.runtime.session import Session
+from pauserec.runtime.spec import GraphSpec
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 
@@ -37,7 +38,7 @@ def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
     raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
 
 
-def open_sessions(path: Path, graphs: dict[str, GraphIO], plans: dict[str, str], provider: str,
+def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
                   threads: int | None) -> tuple[str, dict[str, Session]]:
     """(provider used, graph name -> session)."""
     if provider not in PROVIDERS:
@@ -56,7 +57,7 @@ def open_sessions(path: Path, graphs: dict[str, GraphIO], plans: dict[str, str],
     return provider, _open(path, graphs, plans, provider, threads)
 
 
-def _open(path: Path, graphs: dict[str, GraphIO], plans: dict[str, str], provider: str,
+def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
           threads: int | None) -> dict[str, Session]:
     if provider == "tensorrt":
         from pauserec.runtime.backends.trt import TrtSession
@@ -66,5 +67,7 @@ def _open(path: Path, graphs: dict[str, GraphIO], plans: dict[str, str], provide
             raise EngineError(f"the engine lists no TensorRT plan for {', '.join(missing)}; re-export it")
         return {name: TrtSession(path / plans[name], io) for name, io in graphs.items()}
     from pauserec.runtime.backends.ort import OrtSession
+    from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
-    return {name: OrtSession(path / io.file, io, provider, threads) for name, io in graphs.items()}
+    store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
+    return {name: OrtSession(path / io.file, io, provider, threads, store) for name, io in graphs.items()}

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from pauserec.errors import BackendUnavailable, EngineError
-from pauserec.runtime.session import GraphIO, check_declared
+from pauserec.runtime.session import check_declared
+from pauserec.runtime.spec import GraphSpec
 
 ORT_DTYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
 CUDA_HELP = ("install the GPU build of ONNX Runtime (pip uninstall onnxruntime && pip install onnxruntime-gpu) "
@@ -40,17 +41,21 @@ def cuda_unavailable_reason() -> str | None:
 class OrtSession:
     """One graph on ONNX Runtime; ``device`` is "cpu" or "cuda"."""
 
-    def __init__(self, path: Path, io: GraphIO, device: str, threads: int | None) -> None:
+    def __init__(self, path: Path, io: GraphSpec, device: str, threads: int | None, weights=None) -> None:
+        """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions."""
         import onnxruntime as ort
 
-        self.io, self.device = io, device
+        self.io, self.device, self.weights = io, device, weights  # the mapped weights outlive the session
         providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         if device == "cuda":
             reason = cuda_unavailable_reason()
             if reason:
                 raise BackendUnavailable(reason)
+        opts = session_options(threads)
+        if weights is not None:
+            weights.add_to(opts, path)
         try:
-            self.sess = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+            self.sess = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
         if device == "cuda" and self.sess.get_providers()[0] != "CUDAExecutionProvider":

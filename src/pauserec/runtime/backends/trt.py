@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from pauserec.errors import BackendUnavailable, EngineError
-from pauserec.runtime.session import GraphIO, check_declared
+from pauserec.runtime.session import check_declared
+from pauserec.runtime.spec import GraphSpec
 
 TRT_HELP = ("install TensorRT from NVIDIA's index (pip install --extra-index-url https://pypi.nvidia.com "
             "tensorrt-cu12) and cuda-python (pip install cuda-python) on a machine with a CUDA GPU")
@@ -55,7 +56,7 @@ def _check(ret, what: str):
 class TrtSession:
     """One graph's TensorRT plan."""
 
-    def __init__(self, path: Path, io: GraphIO) -> None:
+    def __init__(self, path: Path, io: GraphSpec) -> None:
         reason = unavailable_reason()
         if reason:
             raise BackendUnavailable(reason)

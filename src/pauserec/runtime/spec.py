@@ -1,7 +1,8 @@
 """Graph inputs and outputs, declared once as data (torch-free).
 
 Export (names, dynamic axes), TensorRT optimisation profiles, the manifest and the runtime's checks
-all read these declarations. A dim is either an int (fixed by the model or the catalog) or a symbol:
+all read these declarations: export writes ``GraphSpec.to_dict`` into the manifest and the runtime
+reads it back with ``GraphSpec.from_manifest``. A dim is either an int (fixed by the model or the catalog) or a symbol:
 
 * ``batch``: users per call; ``beams``: beams per user (K);
 * ``hist``: history slots (items x (L + 1) tokens, right-padded);
@@ -16,6 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from pauserec.errors import EngineError
+
+DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
 KV = "kv"  # placeholder dtype of KV tensors: float32, or float16 for fp16 engines
 SYMBOLS = ("batch", "beams", "hist", "ctx")
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "think": "think.onnx"}
@@ -34,6 +40,10 @@ class TensorSpec:
     def dynamic_axes(self) -> dict[int, str]:
         return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
 
+    @property
+    def np_dtype(self) -> type:
+        return DTYPES[self.dtype]
+
     def shape(self, env: dict[str, int]) -> tuple[int, ...]:
         """Concrete shape under ``env`` (symbol -> size); KeyError names an unbound symbol."""
         return tuple(d if isinstance(d, int) else int(env[d]) for d in self.dims)
@@ -48,6 +58,23 @@ class GraphSpec:
     @property
     def file(self) -> str:
         return GRAPH_FILES[self.name]
+
+    @classmethod
+    def from_manifest(cls, name: str, d: dict[str, Any]) -> GraphSpec:
+        """The declaration as an engine's manifest holds it (concrete dtypes); EngineError when malformed."""
+        try:
+            def tensors(key: str) -> tuple[TensorSpec, ...]:
+                return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in d[key])
+
+            spec = cls(name, tensors("inputs"), tensors("outputs"))
+            if d["file"] != spec.file:
+                raise KeyError(f"file {d['file']!r} (expected {spec.file!r})")
+        except (KeyError, TypeError) as e:
+            raise EngineError(f"manifest entry of graph {name!r} is malformed ({e!r}); re-export the engine") from e
+        bad = [t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype not in DTYPES]
+        if bad:
+            raise EngineError(f"graph {name!r} declares unknown dtype {bad[0]!r}; re-export the engine")
+        return spec
 
     @property
     def input_names(self) -> list[str]:
@@ -81,6 +108,7 @@ class ModelShape:
     prefix_len: int
     suffix_len: int
     max_rationale: int = 0
+    scoring: str = "full"  # "full": log_softmax over the vocabulary; "sid": over each level's codes
 
     @property
     def levels(self) -> int:

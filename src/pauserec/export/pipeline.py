@@ -1,0 +1,291 @@
+"""The export pipeline, step by step (``export_engine`` is the entry point).
+
+1. load the checkpoint (model, PromptSpec, catalog) and refuse non-finite weights;
+2. build the torch wrappers and export each graph to ONNX (any size: above 2 GB torch writes
+   external data);
+3. consolidate: one ``weights.bin`` shared by all graphs, each distinct tensor stored once;
+4. validate the fp32 graphs against the HF model (every mismatch reported at once);
+5. fp16 / int8 / int4: lower the fp32 graphs, then judge the engine by what ranking depends on:
+   top-10 agreement with the fp32 engine (and the Hit@10 change on ``--data``'s test split), failing
+   below ``min_agreement``;
+6. TensorRT plans (optional), catalog, manifest with checksums;
+7. load the staged engine with the runtime and recommend once; only then publish it atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pauserec.errors import ExportError
+from pauserec.export import BACKENDS, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
+
+
+def _check_config(cfg: ExportConfig) -> None:
+    if cfg.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.backend not in BACKENDS:
+        raise ExportError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
+    if cfg.scoring not in SCORING:
+        raise ExportError(f"unknown scoring rule {cfg.scoring!r}; choose one of {', '.join(SCORING)}")
+    if not 0.0 <= cfg.min_agreement <= 1.0:
+        raise ExportError(f"--min-agreement is a top-10 overlap in [0, 1], got {cfg.min_agreement}")
+    if cfg.static and (not cfg.batch or not cfg.beams or cfg.batch < 1 or cfg.beams < 1):
+        raise ExportError("--static needs --batch B and --beams K (both >= 1), and optionally --max-history N")
+    if not cfg.static and (cfg.batch or cfg.beams):
+        raise ExportError("--batch/--beams freeze shapes and need --static; drop them for a dynamic engine")
+    if cfg.backend == "tensorrt" and not cfg.static:
+        raise ExportError("--backend tensorrt builds from static graphs: add --static --batch B --beams K")
+    if cfg.backend == "tensorrt" and cfg.precision in ("int8", "int4"):
+        raise ExportError(f"{cfg.precision} TensorRT plans are not built by pauserec; use --precision fp16")
+    from pauserec.export.onnx import OPSETS
+
+    if cfg.exporter not in OPSETS:
+        raise ExportError(f"unknown exporter {cfg.exporter!r}; choose one of {', '.join(OPSETS)}")
+    if cfg.kind is not None and cfg.kind not in ("direct", "pause", "cot"):
+        raise ExportError(f"unknown --kind {cfg.kind!r}; choose direct, pause or cot")
+
+
+def export_engine(cfg: ExportConfig, progress: Progress | None = None) -> ExportReport:
+    """Export, validate and write an engine directory; nothing is left at ``cfg.out`` on failure."""
+    from pauserec.export import bundle
+    from pauserec.export.validate import torch_threads
+
+    _check_config(cfg)
+    out = Path(cfg.out)
+    bundle.check_out_dir(out, cfg.force)
+    if cfg.backend == "tensorrt":
+        from pauserec.export.trt import require_tensorrt
+
+        require_tensorrt()
+    say = progress or (lambda stage, detail: None)
+    stage_dir: Path | None = None
+    try:
+        stage_dir = bundle.staging_dir(out)
+        with torch_threads(cfg.threads):
+            report = _run(cfg, stage_dir, say)
+        say("publish", str(out))
+        bundle.publish(stage_dir, out)
+        stage_dir = None
+        return report
+    except OSError as e:
+        raise bundle.write_failure(out, e) from e
+    finally:
+        if stage_dir is not None:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+
+
+def check_finite(model) -> None:
+    """ExportError naming every non-finite weight tensor (a diverged training run, say)."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ExportError(f"the checkpoint has non-finite (NaN/inf) weights in {len(bad)} tensor(s): {shown}. "
+                          "Its training diverged or the file is damaged; retrain it (e.g. with a lower --lr) "
+                          "or export an earlier checkpoint")
+
+
+def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
+    from pauserec.export import bundle, onnx, validate, weights
+    from pauserec.runtime.spec import freeze, graph_specs, resolve_dims
+
+    clock: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say("load", str(cfg.checkpoint))
+    src = bundle.load_sources(Path(cfg.checkpoint), cfg.kind, cfg.pause_k, cfg.catalog, cfg.max_history,
+                              cfg.max_rationale)
+    check_finite(src.model)
+    source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
+    built = build_graphs(src.model, src.spec, cfg.scoring)
+    specs = graph_specs(built.shape)
+    env = {n: resolve_dims(n, built.shape, cfg.batch, cfg.beams, src.spec.max_history) for n in specs} if cfg.static else None
+    if env:
+        specs = {n: freeze(s, env[n]) for n, s in specs.items()}
+    clock["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    raw, fp32_dir = stage / "_raw", stage / "_fp32"
+    exported = {}
+    for name, spec in specs.items():
+        say("export", f"{name} graph ({onnx.exporter_info(cfg.exporter)['exporter']})")
+        (raw / name).mkdir(parents=True)
+        exported[name] = onnx.export_graph(built.modules[name], spec, built.example(name, env[name] if env else None),
+                                           raw / name / spec.file, not cfg.static, cfg.exporter)
+    say("weights", "one weights.bin for every graph")
+    files32 = weights.consolidate(exported, fp32_dir)
+    shutil.rmtree(raw)
+    clock["export"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("validate", "fp32 graphs vs the HF model")
+    static_env = env["decode" if "decode" in specs else "prefill"] if env else None
+    validate_args = dict(model=src.model, spec=src.spec, catalog=src.catalog, shape=built.shape,
+                         static_env=static_env, seed=cfg.seed, threads=cfg.threads)
+    atol = cfg.atol if cfg.atol is not None else validate.ATOL["fp32"]
+    checks = validate.validate_graphs(files=files32, atol=atol, **validate_args)
+    validate.raise_mismatches(checks, "fp32")
+    clock["validate"] = time.perf_counter() - t0
+
+    common = dict(spec=src.spec, catalog=src.catalog, dims=built.dims, shape=built.shape, graphs=specs,
+                  static_env=static_env, exporter=onnx.exporter_info(cfg.exporter), source=Path(cfg.checkpoint),
+                  source_sha=source_sha)
+    quantized = None
+    if cfg.precision == "fp32":
+        for path in (*files32.values(), fp32_dir / weights.WEIGHTS_FILE):
+            path.replace(stage / path.name)
+    else:
+        t0 = time.perf_counter()
+        lower, quantized = _lower_precision(cfg, src, specs, files32, stage, common, validate_args, say)
+        checks += lower
+        clock[cfg.precision] = time.perf_counter() - t0
+    plans: dict[str, str] = {}
+    if cfg.backend == "tensorrt":
+        from pauserec.export.trt import build_plans
+
+        t0 = time.perf_counter()
+        say("tensorrt", "building .plan files")
+        plans = build_plans({n: stage / s.file for n, s in specs.items()}, specs, stage, fp16=cfg.precision == "fp16")
+        clock["tensorrt"] = time.perf_counter() - t0
+    shutil.rmtree(fp32_dir, ignore_errors=True)
+
+    say("write", "catalog.npz + manifest.json")
+    src.catalog.save(stage / bundle.CATALOG_FILE)
+    validation = validate.summarize(checks) + ([{"graph": "engine", "case": "ranking sample", **quantized}]
+                                               if quantized else [])
+    manifest = bundle.finish(stage, bundle.manifest_dict(**common, precision=cfg.precision, backend=cfg.backend,
+                                                         validation=validation, plans=plans))
+    t0 = time.perf_counter()
+    say("check", "load the engine with the runtime and recommend once")
+    smoke_test(stage, src, cfg)
+    clock["check"] = time.perf_counter() - t0
+    files = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
+    return ExportReport(out=Path(cfg.out), kind=src.spec.kind, precision=cfg.precision, backend=cfg.backend,
+                        static=cfg.static, files=files, checks=validate.summarize(checks), quantized=quantized,
+                        seconds=clock, manifest=manifest)
+
+
+def smoke_test(engine_dir: Path, src, cfg: ExportConfig) -> None:
+    """The staged engine loads with the runtime (checksums verified) and recommends valid items."""
+    import numpy as np
+
+    from pauserec.errors import PauserecError
+    from pauserec.runtime import Engine, Recommender
+
+    try:
+        engine = Engine.load(engine_dir, provider="cpu", threads=cfg.threads)
+        ids = src.catalog.item_ids
+        history = [ids[i] for i in range(min(3, len(ids)))]
+        out = Recommender(engine).recommend([history], k=1, beams=cfg.beams or 2)
+    except PauserecError as e:
+        raise ExportError(f"the exported engine does not run ({e}); nothing was written. Report this with the "
+                          "checkpoint's config.json") from e
+    if out.item_index[0, 0] < 0 or not np.isfinite(out.scores[0, 0]):
+        raise ExportError("the exported engine recommends nothing valid for a catalog history; nothing was written")
+
+
+def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common: dict, validate_args: dict, say):
+    """fp16 / int8 / int4 graphs from the validated fp32 ones, judged by ranking agreement."""
+    import numpy as np
+
+    from pauserec.export import bundle, onnx, validate, weights
+
+    say(cfg.precision, onnx.LOWERING[cfg.precision])
+    lowered = stage / "_lowered"
+    raw = {}
+    for n, s in specs.items():
+        (lowered / n).mkdir(parents=True)
+        raw[n] = onnx.lower(cfg.precision, files32[n], lowered / n / s.file, s)
+    files = weights.consolidate(raw, stage)
+    shutil.rmtree(lowered)
+    say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
+    kv = np.float16 if cfg.precision == "fp16" else np.float32
+    checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,
+                                      precision=cfg.precision, **validate_args)
+    fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
+    for folder, precision in ((fp32_dir, "fp32"), (stage, cfg.precision)):
+        src.catalog.save(folder / bundle.CATALOG_FILE)
+        bundle.finish(folder, bundle.manifest_dict(**common, precision=precision, backend="onnx", validation=[],
+                                                   plans={}))
+    say(cfg.precision, f"top-10 agreement with fp32 on {cfg.quant_sample} users")
+    report = _ranking_report(cfg, src, fp32_dir, stage)
+    if report["top10_overlap"] < cfg.min_agreement:
+        raise ExportError(
+            f"the {cfg.precision} engine agrees with fp32 on only {report['top10_overlap']:.3f} of the top-10 "
+            f"(floor {cfg.min_agreement}; top-1 agreement {report['top1_agreement']:.3f}) on {report['sample']} "
+            "users; nothing was written. Use a higher precision (fp16 > int8 > int4), or lower --min-agreement "
+            "if that ranking change is acceptable")
+    return checks, report
+
+
+def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path) -> dict:
+    """Sample of the test split (``--data``), else of random catalog histories (no targets then)."""
+    import numpy as np
+
+    from pauserec.export.validate import compare_quantized
+
+    n = cfg.quant_sample
+    ids = src.catalog.item_ids
+    targets = None
+    if cfg.data is not None:
+        from pauserec.data import load_dataset
+
+        test = load_dataset(cfg.data, src.card.index if src.card and src.card.index else None).splits(
+            src.spec.max_history).test
+        pick = np.random.default_rng(cfg.seed).permutation(len(test))[:n]
+        histories = [[ids[i] for i in test.histories[p]] for p in pick]
+        targets = [ids[int(test.targets[p])] for p in pick]
+    else:
+        rng = np.random.default_rng(cfg.seed)
+        histories = [[ids[i] for i in rng.integers(0, len(ids), size=int(rng.integers(1, src.spec.max_history + 1)))]
+                     for _ in range(n)]
+    return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20)
+
+
+@dataclass
+class BuiltGraphs:
+    dims: object
+    shape: object
+    modules: dict
+    example: Callable
+
+
+def build_graphs(model, spec, scoring: str = "full") -> BuiltGraphs:
+    """The torch wrappers of one engine plus example inputs for the exporter."""
+    import torch
+
+    from pauserec.export.graphs import Core, DecodeGraph, PrefillGraph, ThinkGraph
+    from pauserec.runtime.spec import ModelShape
+
+    core = Core(model)
+    d = core.dims
+    sid = [list(x) for x in spec.sid_token_ids]
+    shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
+                       codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.instruction_ids),
+                       suffix_len=len(spec.think_suffix), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
+                       scoring=scoring)
+    modules = {"prefill": PrefillGraph(core, spec.instruction_ids, spec.think_suffix,
+                                       None if spec.kind == "cot" else sid[0], scoring)}
+    if shape.levels > 1:
+        modules["decode"] = DecodeGraph(core, spec.instruction_ids, sid, scoring)
+    if spec.kind == "cot":
+        modules["think"] = ThinkGraph(core, spec.instruction_ids)
+    dtype = core.embed.weight.dtype
+
+    def example(name: str, env: dict | None) -> tuple:
+        e = env or {"batch": 2, "beams": 3, "hist": 2 * (shape.levels + 1), "ctx": 2 * (shape.levels + 1) + shape.suffix_len}
+        b, k, t, c = e["batch"], e["beams"], e["hist"], e["ctx"]
+        kv = torch.zeros(d.layers, b, d.kv_heads, c, d.head_dim, dtype=dtype)
+        cmask = torch.ones(b, c, dtype=torch.long)
+        if name == "prefill":
+            return torch.full((b, t), spec.pad_id, dtype=torch.long), torch.ones(b, t, dtype=torch.long)
+        if name == "think":
+            return torch.zeros(b, dtype=torch.long), kv, kv.clone(), cmask
+        bkv = torch.zeros(d.layers, b, d.kv_heads, k, shape.levels - 1, d.head_dim, dtype=dtype)
+        return torch.zeros(b, k, dtype=torch.long), torch.tensor(0), kv, kv.clone(), cmask, bkv, bkv.clone()
+
+    return BuiltGraphs(dims=d, shape=shape, modules=modules, example=example)

@@ -1,0 +1,81 @@
+"""Exported graphs -> one ``weights.bin`` that every graph of the engine references.
+
+``consolidate`` reads each graph as the exporter (or a quantizer) wrote it: initializers inline or in
+external-data files of any layout (above 2 GB torch writes one file per tensor). Every tensor of at
+least ``INLINE_BYTES`` goes into ``weights.bin``, stored once per distinct content (sha256), so the
+decoder weights shared by prefill/decode/think and a tied embedding (the head's ``W^T``) are written
+once. The graph files are rewritten to point into it. One tensor is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pauserec.errors import ExportError
+from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
+
+INLINE_BYTES = 1024  # smaller tensors (shapes, scalars) stay in the graph file
+
+
+def _tensor_bytes(t, base: Path) -> bytes:
+    from onnx import TensorProto, numpy_helper
+
+    if t.data_location == TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        f = base / info["location"]
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else f.stat().st_size - offset
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        if len(data) != length:
+            raise ExportError(f"external data of {t.name!r} in {f} is truncated; export again")
+        return data
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return numpy_helper.to_array(t).tobytes()
+
+
+def consolidate(graphs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """Write ``out_dir/weights.bin`` and each graph (same file name) pointing into it; returns the graph files."""
+    import onnx
+    from onnx import TensorProto
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
+    written: dict[str, Path] = {}
+    with open(out_dir / WEIGHTS_FILE, "wb") as w:
+        for name, src in graphs.items():
+            model = onnx.load(str(src), load_external_data=False)
+            for t in model.graph.initializer:
+                data = _tensor_bytes(t, src.parent)
+                if len(data) < INLINE_BYTES:
+                    if t.data_location == TensorProto.EXTERNAL:  # bring a small external tensor inline
+                        del t.external_data[:]
+                        t.data_location = TensorProto.DEFAULT
+                        t.raw_data = data
+                    continue
+                key = hashlib.sha256(data).hexdigest()
+                if key not in seen:
+                    pad = -w.tell() % ALIGN
+                    w.write(b"\0" * pad)
+                    seen[key] = (w.tell(), len(data))
+                    w.write(data)
+                offset, length = seen[key]
+                t.ClearField("raw_data")
+                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+                    t.ClearField(field)
+                del t.external_data[:]
+                t.data_location = TensorProto.EXTERNAL
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+                del data
+            dst = out_dir / src.name
+            onnx.save(model, str(dst))
+            written[name] = dst
+        w.flush()
+        os.fsync(w.fileno())
+    return written
