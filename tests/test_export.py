@@ -380,3 +380,143 @@ def test_cli_json(tmp_path, engines):
     res = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "eng2"), "--precision", "fp8"])
     assert res.exit_code == 2 and "precision" in res.output
     shutil.rmtree(tmp_path / "eng")
+
+
+# -- real shapes: a 151,936-token vocabulary, head_dim 128, tied (tiny in layers and width) ---------
+REAL_VOCAB = 151_936
+
+
+def real_shape_checkpoint(root: Path, kind: str) -> Path:
+    """A Qwen3-0.6B-shaped vocabulary, head_dim and tied embedding on a 1-layer, 64-wide body."""
+    path = root / f"ckpt-real-{kind}"
+    if (path / "config.json").is_file():
+        return path
+    cfg = transformers.Qwen3Config(vocab_size=REAL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=128, tie_word_embeddings=True,
+                                   max_position_embeddings=128, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(path)
+    TrainingCard(prompt=tiny_spec(kind), dataset="tiny").save(path)
+    tiny_catalog().save(path / "catalog.npz")
+    return path
+
+
+def weight_bytes(ckpt: Path) -> int:
+    """Bytes of the checkpoint's distinct weight tensors (a tied embedding counted once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "np") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys())
+
+
+@pytest.fixture(scope="session")
+def real_engines(tmp_path_factory) -> dict[str, Path]:
+    from pauserec.export import ExportConfig, export_engine
+
+    root = tmp_path_factory.mktemp("real-shape")
+    out = {}
+    for name, kind, cfg in [("cot", "cot", {}), ("pause", "pause", {}), ("pause-sid", "pause", {"scoring": "sid"}),
+                            ("pause-sid-int4", "pause", {"scoring": "sid", "precision": "int4", "quant_sample": 8})]:
+        out[name] = export_engine(ExportConfig(checkpoint=real_shape_checkpoint(root, kind), out=root / name, **cfg)).out
+    out["ckpt"] = real_shape_checkpoint(root, "pause")
+    return out
+
+
+def test_real_shape_engine_holds_one_copy_of_the_weights(real_engines):
+    """cot keeps the whole tied table once (lookup and head read the same W^T); graphs carry no weights."""
+    import onnx
+
+    weights = weight_bytes(real_engines["ckpt"])
+    cot = real_engines["cot"]
+    assert (cot / "weights.bin").stat().st_size <= 1.05 * weights
+    for graph in ("prefill.onnx", "decode.onnx", "think.onnx"):
+        assert (cot / graph).stat().st_size < 200_000, graph  # structure only
+        model = onnx.load(str(cot / graph), load_external_data=False)
+        big = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
+        assert big == []
+    m = manifest(cot)
+    assert m["model"]["vocab"] == REAL_VOCAB and m["model"]["head_dim"] == 128 and m["model"]["tied_embeddings"]
+    assert all(c["ok"] for c in m["validation"])
+
+
+def test_sid_rule_drops_the_vocabulary_matrix(real_engines):
+    """pause + the SID-level head embeds and scores only SID-sized tables: far below the checkpoint's bytes."""
+    weights = weight_bytes(real_engines["ckpt"])
+    full = (real_engines["pause"] / "weights.bin").stat().st_size
+    sid = (real_engines["pause-sid"] / "weights.bin").stat().st_size
+    int4 = (real_engines["pause-sid-int4"] / "weights.bin").stat().st_size
+    vocab_matrix = REAL_VOCAB * 64 * 4
+    assert full <= 1.05 * weights  # the head's W^T; the lookup keeps only the SID rows
+    assert sid < weights - 0.9 * vocab_matrix
+    assert int4 < sid
+    assert all(c["ok"] for c in manifest(real_engines["pause-sid"])["validation"])
+
+
+def test_int4_engine_uses_matmulnbits_and_reports_agreement(real_engines):
+    import onnx
+
+    path = real_engines["pause-sid-int4"]
+    ops = {n.op_type for n in onnx.load(str(path / "decode.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops
+    q = [c for c in manifest(path)["validation"] if c["graph"] == "engine"][0]
+    assert q["sample"] == 8 and q["top10_overlap"] >= 0.8
+
+
+def test_engine_sessions_share_one_mapped_weights_file(real_engines):
+    """Every graph's initializers come from the one mapped file (no per-session copy of the weights)."""
+    from pauserec.runtime import Engine
+
+    engine = Engine.load(real_engines["cot"], provider="cpu")
+    stores = {id(s.weights) for s in engine.sessions.values()}
+    assert len(stores) == 1
+    store = next(iter(engine.sessions.values())).weights
+    assert store.data.filename is not None  # a memory map, not a loaded copy
+    assert len(store._values) > 0
+
+
+def test_consolidate_reads_per_tensor_external_files_and_dedups(tmp_path):
+    """Above 2 GB torch writes one external file per tensor: consolidate reads that layout; equal tensors once."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pauserec.export.weights import consolidate
+    from pauserec.runtime.weights import WeightStore, external_tensors
+
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y"]), helper.make_node("MatMul", ["y", "w2"], ["z"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 32])],
+                              [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w[:32].copy(), "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    inline = model.SerializeToString()  # onnx.save(save_as_external_data) rewrites ``model`` in place
+    src = tmp_path / "raw"
+    src.mkdir()
+    onnx.save(model, str(src / "prefill.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0)
+    assert (src / "w1").is_file()  # one file per tensor, named after it
+    twin = tmp_path / "raw2"
+    twin.mkdir()
+    (twin / "decode.onnx").write_bytes(inline)  # inline tensors, same content
+    files = consolidate({"prefill": src / "prefill.onnx", "decode": twin / "decode.onnx"}, tmp_path / "eng")
+    store = WeightStore(tmp_path / "eng" / "weights.bin")
+    assert store.nbytes < w.nbytes + w[:32].nbytes + 128  # stored once for both graphs
+    for f in files.values():
+        t = {x.name: x for x in external_tensors(onnx.load(str(f), load_external_data=False))}
+        np.testing.assert_array_equal(store.array(t["w1"]), w)
+        np.testing.assert_array_equal(store.array(t["w2"]), w[:32])
+
+
+def test_non_finite_weights_are_named(tmp_path):
+    from pauserec.export import ExportConfig, export_engine
+
+    ckpt = make_checkpoint(tmp_path, "qwen3", "direct")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(ckpt)
+    with pytest.raises(ExportError, match="non-finite.*layers.1.mlp.down_proj.weight.*lower --lr"):
+        export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
+    assert not (tmp_path / "eng").exists()

@@ -57,8 +57,9 @@ def _prompt(model, spec, history: list[str], catalog) -> list[int]:
     return ids
 
 
-def _exhaustive(model, spec, catalog, history: list[str]) -> tuple[list[str], np.ndarray]:
-    """Every catalog SID scored by the HF model (sum of full-vocab log-probs); items ranked best first."""
+def _exhaustive(model, spec, catalog, history: list[str], scoring: str = "full") -> tuple[list[str], np.ndarray]:
+    """Every catalog SID scored by the HF model (sum of its SID tokens' log-probs: full vocabulary, or
+    renormalised over each level's codes for ``scoring="sid"``); items ranked best first."""
     trie = catalog.trie
     prompt = _prompt(model, spec, history, catalog)
     table = spec.sid_table()
@@ -68,6 +69,10 @@ def _exhaustive(model, spec, catalog, history: list[str]) -> tuple[list[str], np
         lp = model(seqs).logits.double().log_softmax(-1)  # (S, n + L, V)
     n = len(prompt)
     steps = lp[:, n - 1 : n - 1 + spec.levels]  # (S, L, V)
+    if scoring == "sid":  # log_softmax over the level's codebook rows only
+        for lv in range(spec.levels):
+            ids = list(spec.sid_token_ids[lv])
+            steps[:, lv, ids] = steps[:, lv, ids].log_softmax(-1)
     scores = steps.gather(2, torch.from_numpy(sid_tok)[:, :, None]).sum((1, 2)).numpy()  # (S,)
     order = np.argsort(-scores, kind="stable")
     items, item_scores = [], []
@@ -93,6 +98,20 @@ def test_top_n_equals_exhaustive_scoring(engine_dirs, kind):
         idx = [catalog.index_of(x) for x in items[:10]]
         assert out.item_index[row].tolist() == idx
         assert (out.sids[row] == catalog.sids[idx]).all()
+
+
+@pytest.mark.parametrize("kind", ["direct", "pause", "cot"])
+def test_sid_scoring_top_n_equals_exhaustive_scoring(tmp_path_factory, kind):
+    """The SID-level head (``--scoring sid``): the exact top-N under per-level normalisation."""
+    path = exported(tmp_path_factory, ARCH_OF[kind], kind, "-sid", scoring="sid")
+    assert json.loads((path / "manifest.json").read_text())["scoring"] == "sid"
+    rec = _recommender(path)
+    model, spec, catalog = tiny_model(ARCH_OF[kind]), tiny_spec(kind), tiny_catalog()
+    out = rec.recommend(HISTORIES, k=10, beams=20)
+    for row, history in enumerate(HISTORIES):
+        items, scores = _exhaustive(model, spec, catalog, history, scoring="sid")
+        assert out.items[row].tolist() == items[:10]
+        np.testing.assert_allclose(out.scores[row], scores[:10], atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["pause", "direct"])

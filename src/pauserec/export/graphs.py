@@ -23,9 +23,11 @@ Scoring rules (``SCORING``), recorded in the manifest:
 * ``sid``: only the rows of the level's codebook are computed (``V_l x hidden``) and normalised over
   that level, as the specialised SID engines do.
 
-Tied embeddings: the exporter folds the head's ``Transpose(W)`` into a ``W^T`` initializer; the
-token lookup reads the same ``W^T`` (a column gather), so both store identical bytes and the engine
-keeps one copy (``pauserec.export.weights`` stores equal tensors once).
+Token lookup: direct and pause graphs only ever embed SID tokens, separators and the think suffix, so
+they keep just those rows (``Core.restrict_embedding``); with the ``sid`` rule such an engine holds no
+vocabulary-sized matrix at all. cot embeds rationale tokens, so it keeps the whole table; when it is
+tied, the lookup reads the head's ``W^T`` (a column gather), the bytes the exporter folds for the
+head, so the engine stores one copy (``pauserec.export.weights`` stores equal tensors once).
 """
 
 from __future__ import annotations
@@ -135,11 +137,22 @@ class Core(nn.Module):
         self.scale = self.dims.head_dim**-0.5
         self.tied = self.dims.tied
 
+    def restrict_embedding(self, token_ids) -> None:
+        """Graphs will only embed ``token_ids`` (SID tokens, separators, the think suffix): store those
+        rows alone (n x H) and a vocab -> row map, instead of the whole vocab x H table."""
+        rows = sorted({int(t) for t in token_ids})
+        row_of = torch.zeros(self.dims.vocab, dtype=torch.long)  # other ids read row 0 (never fed)
+        row_of[torch.tensor(rows)] = torch.arange(len(rows))
+        self.register_buffer("embed_row_of", row_of)
+        self.register_buffer("embed_rows", self.embed.weight.detach()[torch.tensor(rows)].clone())
+
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (...) -> embeddings (..., H); tied models read the head's ``W^T`` (one stored copy)."""
+        """Token ids (...) -> embeddings (..., H)."""
+        if hasattr(self, "embed_rows"):
+            return self.embed_rows[self.embed_row_of[ids]]
         if not self.tied:
             return self.embed(ids)
-        cols = self.lm_head.weight.t().index_select(1, ids.reshape(-1))  # (H, N)
+        cols = self.lm_head.weight.t().index_select(1, ids.reshape(-1))  # (H, N): the head's W^T, one copy
         return cols.t().reshape(*ids.shape, -1)
 
     def head_rows_t(self, token_ids: list[int]) -> torch.Tensor:

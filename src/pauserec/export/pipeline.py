@@ -246,6 +246,12 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path) -> dict
     return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20)
 
 
+def embedded_tokens(spec) -> list[int]:
+    """Every token id a direct/pause engine's graphs embed: SID codes, separator, padding, think suffix."""
+    return sorted({*(t for level in spec.sid_token_ids for t in level), spec.item_sep_id, spec.pad_id,
+                   spec.eos_id, *spec.think_suffix})
+
+
 @dataclass
 class BuiltGraphs:
     dims: object
@@ -264,6 +270,8 @@ def build_graphs(model, spec, scoring: str = "full") -> BuiltGraphs:
     core = Core(model)
     d = core.dims
     sid = [list(x) for x in spec.sid_token_ids]
+    if spec.kind != "cot":  # history, suffix and SID tokens are all these graphs embed
+        core.restrict_embedding(embedded_tokens(spec))
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
                        codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.instruction_ids),
                        suffix_len=len(spec.think_suffix), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,

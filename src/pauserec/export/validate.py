@@ -218,7 +218,13 @@ def validate_graphs(model, spec: PromptSpec, catalog, shape: ModelShape, files: 
     hist = static_env["hist"] if static_env else None
     t_max = hist or spec.max_history * (shape.levels + 1)
     lens = [t_max, max(1, t_max // 3), 1]
-    random_h = [list(rng.integers(0, shape.vocab, size=n)) for n in lens]
+    if shape.kind == "cot":  # any token may be embedded
+        random_h = [list(rng.integers(0, shape.vocab, size=n)) for n in lens]
+    else:  # direct/pause graphs embed only these tokens (the runtime feeds nothing else)
+        from pauserec.export.pipeline import embedded_tokens
+
+        allowed = np.array(embedded_tokens(spec))
+        random_h = [list(allowed[rng.integers(0, len(allowed), size=n)]) for n in lens]
     n_items = [spec.max_history, max(1, spec.max_history // 2), 1]
     real_h = [list(spec.history_ids(catalog.sids[rng.integers(0, catalog.n_items, size=n)])) for n in n_items]
     checks: list[Check] = []
