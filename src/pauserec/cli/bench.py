@@ -145,6 +145,59 @@ def compare(results: list[Path] = typer.Argument(..., help="Result JSON files wr
         console.print(markdown(load_result(path)), markup=False, soft_wrap=True)
 
 
+@app.command()
+@handle_errors
+def shape(
+    name: str = typer.Argument(None, help="Shape name, e.g. qwen3-0.6b (see --list)."),
+    out: Path = typer.Option(None, "--out", help="Checkpoint directory to write."),
+    list_shapes: bool = typer.Option(False, "--list", help="List the known shapes with parameter counts and exit."),
+    layers: int = typer.Option(None, "--layers", min=1, help="Override the number of decoder layers."),
+    hidden: int = typer.Option(None, "--hidden", min=1, help="Override the hidden size (MLP width keeps its ratio)."),
+    data: Path = typer.Option(None, "--data", help="Dataset directory for tokenizer + catalog (default: synthetic)."),
+    index: str = typer.Option(None, "--index", help="SID index of --data (e.g. rkmeans_zcr)."),
+    kind: str = typer.Option("pause", "--kind", help="direct | pause | cot"),
+    pause_k: int = typer.Option(5, "--pause-k", min=1, help="Number of <pause> tokens (pause kind)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a real-shape checkpoint with seeded random weights (real sizes and speed, no download)."""
+    import time
+
+    from pauserec.bench.shapes import shape_table, write_shape_checkpoint
+    from pauserec.data.prompts import TrainingCard
+    from pauserec.errors import PauserecError
+
+    if list_shapes:
+        rows = shape_table(layers, hidden)
+        console.print("known shapes, float32" + (" (with --layers/--hidden applied)" if layers or hidden else ""),
+                      style="bold", highlight=False)
+        console.print(f"{'name':<13} {'layers':>6} {'hidden':>6} {'MLP':>6} {'q/kv x dim':>11} {'vocab':>8} "
+                      f"{'parameters':>14} {'GB':>6}", highlight=False)
+        for r in rows:
+            heads = f"{r['q_heads']}/{r['kv_heads']} x {r['head_dim']}"
+            console.print(f"{r['name']:<13} {r['layers']:>6} {r['hidden']:>6} {r['intermediate']:>6} {heads:>11} "
+                          f"{r['vocab']:>8,} {r['parameters']:>14,} {r['weight_bytes'] / 1e9:>6.2f}", highlight=False)
+        console.print("configs of " + ", ".join(f"{r['name']} = {r['source']}" for r in rows) + " (not downloaded)",
+                      highlight=False)
+        return
+    if name is None or out is None:
+        raise PauserecError("give a shape name and --out DIR (e.g. `pauserec-bench shape qwen3-0.6b --out ckpt`), "
+                            "or --list to see the shapes")
+    t0 = time.perf_counter()
+    with console.status("starting") as status:
+        def progress(msg: str) -> None:
+            status.update(f"{msg} [dim]({time.perf_counter() - t0:.0f} s)[/]")
+            console.print(f"[dim]{time.perf_counter() - t0:6.1f} s  {msg}[/]", highlight=False)
+
+        path = write_shape_checkpoint(name, out, data=data, index=index, kind=kind, pause_k=pause_k, layers=layers,
+                                      hidden=hidden, seed=seed, progress=progress)
+    card = TrainingCard.load(path).train
+    on_disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    console.print(f"[bold green]wrote[/] {path}: {card['parameters']:,} parameters, "
+                  f"{card['weight_bytes']:,} weight bytes ({card['weight_bytes'] / 1e9:.2f} GB float32; "
+                  f"{on_disk / 1e9:.2f} GB on disk) in {time.perf_counter() - t0:.1f} s", highlight=False)
+    console.print("[yellow]random weights:[/] sizes, memory and speed are real; recommendations are not", highlight=False)
+
+
 def _manifests(engines) -> dict:
     out = {}
     for path in engines:
