@@ -36,6 +36,7 @@ class LatencyConfig:
     history_len: int = 20  # for random histories
     seed: int = 0
     rss: bool = True
+    prepack: bool = False  # also run every engine with ONNX Runtime's per-session prepacked weights
 
 
 @dataclass
@@ -64,10 +65,11 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 class _EngineSystem:
     system = "engine"
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, prepack: bool = False):
         from pauserec.runtime import Engine, Recommender
 
-        self.engine = Engine.load(path, threads=threads)
+        self.system = "engine+prepack" if prepack else "engine"
+        self.engine = Engine.load(path, threads=threads, prepack=prepack)
         self.rec = Recommender(self.engine)
         self.path, self.kind = path, self.engine.manifest["kind"]
         self.catalog = self.engine.catalog
@@ -92,7 +94,8 @@ class _HFSystem:
 
 
 def load_systems(cfg: LatencyConfig) -> list:
-    systems = [_EngineSystem(Path(p), cfg.threads) for p in cfg.engines]
+    systems = [_EngineSystem(Path(p), cfg.threads, prepack) for p in cfg.engines
+               for prepack in ((False, True) if cfg.prepack else (False,))]
     systems += [_HFSystem(Path(p), cfg.threads) for p in cfg.hf_baselines]
     if not systems:
         raise PauserecError("give at least one engine directory (or --hf-baseline checkpoint) to measure")
@@ -175,7 +178,8 @@ def run_latency(cfg: LatencyConfig, tick: Callable[[], None] | None = None) -> d
     stats = _measure(systems, users, cfg, tick)
     results = []
     for i, s in enumerate(systems):
-        r = SystemResult(name=system_name(s.kind, s.path) + (" (HF generate)" if s.system != "engine" else ""),
+        suffix = {"engine": "", "engine+prepack": " (prepacked)"}.get(s.system, " (HF generate)")
+        r = SystemResult(name=system_name(s.kind, s.path) + suffix,
                          kind=s.kind, system=s.system, path=str(s.path), by_batch=stats[i])
         if cfg.rss:
             r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads)
@@ -192,7 +196,7 @@ def ratios(results: list[dict]) -> dict:
             bs: r["by_batch"][bs]["batch_latency_s"]["p50"] / first["by_batch"][bs]["batch_latency_s"]["p50"]
             for bs in r["by_batch"]
         }
-    engines = [r for r in results if r["system"] == "engine"]
+    engines = [r for r in results if r["system"].startswith("engine")]
     pause = next((r for r in engines if r["kind"] == "pause"), None)
     cot = next((r for r in engines if r["kind"] == "cot"), None)
     if pause and cot:

@@ -17,7 +17,7 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pauserec.bench.rss")
-    ap.add_argument("system", choices=["engine", "hf-generate"])
+    ap.add_argument("system", choices=["engine", "engine+prepack", "hf-generate"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--beams", type=int, default=20)
@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from pauserec.bench.latency import _EngineSystem, _HFSystem
 
-    system = (_EngineSystem if args.system == "engine" else _HFSystem)(args.path, args.threads)
+    if args.system == "hf-generate":
+        system = _HFSystem(args.path, args.threads)
+    else:
+        system = _EngineSystem(args.path, args.threads, prepack=args.system == "engine+prepack")
     rng = np.random.default_rng(0)
     n = len(system.catalog.item_ids)
     users = [rng.choice(n, size=min(20, n), replace=False) for _ in range(args.batch)]

@@ -71,6 +71,9 @@ def latency(
     iters: int = typer.Option(10, "--iters", min=1),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every system."),
     no_rss: bool = typer.Option(False, "--no-rss", help="Skip the peak-RSS subprocess per system."),
+    prepack: bool = typer.Option(False, "--prepack", help="Also run each engine with prepacked weights "
+                                 "(faster small batches, one more copy of the weights per graph)."),
+    history_len: int = typer.Option(20, "--history-len", min=1, help="Items per random history (without --data)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for latency.json/.md/.png."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
 ) -> None:
@@ -80,7 +83,7 @@ def latency(
 
     cfg = LatencyConfig(engines=tuple(engines or ()), hf_baselines=tuple(hf_baseline), data=data, index=index,
                         batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
-                        threads=threads, rss=not no_rss)
+                        threads=threads, rss=not no_rss, prepack=prepack, history_len=history_len)
     total = len(cfg.batch_sizes) * (cfg.warmup + cfg.iters)
     with console.status("measuring") as status:
         done = [0]

@@ -136,6 +136,34 @@ class Core(nn.Module):
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.scale = self.dims.head_dim**-0.5
         self.tied = self.dims.tied
+        # Every weight the graphs multiply by, as a transposed *view* of the HF tensor (no copy): the
+        # exporter stores it as the MatMul's B directly, instead of folding a Transpose into a second
+        # copy of every weight (export memory stays near 2x the weights at any size).
+        self.register_buffer("head_t", self.lm_head.weight.detach().t())  # (H, vocab)
+        for i, layer in enumerate(self.layers):
+            for name, lin in self._linears(layer).items():
+                self.register_buffer(f"w{i}_{name}", lin.weight.detach().t())
+
+    @staticmethod
+    def _linears(layer) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        out = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):  # SwiGLU (Qwen2/3, Llama)
+            out.update({n: getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")})
+        return out
+
+    def linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W^T (+ b)`` of layer ``i``'s projection ``name``."""
+        layer = self.layers[i]
+        lin = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+        y = x @ getattr(self, f"w{i}_{name}")
+        return y if lin.bias is None else y + lin.bias
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[i].mlp
+        if not hasattr(self, f"w{i}_down_proj"):
+            return mlp(x)
+        return self.linear(i, "down_proj", mlp.act_fn(self.linear(i, "gate_proj", x)) * self.linear(i, "up_proj", x))
 
     def restrict_embedding(self, token_ids) -> None:
         """Graphs will only embed ``token_ids`` (SID tokens, separators, the think suffix): store those
@@ -152,7 +180,7 @@ class Core(nn.Module):
             return self.embed_rows[self.embed_row_of[ids]]
         if not self.tied:
             return self.embed(ids)
-        cols = self.lm_head.weight.t().index_select(1, ids.reshape(-1))  # (H, N): the head's W^T, one copy
+        cols = self.head_t.index_select(1, ids.reshape(-1))  # (H, N): the head's own W^T, one copy
         return cols.t().reshape(*ids.shape, -1)
 
     def head_rows_t(self, token_ids: list[int]) -> torch.Tensor:
@@ -170,9 +198,9 @@ class Core(nn.Module):
         """Normed hidden (..., H) -> q (..., Hq, D), k, v (..., Hkv, D) with RoPE applied to q and k."""
         attn = self.layers[i].self_attn
         d = self.dims
-        q = attn.q_proj(x).unflatten(-1, (d.q_heads, d.head_dim))
-        k = attn.k_proj(x).unflatten(-1, (d.kv_heads, d.head_dim))
-        v = attn.v_proj(x).unflatten(-1, (d.kv_heads, d.head_dim))
+        q = self.linear(i, "q_proj", x).unflatten(-1, (d.q_heads, d.head_dim))
+        k = self.linear(i, "k_proj", x).unflatten(-1, (d.kv_heads, d.head_dim))
+        v = self.linear(i, "v_proj", x).unflatten(-1, (d.kv_heads, d.head_dim))
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
@@ -181,12 +209,12 @@ class Core(nn.Module):
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual + o_proj, then the MLP block. attn_out (..., Hq * D)."""
         layer = self.layers[i]
-        h = h + layer.self_attn.o_proj(attn_out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + self.linear(i, "o_proj", attn_out)
+        return h + self.mlp(i, layer.post_attention_layernorm(h))
 
     def logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden (..., H) -> full-vocabulary log-probs (..., vocab), float32."""
-        return torch.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)
+        return torch.log_softmax((self.norm(h) @ self.head_t).float(), dim=-1)
 
     def sid_logprobs(self, h: torch.Tensor, rows_t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``sid`` rule: hidden (..., H) x codebook rows (H, V) -> log-probs normalised over the valid codes."""

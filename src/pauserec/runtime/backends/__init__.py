@@ -39,26 +39,26 @@ def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
 
 
 def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-                  threads: int | None) -> tuple[str, dict[str, Session]]:
-    """(provider used, graph name -> session)."""
+                  threads: int | None, prepack: bool = False) -> tuple[str, dict[str, Session]]:
+    """(provider used, graph name -> session); ``prepack``: see ``Engine.load``."""
     if provider not in PROVIDERS:
         raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if provider == "auto":
         for candidate in ("tensorrt", "cuda"):
             if unavailable_reason(candidate, bool(plans)) is None:
                 try:
-                    return candidate, _open(path, graphs, plans, candidate, threads)
+                    return candidate, _open(path, graphs, plans, candidate, threads, prepack)
                 except BackendUnavailable:
                     continue
-        return "cpu", _open(path, graphs, plans, "cpu", threads)
+        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack)
     reason = unavailable_reason(provider, bool(plans))
     if reason:
         raise BackendUnavailable(f"provider {provider!r} is not usable: {reason}")
-    return provider, _open(path, graphs, plans, provider, threads)
+    return provider, _open(path, graphs, plans, provider, threads, prepack)
 
 
 def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-          threads: int | None) -> dict[str, Session]:
+          threads: int | None, prepack: bool) -> dict[str, Session]:
     if provider == "tensorrt":
         from pauserec.runtime.backends.trt import TrtSession
 
@@ -70,4 +70,4 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
     from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
     store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
-    return {name: OrtSession(path / io.file, io, provider, threads, store) for name, io in graphs.items()}
+    return {name: OrtSession(path / io.file, io, provider, threads, store, prepack) for name, io in graphs.items()}

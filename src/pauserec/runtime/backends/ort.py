@@ -16,12 +16,18 @@ CUDA_HELP = ("install the GPU build of ONNX Runtime (pip uninstall onnxruntime &
              "on a machine with an NVIDIA GPU and driver, or use provider='cpu'")
 
 
-def session_options(threads: int | None):
-    """Options for small machines: no busy-waiting intra-op threads, a fixed thread count when given."""
+def session_options(threads: int | None, prepack: bool = False):
+    """Options for small machines: no busy-waiting intra-op threads, a fixed thread count when given.
+
+    ``prepack=False`` keeps ONNX Runtime from re-laying each MatMul weight into a private buffer per
+    session: the sessions then compute straight from the one shared, mapped copy of the weights.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.inter_op_num_threads = 1
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -41,7 +47,8 @@ def cuda_unavailable_reason() -> str | None:
 class OrtSession:
     """One graph on ONNX Runtime; ``device`` is "cpu" or "cuda"."""
 
-    def __init__(self, path: Path, io: GraphSpec, device: str, threads: int | None, weights=None) -> None:
+    def __init__(self, path: Path, io: GraphSpec, device: str, threads: int | None, weights=None,
+                 prepack: bool = False) -> None:
         """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions."""
         import onnxruntime as ort
 
@@ -51,7 +58,7 @@ class OrtSession:
             reason = cuda_unavailable_reason()
             if reason:
                 raise BackendUnavailable(reason)
-        opts = session_options(threads)
+        opts = session_options(threads, prepack)
         if weights is not None:
             weights.add_to(opts, path)
         try:
