@@ -17,6 +17,10 @@ class CheckpointError(PauserecError):
     """A model checkpoint cannot be used (architecture, tokenizer, training card)."""
 
 
+class TrainError(PauserecError):
+    """Training went wrong (the loss, gradients or weights became non-finite); no checkpoint was written."""
+
+
 class ExportError(PauserecError):
     """Exporting or validating an engine failed."""
 

@@ -7,8 +7,9 @@ Needs the ``train`` extra (torch, transformers); nothing here is imported by ``p
   catalog), ``save_checkpoint``;
 * ``pauserec.train.reference``: ``ReferenceRecommender`` (exact trie-constrained beam search),
   ``exhaustive_scores``, ``evaluate`` / ``evaluate_checkpoint``;
-* ``pauserec.train.tokenizer`` and ``pauserec.train.rationale``: BPE tokenizer + special tokens, and
-  the cot rationale template.
+* ``pauserec.train.tokenizer`` and ``pauserec.train.rationale``: BPE tokenizer + special tokens (and the
+  HF tokenizer files of a checkpoint), and the cot rationale template. ``model`` imports ``tokenizer``,
+  never the reverse.
 
 Submodules import torch lazily, so ``import pauserec.train`` itself is cheap.
 """

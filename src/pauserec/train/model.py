@@ -9,6 +9,8 @@ A pauserec checkpoint directory holds::
 
 ``load_checkpoint(path)`` reads all four and checks they agree; export and benchmarks start there.
 Supported architectures: Qwen3 (our presets), Qwen2 and Llama (local checkpoints via ``--init-from``).
+This module imports ``pauserec.train.tokenizer`` (tokenizer files of a checkpoint); tokenizer.py never
+imports this one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pauserec.errors import CheckpointError, PauserecError
+from pauserec.train.tokenizer import check_sid_tokens, load_tokenizer, save_hf_tokenizer
 
 SUPPORTED_TYPES = ("qwen3", "qwen2", "llama")
 CATALOG_FILE = "catalog.npz"
@@ -129,28 +132,6 @@ def load_model(path: str | Path):
     return model.eval()
 
 
-def hf_tokenizer(path: str | Path):
-    """The fast HF tokenizer of a local checkpoint (for ``--init-from``)."""
-    from transformers import AutoTokenizer
-
-    check_architecture(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer in {path} ({e}); the directory needs a tokenizer.json") from e
-    if not getattr(tok, "is_fast", False):
-        raise CheckpointError(f"{path}: only fast (tokenizer.json) tokenizers are supported")
-    return tok
-
-
-def save_hf_tokenizer(tok, out: Path, pad: str, eos: str) -> None:
-    """``tokenizer.json`` + ``tokenizer_config.json`` so ``AutoTokenizer`` opens the checkpoint too."""
-    from transformers import PreTrainedTokenizerFast
-
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos).save_pretrained(str(out))
-    tok.save(str(out / "tokenizer.json"))  # the exact tokenizer, whatever the wrapper normalised
-
-
 def cache_kwargs(model, cache) -> dict[str, Any]:
     """``{"cache": c}`` (transformers >= 5.x) or ``{"past_key_values": c}`` (older), as the model takes it."""
     import inspect
@@ -184,7 +165,6 @@ def load_checkpoint(path: str | Path, load_weights: bool = True) -> Checkpoint:
     """Open a pauserec checkpoint; CheckpointError when a part is missing or the parts disagree."""
     from pauserec.data import Catalog
     from pauserec.data.prompts import TrainingCard
-    from pauserec.train.tokenizer import check_sid_tokens, load_tokenizer
 
     path = Path(path)
     check_architecture(path)

@@ -16,6 +16,14 @@ The ``<pause>`` row starts at the mean of all embedding rows. AdamW (weight deca
 warm-up then cosine decay over the run's progress, gradient clipping at 1.0, length-bucketed
 batches. Without a time budget a run is bit-for-bit reproducible from its seed; with
 ``max_minutes`` the run's progress is max(step share, time share), so it ends on time.
+
+Peak learning rates: ``--lr`` when given; else, from scratch, the preset's (4e-3 / 6e-3); else, when
+fine-tuning a pretrained ``--init-from`` model, the PauseRec paper's 5e-5 for SFT and 1e-4 for the
+grounding (CPT) stage. The card records the peak of every stage.
+
+Training never saves a broken model: a non-finite loss or gradient norm stops the run at that step,
+and the weights are checked after loading, after the vocabulary is extended and after every stage
+(``TrainError``, or ``CheckpointError`` for a broken ``--init-from`` checkpoint).
 """
 
 from __future__ import annotations
@@ -29,14 +37,24 @@ from pathlib import Path
 import numpy as np
 
 from pauserec.data.prompts import KINDS, TrainingCard
-from pauserec.errors import DataError, PauserecError
+from pauserec.errors import CheckpointError, DataError, PauserecError, TrainError
 from pauserec.train import tokenizer as tk
-from pauserec.train.model import build_model, cache_kwargs, get_preset, load_model, output_cache, save_checkpoint
+from pauserec.train.model import (
+    build_model,
+    cache_kwargs,
+    check_architecture,
+    get_preset,
+    load_model,
+    output_cache,
+    save_checkpoint,
+)
 from pauserec.train.rationale import rationale_text
 
 IGNORE = -100
 GROUNDING_SHARE, PAUSE_PRETRAIN_SHARE = 0.15, 0.05  # of the time budget
 PAUSE_RATE, PAUSE_LR, MAX_TITLE_TOKENS = 0.10, 1e-3, 32
+FINETUNE_LR, FINETUNE_GROUNDING_LR = 5e-5, 1e-4  # --init-from without --lr (PauseRec: SFT 5e-5, CPT 1e-4)
+WARMUP = 0.05  # share of a stage's progress spent warming the lr up (from 0.1x to 1x the peak)
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class TrainConfig:
     init_from: Path | None = None
     grounding: bool = False
     pause_pretrain: bool = False
-    lr: float | None = None  # None: the preset's
+    lr: float | None = None  # None: the preset's (from scratch) or FINETUNE_LR (--init-from)
     batch_size: int | None = None
     max_steps: int | None = None
     max_history: int = 20
@@ -197,7 +215,7 @@ class Stage:
     prefix_len: int = 0  # every sample starts with these same unlabelled tokens (the instruction)
 
 
-def _lr_at(progress: float, peak: float, warmup: float = 0.05) -> float:
+def _lr_at(progress: float, peak: float, warmup: float = WARMUP) -> float:
     if progress < warmup:
         return peak * (0.1 + 0.9 * progress / warmup)
     t = (progress - warmup) / (1 - warmup)
@@ -234,12 +252,14 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
                 with torch.no_grad():
                     embeds = emb(ids)
                 embeds = torch.where((ids == stage.pause_only)[..., None], pause_vec, embeds)
+            lr = _lr_at(frac, stage.lr)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(frac, stage.lr)
+                g["lr"] = lr
             loss, _ = masked_loss(model, ids, mask, labels, embeds, stage.prefix_len)
+            _require_finite(loss, "loss", stage, step + 1, lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            _require_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), "gradient norm", stage, step + 1, lr)
             opt.step()
             step, tokens = step + 1, tokens + int(mask.sum())
             losses.append(float(loss.detach()))
@@ -257,8 +277,10 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
         for p in model.parameters():
             p.requires_grad_(True)
     model.eval()
+    require_finite_weights(model, f"after stage {stage.name} ({step} steps, peak lr {stage.lr:g})", _lower_lr(stage))
     wall = time.perf_counter() - t0
     return {
+        "lr": stage.lr,
         "steps": step,
         "epochs": round(step / per_epoch, 3),
         "samples": len(lengths),
@@ -269,6 +291,47 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
         "first_loss": float(np.mean(losses[:10])) if losses else float("nan"),
         "losses": losses,
     }
+
+
+def _lower_lr(stage: Stage) -> str:
+    """What to do when a stage goes non-finite (one sentence)."""
+    if stage.pause_only is not None:
+        return f"The <pause> pre-training lr is fixed at {PAUSE_LR:g}; run without --pause-pretrain"
+    return (
+        f"Lower the learning rate with --lr (this stage's peak was {stage.lr:g}; fine-tuning a pretrained "
+        f"--init-from model usually needs about {FINETUNE_LR:g})"
+    )
+
+
+def _require_finite(value, what: str, stage: Stage, step: int, lr: float) -> None:
+    """TrainError unless the scalar tensor ``value`` (loss, gradient norm) is finite."""
+    value = float(value.detach())
+    if math.isfinite(value):
+        return
+    raise TrainError(
+        f"stage {stage.name}: the {what} is {value} at step {step} (lr {lr:.3g}); training stopped and "
+        f"no checkpoint was written. {_lower_lr(stage)}; if it fails at step 1 whatever the lr, check that the "
+        "starting weights and the data are sound"
+    )
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity (tied weights are listed once)."""
+    import torch
+
+    with torch.no_grad():
+        return [name for name, p in model.named_parameters() if not bool(p.isfinite().all())]
+
+
+def require_finite_weights(model, when: str, advice: str, error: type[PauserecError] = TrainError) -> None:
+    """``error`` naming the non-finite parameters, if any."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        total = len(list(model.parameters()))
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise error(
+            f"NaN or inf weights {when}, in {len(bad)} of {total} tensors ({shown}); no checkpoint was written. {advice}"
+        )
 
 
 def _progress_bar():
@@ -302,9 +365,14 @@ def prepare(cfg: TrainConfig, dataset):
 
     preset = get_preset(cfg.preset)
     if cfg.init_from is not None:
+        check_architecture(cfg.init_from)
         tok, pad, eos = tk.extend_tokenizer(cfg.init_from, dataset.catalog)
         torch.manual_seed(cfg.seed)
         model = load_model(cfg.init_from)
+        require_finite_weights(
+            model, f"in the --init-from checkpoint {cfg.init_from}", "Re-create or re-download that checkpoint",
+            CheckpointError,
+        )
         vocab = tok.get_vocab_size(with_added_tokens=True)
         if model.get_input_embeddings().weight.shape[0] < vocab:
             model.resize_token_embeddings(vocab)
@@ -312,7 +380,21 @@ def prepare(cfg: TrainConfig, dataset):
         tok, pad, eos = tk.train_tokenizer(dataset.items, dataset.catalog, preset.text_vocab), tk.PAD, tk.EOS
         model = build_model(cfg.preset, tok.get_vocab_size(), tok.token_to_id(pad), tok.token_to_id(eos), cfg.seed)
     init_pause_embedding(model, tk.token_id(tok, tk.PAUSE))
+    require_finite_weights(
+        model, f"after adding the pauserec tokens ({tok.get_vocab_size()} in all) to the embeddings",
+        "This is a bug in pauserec: please report it (with the --init-from checkpoint's config.json, if any)",
+    )
     return model, tok, pad, eos
+
+
+def peak_lrs(cfg: TrainConfig) -> tuple[float, float, str]:
+    """(SFT peak lr, grounding peak lr, where they come from): --lr, the fine-tuning defaults or the preset's."""
+    if cfg.lr is not None:
+        return cfg.lr, cfg.lr, "--lr"
+    if cfg.init_from is not None:
+        return FINETUNE_LR, FINETUNE_GROUNDING_LR, "fine-tuning default (--init-from)"
+    lr = get_preset(cfg.preset).lr
+    return lr, lr, f"preset {cfg.preset}"
 
 
 # -- entry point -------------------------------------------------------------------------------------
@@ -354,7 +436,8 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
     rng = np.random.default_rng(cfg.seed)
     model, tok, pad, eos = prepare(cfg, dataset)
     spec = tk.build_prompt_spec(tok, dataset.catalog, cfg.kind, cfg.pause_k, cfg.max_history, cfg.max_rationale, pad, eos)
-    lr, bs = cfg.lr or preset.lr, cfg.batch_size or preset.batch_size
+    lr, grounding_lr, lr_source = peak_lrs(cfg)
+    bs = cfg.batch_size or preset.batch_size
     epochs = cfg.epochs or preset.epochs
     budget = cfg.max_minutes * 60.0 if cfg.max_minutes else None
     stages: dict[str, dict] = {}
@@ -363,7 +446,7 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         if cfg.grounding or cfg.pause_pretrain:
             ground = grounding_samples(spec, dataset, tok)
         if cfg.grounding:
-            st = Stage("grounding", ground, 1, lr, bs, budget and budget * GROUNDING_SHARE)
+            st = Stage("grounding", ground, 1, grounding_lr, bs, budget and budget * GROUNDING_SHARE)
             stages["grounding"] = run_stage(model, st, spec.pad_id, rng, progress)
         if cfg.pause_pretrain:
             paused = insert_pauses(ground, spec.pause_id, rng)
@@ -378,7 +461,8 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
     for s in stages.values():
         s.pop("losses")
     train_facts = {
-        "kind": cfg.kind, "pause_k": spec.pause_k, "lr": lr, "batch_size": bs, "epochs_planned": epochs,
+        "kind": cfg.kind, "pause_k": spec.pause_k, "lr": lr, "lr_source": lr_source, "lr_warmup": WARMUP,
+        "batch_size": bs, "epochs_planned": epochs,
         "epochs": sft["epochs"], "steps": sft["steps"], "final_loss": sft["final_loss"],
         "first_loss": sft["first_loss"], "wall_time_s": round(wall, 2), "sft_wall_time_s": sft["wall_time_s"],
         "sft_cpu_time_s": sft["cpu_time_s"],

@@ -9,6 +9,10 @@ Two ways to get one:
 * ``extend_tokenizer``: an existing local HF checkpoint's tokenizer (Qwen2, Qwen3, Llama) with the
   missing special tokens appended; the caller resizes the model's embeddings to match.
 
+``hf_tokenizer`` / ``save_hf_tokenizer`` read and write the HF (``AutoTokenizer``) form of a checkpoint's
+tokenizer. This module knows nothing about models: ``pauserec.train.model`` imports it, never the
+reverse (callers check a checkpoint's architecture with ``model.check_architecture``).
+
 ``build_prompt_spec`` turns a tokenizer + catalog into the ``PromptSpec`` every other module uses.
 """
 
@@ -80,6 +84,27 @@ def load_tokenizer(ckpt_dir: str | Path):
         raise CheckpointError(f"{path} is not a readable HF tokenizer ({e}); re-run `pauserec train`") from e
 
 
+def hf_tokenizer(path: str | Path):
+    """The fast HF tokenizer of a local checkpoint directory (for ``--init-from``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer in {path} ({e}); the directory needs a tokenizer.json") from e
+    if not getattr(tok, "is_fast", False):
+        raise CheckpointError(f"{path}: only fast (tokenizer.json) tokenizers are supported")
+    return tok
+
+
+def save_hf_tokenizer(tok, out: Path, pad: str, eos: str) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` so ``AutoTokenizer`` opens the checkpoint too."""
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos).save_pretrained(str(out))
+    tok.save(str(out / TOKENIZER_FILE))  # the exact tokenizer, whatever the wrapper normalised
+
+
 def extend_tokenizer(hf_dir: str | Path, catalog) -> tuple[object, str, str]:
     """Tokenizer of a local HF checkpoint plus every pauserec special token -> (tokenizer, pad, eos).
 
@@ -87,8 +112,6 @@ def extend_tokenizer(hf_dir: str | Path, catalog) -> tuple[object, str, str]:
     ``<think>``) keep their ids, the others are appended as special tokens.
     """
     from tokenizers import AddedToken
-
-    from pauserec.train.model import hf_tokenizer
 
     hf_tok = hf_tokenizer(hf_dir)
     tok = hf_tok.backend_tokenizer
