@@ -80,9 +80,9 @@ def export_engine(cfg: ExportConfig, progress: Progress | None = None) -> Export
 
 def check_finite(model) -> None:
     """ExportError naming every non-finite weight tensor (a diverged training run, say)."""
-    import torch
+    from pauserec.train.sft import nonfinite_parameters
 
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = nonfinite_parameters(model)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ExportError(f"the checkpoint has non-finite (NaN/inf) weights in {len(bad)} tensor(s): {shown}. "
