@@ -486,16 +486,20 @@ def test_consolidate_reads_per_tensor_external_files_and_dedups(tmp_path):
     from pauserec.runtime.weights import WeightStore, external_tensors
 
     w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y"]), helper.make_node("MatMul", ["y", "w2"], ["z"])]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["y"]), helper.make_node("MatMul", ["y", "w2"], ["z0"]),
+             helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((1, 32 * 16), np.float32))),
+             helper.make_node("Slice", ["c", "s0", "s1", "ax"], ["c32"]), helper.make_node("Add", ["z0", "c32"], ["z"])]
+    small = [numpy_helper.from_array(np.array([0], np.int64), "s0"), numpy_helper.from_array(np.array([32], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 32])],
-                              [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w[:32].copy(), "w2")])
+                              [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w[:32].copy(), "w2"), *small])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     inline = model.SerializeToString()  # onnx.save(save_as_external_data) rewrites ``model`` in place
     src = tmp_path / "raw"
     src.mkdir()
     onnx.save(model, str(src / "prefill.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
-              size_threshold=0)
+              size_threshold=0, convert_attribute=True)  # as the quantizers save: Constant tensors external too
     assert (src / "w1").is_file()  # one file per tensor, named after it
     twin = tmp_path / "raw2"
     twin.mkdir()
@@ -507,6 +511,15 @@ def test_consolidate_reads_per_tensor_external_files_and_dedups(tmp_path):
         t = {x.name: x for x in external_tensors(onnx.load(str(f), load_external_data=False))}
         np.testing.assert_array_equal(store.array(t["w1"]), w)
         np.testing.assert_array_equal(store.array(t["w2"]), w[:32])
+    import onnxruntime as ort
+
+    from pauserec.runtime.backends.ort import session_options
+
+    opts = session_options(1)
+    store.add_to(opts, files["prefill"])
+    sess = ort.InferenceSession(str(files["prefill"]), opts, providers=["CPUExecutionProvider"])
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w @ w[:32] + 1, rtol=1e-5)
 
 
 def test_non_finite_weights_are_named(tmp_path):

@@ -38,6 +38,23 @@ def _tensor_bytes(t, base: Path) -> bytes:
     return numpy_helper.to_array(t).tobytes()
 
 
+def _inline_attribute_tensors(graph, base: Path) -> None:
+    """Constant-node tensors that a saver put in external data (the quantizers do) go back inline."""
+    from onnx import AttributeProto, TensorProto
+
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors = [attr.t] if attr.type == AttributeProto.TENSOR else list(attr.tensors)
+            for t in tensors:
+                if t.data_location == TensorProto.EXTERNAL:
+                    data = _tensor_bytes(t, base)
+                    del t.external_data[:]
+                    t.data_location = TensorProto.DEFAULT
+                    t.raw_data = data
+            if attr.type == AttributeProto.GRAPH:
+                _inline_attribute_tensors(attr.g, base)
+
+
 def consolidate(graphs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
     """Write ``out_dir/weights.bin`` and each graph (same file name) pointing into it; returns the graph files."""
     import onnx
@@ -73,6 +90,7 @@ def consolidate(graphs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
                     entry = t.external_data.add()
                     entry.key, entry.value = k, v
                 del data
+            _inline_attribute_tensors(model.graph, src.parent)
             dst = out_dir / src.name
             onnx.save(model, str(dst))
             written[name] = dst
