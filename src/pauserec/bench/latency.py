@@ -65,10 +65,10 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 class _EngineSystem:
     system = "engine"
 
-    def __init__(self, path: Path, threads: int | None, prepack: bool = False):
+    def __init__(self, path: Path, threads: int | None, prepack: bool | None = None):
         from pauserec.runtime import Engine, Recommender
 
-        self.system = "engine+prepack" if prepack else "engine"
+        self.system = {None: "engine", True: "engine+prepack", False: "engine-unpacked"}[prepack]
         self.engine = Engine.load(path, threads=threads, prepack=prepack)
         self.rec = Recommender(self.engine)
         self.path, self.kind = path, self.engine.manifest["kind"]
@@ -95,7 +95,7 @@ class _HFSystem:
 
 def load_systems(cfg: LatencyConfig) -> list:
     systems = [_EngineSystem(Path(p), cfg.threads, prepack) for p in cfg.engines
-               for prepack in ((False, True) if cfg.prepack else (False,))]
+               for prepack in ((False, True) if cfg.prepack else (None,))]
     systems += [_HFSystem(Path(p), cfg.threads) for p in cfg.hf_baselines]
     if not systems:
         raise PauserecError("give at least one engine directory (or --hf-baseline checkpoint) to measure")
@@ -178,7 +178,8 @@ def run_latency(cfg: LatencyConfig, tick: Callable[[], None] | None = None) -> d
     stats = _measure(systems, users, cfg, tick)
     results = []
     for i, s in enumerate(systems):
-        suffix = {"engine": "", "engine+prepack": " (prepacked)"}.get(s.system, " (HF generate)")
+        suffix = {"engine": "", "engine+prepack": " (prepacked)", "engine-unpacked": " (unpacked)"}.get(
+            s.system, " (HF generate)")
         r = SystemResult(name=system_name(s.kind, s.path) + suffix,
                          kind=s.kind, system=s.system, path=str(s.path), by_batch=stats[i])
         if cfg.rss:

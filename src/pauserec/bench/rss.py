@@ -17,7 +17,7 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pauserec.bench.rss")
-    ap.add_argument("system", choices=["engine", "engine+prepack", "hf-generate"])
+    ap.add_argument("system", choices=["engine", "engine+prepack", "engine-unpacked", "hf-generate"])
     ap.add_argument("path", type=Path)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--beams", type=int, default=20)
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.system == "hf-generate":
         system = _HFSystem(args.path, args.threads)
     else:
-        system = _EngineSystem(args.path, args.threads, prepack=args.system == "engine+prepack")
+        prepack = {"engine": None, "engine+prepack": True, "engine-unpacked": False}[args.system]
+        system = _EngineSystem(args.path, args.threads, prepack=prepack)
     rng = np.random.default_rng(0)
     n = len(system.catalog.item_ids)
     users = [rng.choice(n, size=min(20, n), replace=False) for _ in range(args.batch)]
