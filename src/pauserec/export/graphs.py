@@ -329,8 +329,8 @@ class DecodeGraph(_Graph):
     Inputs: codes (B,K) level-local codes chosen at level ``step``; step () int64; ctx_key/ctx_value
     (layers,B,Hkv,C,D) shared by the K beams; ctx_mask (B,C); beam_key/beam_value (layers,B,Hkv,K,L-1,D):
     slot j holds the beam's level-j token (slots >= step are ignored).
-    Outputs: logprobs (B,K,Vnext) over level step+1's codes (-inf beyond its codebook), beam KV with slot
-    ``step`` written.
+    Outputs: logprobs (B,K,Vnext) over level step+1's codes (-inf beyond its codebook); new_key/new_value
+    (layers,B,Hkv,K,1,D): the beams' KV of slot ``step``, which the caller writes into its beam KV.
     """
 
     def __init__(self, core: Core, instruction_ids, sid_token_ids: list[list[int]], scoring: str = "full") -> None:
@@ -372,15 +372,16 @@ class DecodeGraph(_Graph):
             q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, K, H*, D)
             q5 = q.view(b, k_beams, d.kv_heads, d.group, d.head_dim).permute(0, 2, 1, 3, 4) * core.scale  # (B,Hkv,K,G,D)
             qc = q5.reshape(shape)  # (B, Hkv, K*G, D): all beams of a user against one shared context
-            bk = torch.where(write, k.transpose(1, 2).unsqueeze(3), beam_key[i])  # (B, Hkv, K, L-1, D)
-            bv = torch.where(write, v.transpose(1, 2).unsqueeze(3), beam_value[i])
+            nk, nv = k.transpose(1, 2).unsqueeze(3), v.transpose(1, 2).unsqueeze(3)  # (B, Hkv, K, 1, D)
+            bk = torch.where(write, nk, beam_key[i])  # (B, Hkv, K, L-1, D)
+            bv = torch.where(write, nv, beam_value[i])
             ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, K*G, C)
             own = (q5 @ bk.transpose(-1, -2)) + own_bias  # (B, Hkv, K, G, L-1): each beam's own positions
             out = _joint_attention(self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (own, bv)], shape)
             out = out.view(b, d.kv_heads, k_beams, d.group, d.head_dim).permute(0, 2, 1, 3, 4).reshape(b, k_beams, -1)
             h = core.finish_layer(i, h, out)  # (B, K, H)
-            new_keys.append(bk)
-            new_values.append(bv)
+            new_keys.append(nk)  # only this step's slot leaves the graph; the runtime writes it in place
+            new_values.append(nv)
         if self.sid_head:  # (B, K, Vout): only the next level's rows of the head
             lp = core.sid_logprobs(h, self.sid_head_t[step], self.sid_out_valid[step])
             return lp, torch.stack(new_keys), torch.stack(new_values)

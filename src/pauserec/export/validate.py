@@ -183,8 +183,9 @@ class _Case:
         bv = bk.copy()
         outs = []
         for step in range(levels - 1):
-            lp, bk, bv = self.g.run("decode", codes=codes[:, :, step].astype(np.int64), step=np.array(step, np.int64),
+            lp, nk, nv = self.g.run("decode", codes=codes[:, :, step].astype(np.int64), step=np.array(step, np.int64),
                                     ctx_key=ck, ctx_value=cv, ctx_mask=cmask, beam_key=bk, beam_value=bv)
+            bk[:, :, :, :, step], bv[:, :, :, :, step] = nk[:, :, :, :, 0], nv[:, :, :, :, 0]
             outs.append(lp)
         for b in self.rows:
             for j in sorted({0, 1, k - 1} & set(range(k)))[:MAX_REF_BEAMS]:

@@ -144,8 +144,10 @@ class BeamSearch:
         else:
             t0 = time.perf_counter()
             codes = np.maximum(self.tokens, 0).astype(np.int64)  # (B, K); dead beams feed code 0
-            lp, bk, bv = e.decode(codes, self.level - 1, self.ctx_key, self.ctx_value, self.ctx_mask,
-                                  self.beam_key, self.beam_value)  # (B, K, V)
+            lp, nk, nv = e.decode(codes, self.level - 1, self.ctx_key, self.ctx_value, self.ctx_mask,
+                                  self.beam_key, self.beam_value)  # (B, K, V), slot level-1 of the beam KV
+            self.beam_key[:, :, :, :, self.level - 1] = nk[:, :, :, :, 0]
+            self.beam_value[:, :, :, :, self.level - 1] = nv[:, :, :, :, 0]
             self.timings.decode += time.perf_counter() - t0
             scores, nodes = self.scores, self.nodes
         t0 = time.perf_counter()
@@ -157,8 +159,8 @@ class BeamSearch:
         elif self.level + 1 < e.levels:  # another decode follows: reorder the beams' own KV
             t0 = time.perf_counter()
             parent = np.maximum(top.parent, 0)[None, :, None, :, None, None]  # (1, B, 1, K, 1, 1)
-            self.beam_key = np.take_along_axis(bk, parent, axis=3)  # only the beams' own KV moves
-            self.beam_value = np.take_along_axis(bv, parent, axis=3)
+            self.beam_key = np.take_along_axis(self.beam_key, parent, axis=3)  # only the beams' own KV moves
+            self.beam_value = np.take_along_axis(self.beam_value, parent, axis=3)
             self.timings.decode += time.perf_counter() - t0
         self.tokens, self.nodes, self.scores = top.token, top.node, top.score
         self.level += 1

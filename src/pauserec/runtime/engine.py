@@ -136,12 +136,13 @@ class Engine:
         return out["logprobs"], out["ctx_key"], out["ctx_value"]
 
     def decode(self, codes, step: int, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
-        """Level ``step`` codes (B,K) -> log-probs of level step+1 (B,K,V), beam KV with slot ``step`` written."""
+        """Level ``step`` codes (B,K) -> log-probs of level step+1 (B,K,V), the beams' KV of slot ``step``
+        (layers, B, Hkv, K, 1, D), to be written into the beam KV."""
         out = self.sessions["decode"].run({
             "codes": codes, "step": np.array(step, np.int64), "ctx_key": ctx_key, "ctx_value": ctx_value,
             "ctx_mask": ctx_mask, "beam_key": beam_key, "beam_value": beam_value,
         })
-        return out["logprobs"], out["beam_key_out"], out["beam_value_out"]
+        return out["logprobs"], out["new_key"], out["new_value"]
 
     def think(self, token, ctx_key, ctx_value, ctx_mask):
         """cot: one rationale token per user (B,) -> full-vocab log-probs (B, vocab), its KV (layers, B, Hkv, 1, D)."""

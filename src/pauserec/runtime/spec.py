@@ -158,7 +158,7 @@ def graph_specs(shape: ModelShape) -> dict[str, GraphSpec]:
             ),
             outputs=(
                 TensorSpec("logprobs", "float32", ("batch", "beams", s.next_width)),
-                *[_kv(n, "beams", slots, shape=s) for n in ("beam_key_out", "beam_value_out")],
+                *[_kv(n, "beams", 1, shape=s) for n in ("new_key", "new_value")],  # slot ``step`` only
             ),
         )
     if s.kind == "cot":
