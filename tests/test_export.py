@@ -126,7 +126,7 @@ def test_every_graph_validates_against_hf(engines, name):
 def test_manifest_describes_the_engine(engines):
     path = engines["qwen3-pause"]
     m = manifest(path)
-    assert m["format_version"] == 2 and m["kind"] == "pause" and m["pause_k"] == 3 and m["scoring"] == "full"
+    assert m["format_version"] == 3 and m["kind"] == "pause" and m["pause_k"] == 3 and m["scoring"] == "full"
     assert m["sid"] == {"levels": 3, "codebook_sizes": list(LEVEL_SIZES), "token_prefixes": ["a", "b", "c"]}
     assert PromptSpec.from_dict(m["prompt"]) == tiny_spec("pause")
     assert m["model"]["arch"] == "qwen3" and m["model"]["kv_heads"] == 2 and m["model"]["q_heads"] == 4

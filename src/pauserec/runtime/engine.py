@@ -15,7 +15,7 @@ from pauserec.errors import EngineError, PauserecError
 from pauserec.runtime.backends import open_sessions
 from pauserec.runtime.spec import DTYPES, GraphSpec
 
-FORMAT_VERSION = 2  # 2: one weights.bin shared by the graphs; scoring rule
+FORMAT_VERSION = 3  # 2: one weights.bin shared by the graphs, scoring rule; 3: decode returns the new beam-KV slot
 MANIFEST_FILE = "manifest.json"
 CATALOG_FILE = "catalog.npz"
 REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
