@@ -43,11 +43,15 @@ def export_graph(module, spec: GraphSpec, example: tuple, path: Path, dynamic: b
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
+                # structure only (weights become inputs named by their state_dict keys), then the
+                # weights are written one tensor at a time: export never holds a second copy of them
                 torch.onnx.export(
                     module, example, str(path), dynamo=False, opset_version=OPSETS[exporter],
                     input_names=spec.input_names, output_names=spec.output_names,
-                    dynamic_axes=spec.dynamic_axes() if dynamic else None, do_constant_folding=True,
+                    dynamic_axes=spec.dynamic_axes() if dynamic else None, export_params=False,
+                    do_constant_folding=False,
                 )
+                attach_weights(path, module)
             else:
                 _export_dynamo(module, spec, example, path, dynamic)
     except (ExportError, OSError):  # OSError: a full disk is reported as such by the caller
@@ -56,6 +60,36 @@ def export_graph(module, spec: GraphSpec, example: tuple, path: Path, dynamic: b
         raise ExportError(f"torch.onnx could not export the {spec.name} graph ({type(e).__name__}: {e})") from e
     check(path)
     return path
+
+
+def attach_weights(path: Path, module) -> None:
+    """Turn the graph inputs of ``path`` that name ``module`` state (weights, buffers) into initializers,
+    each big tensor in its own external file beside ``path`` (``weights.consolidate`` reads that layout)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    state = module.state_dict()
+    keep, weights = [], []
+    for vi in model.graph.input:
+        (weights if vi.name in state else keep).append(vi)
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for n, vi in enumerate(weights):
+        array = np.ascontiguousarray(state[vi.name].detach().cpu().numpy())
+        t = numpy_helper.from_array(array, vi.name)
+        if array.nbytes >= 1024:
+            location = f"w{n}.bin"
+            (path.parent / location).write_bytes(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+        model.graph.initializer.append(t)
+        del array, t
+    onnx.save(model, str(path))
 
 
 def _export_dynamo(module, spec: GraphSpec, example: tuple, path: Path, dynamic: bool) -> None:
