@@ -51,7 +51,8 @@ def require_tensorrt() -> None:
 
 
 def build_plans(onnx_files: dict[str, Path], specs: dict[str, GraphSpec], out: Path, fp16: bool) -> dict[str, str]:
-    """One ``.plan`` per graph (built from the static fp32 ONNX graph; FP16 kernels allowed when ``fp16``)."""
+    """One ``.plan`` per graph, built from the static ONNX graph of the engine's precision (its weights in
+    ``weights.bin``, resolved by ``parse_from_file``); FP16 kernels allowed when ``fp16``."""
     require_tensorrt()
     import tensorrt as trt
 
