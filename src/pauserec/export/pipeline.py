@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import time
 from collections.abc import Callable
@@ -78,6 +79,20 @@ def export_engine(cfg: ExportConfig, progress: Progress | None = None) -> Export
             shutil.rmtree(stage_dir, ignore_errors=True)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps tensors below its mmap
+    threshold, tens of MB, in its arenas after they are freed)."""
+    import ctypes
+    import ctypes.util
+
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
+        pass
+
+
 def check_finite(model) -> None:
     """ExportError naming every non-finite weight tensor (a diverged training run, say)."""
     from pauserec.train.sft import nonfinite_parameters
@@ -122,16 +137,22 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     clock["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say("validate", "fp32 graphs vs the HF model")
+    say("validate", "HF references, then the fp32 graphs against them")
     static_env = env["decode" if "decode" in specs else "prefill"] if env else None
-    validate_args = dict(model=src.model, spec=src.spec, catalog=src.catalog, shape=built.shape,
-                         static_env=static_env, seed=cfg.seed, threads=cfg.threads)
+    refs = validate.collect_references(src.model, src.spec, src.catalog, built.shape, list(specs), static_env,
+                                       cfg.seed, cfg.threads)
+    dims, shape = built.dims, built.shape
+    refs.release_model()  # the HF weights go before the engine's are mapped: never both resident
+    src.model, built = None, None
+    release_memory()
+    validate_args = dict(refs=refs, spec=src.spec, catalog=src.catalog, shape=shape, static_env=static_env,
+                         seed=cfg.seed, threads=cfg.threads)
     atol = cfg.atol if cfg.atol is not None else validate.ATOL["fp32"]
     checks = validate.validate_graphs(files=files32, atol=atol, **validate_args)
     validate.raise_mismatches(checks, "fp32")
     clock["validate"] = time.perf_counter() - t0
 
-    common = dict(spec=src.spec, catalog=src.catalog, dims=built.dims, shape=built.shape, graphs=specs,
+    common = dict(spec=src.spec, catalog=src.catalog, dims=dims, shape=shape, graphs=specs,
                   static_env=static_env, exporter=onnx.exporter_info(cfg.exporter), source=Path(cfg.checkpoint),
                   source_sha=source_sha)
     quantized = None

@@ -83,6 +83,49 @@ def hf_logprobs(model, ids: list[int]) -> np.ndarray:
     return torch.log_softmax(logits, dim=-1).numpy()
 
 
+class References:
+    """The HF model's log-probs per token sequence, kept for the last ``rows`` positions only.
+
+    Validation first runs with ``ShapeOnlyGraphs`` to compute every reference it will need (the random
+    draws do not depend on graph outputs), so the model can be freed before the ONNX graphs run: the
+    HF weights and the engine's mapped weights are never resident together.
+    """
+
+    def __init__(self, model, rows: int = 1) -> None:
+        self.model, self.rows, self.cache = model, max(1, rows), {}
+
+    def __call__(self, ids: list[int]) -> np.ndarray:
+        key = tuple(int(i) for i in ids)
+        if key not in self.cache:
+            if self.model is None:
+                raise ExportError("validation asked for an HF reference that was not computed beforehand; "
+                                  "report this as a pauserec bug")
+            self.cache[key] = hf_logprobs(self.model, list(key))[-self.rows :].copy()  # not a view of all rows
+        return self.cache[key]
+
+    def release_model(self) -> None:
+        self.model = None
+
+
+class ShapeOnlyGraphs:
+    """Stand-in for ``OrtGraphs`` returning zeros of each graph's output shape (reference collection)."""
+
+    def __init__(self, shape: ModelShape, graphs, kv_dtype) -> None:
+        self.shape, self.sessions, self.kv_dtype = shape, {g: None for g in graphs}, kv_dtype
+
+    def run(self, graph: str, **feeds) -> list[np.ndarray]:
+        s = self.shape
+        kv = lambda *mid: np.zeros((s.layers, feeds[next(iter(feeds))].shape[0], s.kv_heads, *mid, s.head_dim),  # noqa: E731
+                                   self.kv_dtype)
+        if graph == "prefill":
+            b, t = feeds["history_ids"].shape
+            return [np.zeros((b, s.first_width), np.float32), kv(t + s.suffix_len), kv(t + s.suffix_len)]
+        if graph == "think":
+            return [np.zeros((len(feeds["token"]), s.vocab), np.float32), kv(1), kv(1)]
+        b, k = feeds["codes"].shape
+        return [np.zeros((b, k, s.next_width), np.float32), kv(k, 1), kv(k, 1)]
+
+
 class torch_threads:
     """Run torch on ``n`` threads (1 by default): export work is many small ops on short sequences, and
     busy-waiting OpenMP threads beside ONNX Runtime's slow both down on small, shared machines."""
@@ -112,9 +155,9 @@ def _err(graph: np.ndarray, ref: np.ndarray) -> float:
 class _Case:
     """One batch of histories pushed through the graphs, with the HF reference per (row, beam)."""
 
-    def __init__(self, name, graphs: OrtGraphs, model, spec: PromptSpec, shape: ModelShape, histories, kv_dtype,
+    def __init__(self, name, graphs, refs: References, spec: PromptSpec, shape: ModelShape, histories, kv_dtype,
                  batch: int, hist: int | None, beams: int, rng) -> None:
-        self.name, self.g, self.model, self.spec, self.shape = name, graphs, model, spec, shape
+        self.name, self.g, self.hf, self.spec, self.shape = name, graphs, refs, spec, shape
         self.kv_dtype, self.rng, self.beams = kv_dtype, rng, beams
         self.histories = [list(h) for h in (histories * batch)[:batch]]
         t = hist or max(len(h) for h in self.histories)
@@ -142,7 +185,7 @@ class _Case:
         cmask = np.concatenate([self.mask, np.ones((len(self.ids), s.suffix_len), np.int64)], axis=1)
         prefixes = {b: self.prompt(b) for b in self.rows}
         for b in self.rows:
-            ref = hf_logprobs(self.model, prefixes[b])[-1]
+            ref = self.hf(prefixes[b])[-1]
             self.record("prefill", "logprobs", _err(lp[b], ref if s.kind == "cot" else self.level_ref(ref, 0)))
         if s.kind == "cot":
             ck, cv, cmask, prefixes = self.think(lp, ck, cv, cmask, prefixes)
@@ -169,7 +212,7 @@ class _Case:
             for b in self.rows:
                 if j < len(steps[b]):
                     prefixes[b] = prefixes[b] + [int(tok[b])]
-                    self.record("think", "logprobs", _err(out[b], hf_logprobs(self.model, prefixes[b])[-1]))
+                    self.record("think", "logprobs", _err(out[b], self.hf(prefixes[b])[-1]))
         end = cap if self.static_ctx else used
         return ck[:, :, :, :end], cv[:, :, :, :end], cmask[:, :end], prefixes
 
@@ -190,7 +233,7 @@ class _Case:
         for b in self.rows:
             for j in sorted({0, 1, k - 1} & set(range(k)))[:MAX_REF_BEAMS]:
                 sid = [spec.sid_token_ids[lv][codes[b, j, lv]] for lv in range(levels - 1)]
-                ref = hf_logprobs(self.model, prefixes[b] + sid)[-(levels - 1):]
+                ref = self.hf(prefixes[b] + sid)[-(levels - 1):]
                 for step in range(levels - 1):
                     v = s.codebook_sizes[step + 1]
                     r = self.level_ref(ref[step], step + 1)
@@ -208,12 +251,21 @@ def _grow(x: np.ndarray, cap: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def validate_graphs(model, spec: PromptSpec, catalog, shape: ModelShape, files: dict[str, Path], atol: float,
-                    kv_dtype=np.float32, static_env: dict | None = None, seed: int = 0, threads: int | None = None,
-                    precision: str = "fp32") -> list[Check]:
+def collect_references(model, spec: PromptSpec, catalog, shape: ModelShape, graphs, static_env: dict | None = None,
+                       seed: int = 0, threads: int | None = None) -> References:
+    """Every HF reference that ``validate_graphs`` (same seed and shapes) will compare against."""
+    refs = References(model, rows=shape.levels - 1)
+    validate_graphs(refs, spec, catalog, shape, ShapeOnlyGraphs(shape, graphs, np.float32), atol=float("inf"),
+                    static_env=static_env, seed=seed, threads=threads)
+    return refs
+
+
+def validate_graphs(refs: References, spec: PromptSpec, catalog, shape: ModelShape, files: dict[str, Path] | ShapeOnlyGraphs,
+                    atol: float, kv_dtype=np.float32, static_env: dict | None = None, seed: int = 0,
+                    threads: int | None = None, precision: str = "fp32") -> list[Check]:
     """All checks for ``files`` (graph name -> ONNX file); the caller decides what a mismatch means."""
     rng = np.random.default_rng(seed)
-    graphs = OrtGraphs(files, threads)
+    graphs = files if isinstance(files, ShapeOnlyGraphs) else OrtGraphs(files, threads)
     batch = static_env["batch"] if static_env else 3
     beams = static_env["beams"] if static_env else 2
     hist = static_env["hist"] if static_env else None
@@ -230,7 +282,7 @@ def validate_graphs(model, spec: PromptSpec, catalog, shape: ModelShape, files: 
     real_h = [list(spec.history_ids(catalog.sids[rng.integers(0, catalog.n_items, size=n)])) for n in n_items]
     checks: list[Check] = []
     for name, hists in (("random", random_h), ("real", real_h)):
-        case = _Case(name, graphs, model, spec, shape, hists, kv_dtype, batch, hist, beams, rng)
+        case = _Case(name, graphs, refs, spec, shape, hists, kv_dtype, batch, hist, beams, rng)
         if static_env:
             case.static_ctx = static_env["hist"] + shape.suffix_len + shape.ctx_extra
         with torch_threads(threads):
