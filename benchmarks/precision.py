@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,14 +38,9 @@ def bootstrap(diff: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def peak_rss_mb(engine: Path, threads: int) -> float | None:
-    cmd = [sys.executable, "-m", "pauserec.bench.rss", "engine", str(engine), "--batch", "16", "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"] if proc.returncode == 0 else None
-
-
 def main() -> None:
     from pauserec.bench.env import environment
+    from pauserec.bench.latency import peak_rss_mb
     from pauserec.data import load_dataset
     from pauserec.runtime import Engine, Recommender
 
@@ -81,7 +75,7 @@ def main() -> None:
         m = engine.manifest
         row = {"engine": str(path), "precision": m["precision"], "scoring": m["scoring"], "kind": m["kind"],
                "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-               "weights_bytes": (path / "weights.bin").stat().st_size, "peak_rss_mb": peak_rss_mb(path, args.threads),
+               "weights_bytes": (path / "weights.bin").stat().st_size, "peak_rss_mb": peak_rss_mb("engine", path, 16, 20, args.threads),
                "p50_s": lat, "hit@10": float(hit.mean()), "ndcg@10": float(ndcg.mean())}
         if ref is None:
             ref = {"items": items, "hit": hit, "ndcg": ndcg}

@@ -67,11 +67,10 @@ class OrtGraphs:
 def level_logprobs(full: np.ndarray, token_ids, scoring: str) -> np.ndarray:
     """Full-vocabulary log-probs (..., vocab) -> one level's codes: as they are (``full``) or
     renormalised over the level (``sid``: the same as a softmax over those rows' logits only)."""
+    from pauserec.runtime.beam import renormalize
+
     x = np.asarray(full, dtype=np.float64)[..., list(token_ids)]
-    if scoring == "full":
-        return x
-    peak = x.max(axis=-1, keepdims=True)
-    return x - (peak + np.log(np.exp(x - peak).sum(axis=-1, keepdims=True)))
+    return x if scoring == "full" else renormalize(x)
 
 
 def hf_logprobs(model, ids: list[int]) -> np.ndarray:

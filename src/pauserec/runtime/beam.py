@@ -24,6 +24,13 @@ import numpy as np
 from pauserec.runtime.trie_topk import trie_topk
 
 
+def renormalize(logprobs: np.ndarray) -> np.ndarray:
+    """Log-probs of a subset of tokens (..., n) renormalised over that subset: the ``sid`` rule, the same
+    as a log-softmax over those tokens' logits only."""
+    peak = logprobs.max(axis=-1, keepdims=True)
+    return logprobs - (peak + np.log(np.exp(logprobs - peak).sum(axis=-1, keepdims=True)))
+
+
 @dataclass
 class Timings:
     """Seconds per phase (summed over batches)."""
@@ -117,10 +124,7 @@ class BeamSearch:
         self.used += 1
         ends = active & (tok == spec.think_end_id)
         first = lp[ends][:, e.first_ids]  # (n, V1) full-vocabulary log-probs of level 1's codes
-        if e.scoring == "sid":  # renormalised over the level: a softmax over those rows' logits only
-            peak = first.max(axis=1, keepdims=True)
-            first = first - (peak + np.log(np.exp(first - peak).sum(axis=1, keepdims=True)))
-        self.first[ends] = first
+        self.first[ends] = renormalize(first) if e.scoring == "sid" else first
         for b in np.flatnonzero(active & ~ends):
             self.rationales[b].append(int(tok[b]))
         self.n_rationale += active & ~ends
