@@ -5,6 +5,8 @@
 // everything kept came earlier in (parent, token) order). Kept candidates are appended to a small
 // buffer; when it fills, nth_element trims it back to the best k and raises the threshold. The hot
 // loop is a few loads, one float add and one compare; the buffer work is linear and amortised.
+// Filtered rows (a node_mask row) run the same loop compiled with one more test, on candidates that
+// already beat the threshold: the child's mask byte.
 #include <algorithm>
 #include <vector>
 
@@ -57,7 +59,9 @@ ErrorInfo edge_error(const Problem& p, int64_t b, int64_t j, int32_t node, int64
 }
 
 // Validates and scores row b; writes its k outputs. Returns a non-OK ErrorInfo on bad input.
-ErrorInfo topk_row(const Problem& p, int64_t b, Candidate* buf) {
+// kMasked: the row has a node_mask row `mask` (children with mask byte 0 are never candidates).
+template <bool kMasked>
+ErrorInfo topk_row(const Problem& p, int64_t b, Candidate* buf, const uint8_t* mask) {
   const int64_t K = p.k_in, k = p.k;
   const uint32_t V = static_cast<uint32_t>(p.vocab), N = static_cast<uint32_t>(p.trie.num_nodes);
   const float* scores = p.scores + b * K;
@@ -81,6 +85,7 @@ ErrorInfo topk_row(const Problem& p, int64_t b, Candidate* buf) {
       const float s = candidate_score(ps, lp[tok]);
       // Ties with the threshold lose: the k candidates that set it all came earlier in scan order.
       if (!(s > threshold)) continue;  // also drops -inf and NaN
+      if (kMasked && mask[children[e]] == 0) continue;  // a masked edge does not exist
       buf[n++] = Candidate{s, static_cast<int32_t>(j), tok, static_cast<int32_t>(e)};
       if (n == cap) threshold = keep_best(buf, &n, k);
     }
@@ -106,15 +111,18 @@ ErrorInfo run_cpu(const Problem& p) {
   const int64_t size = std::min<int64_t>(buffer_size(p.k), p.k_in * p.vocab + 1);
   if (static_cast<int64_t>(buf.size()) < size) buf.resize(static_cast<size_t>(size));
   for (int64_t b = 0; b < p.batch; ++b) {
-    ErrorInfo err = topk_row(p, b, buf.data());
+    if (check_mask_row(p, b) != kOk) return ErrorInfo{kBadMaskRow, b, -1, -1, -1, p.mask_row[b]};
+    const uint8_t* mask = row_mask(p, b);
+    ErrorInfo err = mask ? topk_row<true>(p, b, buf.data(), mask) : topk_row<false>(p, b, buf.data(), nullptr);
     if (err.status != kOk) return err;
   }
   return ErrorInfo{};
 }
 
 py::tuple trie_topk_py(const py::handle& scores, const py::handle& logprobs, const py::handle& nodes,
-                       const py::handle& offsets, const py::handle& tokens, const py::handle& children, int64_t k) {
-  Inputs in = parse_inputs(scores, logprobs, nodes, offsets, tokens, children, k);
+                       const py::handle& offsets, const py::handle& tokens, const py::handle& children, int64_t k,
+                       const py::object& node_mask, const py::object& mask_row) {
+  Inputs in = parse_inputs(scores, logprobs, nodes, offsets, tokens, children, k, node_mask, mask_row);
   Outputs out = make_outputs(in.problem);
   ErrorInfo err;
   {
@@ -134,7 +142,7 @@ PYBIND11_MODULE(_trie_topk_cpu, m) {
   m.doc() = "Private: native CPU trie-masked top-k. Use pauserec.runtime.trie_topk instead.";
   m.def("trie_topk", &tt::trie_topk_py, tt::kDoc, pybind11::arg("scores"), pybind11::arg("logprobs"),
         pybind11::arg("nodes"), pybind11::arg("offsets"), pybind11::arg("tokens"), pybind11::arg("children"),
-        pybind11::arg("k"));
+        pybind11::arg("k"), pybind11::arg("node_mask") = pybind11::none(), pybind11::arg("mask_row") = pybind11::none());
   m.attr("built_with_cuda") = pybind11::bool_(PAUSEREC_BUILT_WITH_CUDA != 0);
   m.attr("MAX_K") = tt::kMaxK;
 }

@@ -6,6 +6,7 @@
 // warp shuffles and one shared-memory pass reduce those to the next output. `better` is a strict
 // total order on (score, parent, token), so the rounds enumerate the candidates exactly in order and
 // no buffer of size k is needed. Rounds stop early when no candidate is left; the rest is padding.
+// A filtered row (a node_mask row) skips the edges whose child's mask byte is 0 while scanning.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -38,6 +39,10 @@ __device__ inline Candidate shfl_down(const Candidate& c, int delta) {
 // Checks every referenced node and edge of row b; returns false (and records a status) on bad input.
 __device__ bool validate_row_device(const Problem& p, int64_t b, int32_t* status, int* s_bad) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  if (threadIdx.x == 0 && check_mask_row(p, b) != kOk) {
+    atomicCAS(status, 0, kBadMaskRow);
+    *s_bad = 1;
+  }
   for (int64_t j = warp; j < p.k_in; j += kWarps) {
     int64_t lo, hi;
     int32_t st = node_edges(p.trie, p.nodes[b * p.k_in + j], &lo, &hi);
@@ -55,6 +60,7 @@ __device__ bool validate_row_device(const Problem& p, int64_t b, int32_t* status
 __device__ Candidate scan_share(const Problem& p, int64_t b, bool has_last, const Candidate& last) {
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   Candidate best = no_candidate();
+  const uint8_t* mask = row_mask(p, b);  // nullptr = unfiltered
   for (int64_t j = warp; j < p.k_in; j += kWarps) {
     const int32_t node = p.nodes[b * p.k_in + j];
     const float ps = p.scores[b * p.k_in + j];
@@ -64,7 +70,7 @@ __device__ Candidate scan_share(const Problem& p, int64_t b, bool has_last, cons
     for (int64_t e = lo + lane; e < hi; e += kWarpSize) {
       const int32_t tok = p.trie.tokens[e];
       const float s = candidate_score(ps, lp[tok]);
-      if (!live_score(s)) continue;
+      if (!live_score(s) || !enterable(mask, p.trie.children[e])) continue;
       const Candidate c{s, static_cast<int32_t>(j), tok, static_cast<int32_t>(e)};
       if ((!has_last || better(last, c)) && better(c, best)) best = c;
     }
@@ -130,6 +136,7 @@ std::string status_message(int32_t st) {
     case kBadToken: return "a trie token of a referenced node is outside [0, V): logprobs must cover the codebook";
     case kUnsorted: return "a referenced node's trie tokens are not strictly increasing";
     case kBadChild: return "a trie child of a referenced node is outside [0, N)";
+    case kBadMaskRow: return "a mask_row value is outside [-1, M): pass a row of node_mask (-1 = unfiltered)";
     default: return "invalid trie-masked top-k input";
   }
 }
@@ -228,10 +235,14 @@ Result run_host(const Problem& hp) {
   Result r = grid_check(hp);
   if (r.kind != kDone || hp.batch == 0) return r;
 
+  const bool masked = hp.mask_row != nullptr && hp.node_mask != nullptr;
   const size_t bk = static_cast<size_t>(hp.batch * hp.k_in), out = static_cast<size_t>(hp.batch * hp.k);
   const size_t n_off = static_cast<size_t>(hp.trie.num_nodes + 1), n_edge = static_cast<size_t>(hp.trie.num_edges);
-  const size_t sizes[] = {bk * 4, bk * static_cast<size_t>(hp.vocab) * 4, bk * 4, n_off * 4, n_edge * 4, n_edge * 4,
-                          out * 4, out * 4, out * 4, out * 4, 4};
+  const size_t n_mask = masked ? static_cast<size_t>(hp.mask_rows * hp.trie.num_nodes) : 0;
+  const size_t n_rows = masked ? static_cast<size_t>(hp.batch) : 0;
+  constexpr int kSlots = 13;  // 6 inputs, 2 filter inputs, 4 outputs, status
+  const size_t sizes[kSlots] = {bk * 4, bk * static_cast<size_t>(hp.vocab) * 4, bk * 4, n_off * 4, n_edge * 4,
+                                n_edge * 4, n_mask, n_rows * 4, out * 4, out * 4, out * 4, out * 4, 4};
   size_t total = 0;
   for (size_t s : sizes) total += aligned(s);
 
@@ -239,14 +250,16 @@ Result run_host(const Problem& hp) {
   DeviceArena arena;
   cudaError_t e = arena.allocate(total, stream);
   if (e != cudaSuccess) return failure("device allocation", e);
-  void* slot[11];
+  void* slot[kSlots];
   size_t at = 0;
-  for (int i = 0; i < 11; ++i) {
+  for (int i = 0; i < kSlots; ++i) {
     slot[i] = arena.base + at;
     at += aligned(sizes[i]);
   }
-  const void* src[6] = {hp.scores, hp.logprobs, hp.nodes, hp.trie.offsets, hp.trie.tokens, hp.trie.children};
-  for (int i = 0; i < 6; ++i) {
+  const void* src[8] = {hp.scores,         hp.logprobs,       hp.nodes,     hp.trie.offsets,
+                        hp.trie.tokens,    hp.trie.children,  hp.node_mask, hp.mask_row};
+  for (int i = 0; i < 8; ++i) {
+    if (sizes[i] == 0) continue;
     e = cudaMemcpyAsync(slot[i], src[i], sizes[i], cudaMemcpyHostToDevice, stream);
     if (e != cudaSuccess) return failure("cudaMemcpyAsync (inputs)", e);
   }
@@ -257,15 +270,17 @@ Result run_host(const Problem& hp) {
   dp.trie.offsets = static_cast<const int32_t*>(slot[3]);
   dp.trie.tokens = static_cast<const int32_t*>(slot[4]);
   dp.trie.children = static_cast<const int32_t*>(slot[5]);
-  dp.out_parent = static_cast<int32_t*>(slot[6]);
-  dp.out_token = static_cast<int32_t*>(slot[7]);
-  dp.out_node = static_cast<int32_t*>(slot[8]);
-  dp.out_score = static_cast<float*>(slot[9]);
-  r = launch_and_wait(dp, stream, static_cast<int32_t*>(slot[10]));
+  dp.node_mask = masked ? static_cast<const uint8_t*>(slot[6]) : nullptr;
+  dp.mask_row = masked ? static_cast<const int32_t*>(slot[7]) : nullptr;
+  dp.out_parent = static_cast<int32_t*>(slot[8]);
+  dp.out_token = static_cast<int32_t*>(slot[9]);
+  dp.out_node = static_cast<int32_t*>(slot[10]);
+  dp.out_score = static_cast<float*>(slot[11]);
+  r = launch_and_wait(dp, stream, static_cast<int32_t*>(slot[12]));
   if (r.kind != kDone) return r;
   void* dst[4] = {hp.out_parent, hp.out_token, hp.out_node, hp.out_score};
   for (int i = 0; i < 4; ++i) {
-    e = cudaMemcpyAsync(dst[i], slot[6 + i], sizes[6 + i], cudaMemcpyDeviceToHost, stream);
+    e = cudaMemcpyAsync(dst[i], slot[8 + i], sizes[8 + i], cudaMemcpyDeviceToHost, stream);
     if (e != cudaSuccess) return failure("cudaMemcpyAsync (outputs)", e);
   }
   e = cudaStreamSynchronize(stream);

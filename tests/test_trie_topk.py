@@ -71,18 +71,32 @@ def random_inputs(rng, trie: Trie, B: int, K: int, V: int, ties=False, holes=0.0
     return scores, logprobs, nodes
 
 
-def brute_force(scores, logprobs, nodes, offsets, tokens, children, k) -> TopK:
+def random_mask(rng, trie: Trie, B: int, mode: str, density: float = 0.6):
+    """(node_mask, mask_row) for mode "none" | "shared" (M = 1) | "per_row" (some rows unfiltered)."""
+    if mode == "none":
+        return None, None
+    M = 1 if mode == "shared" else int(rng.integers(0, B + 2))
+    node_mask = (rng.random((M, trie.num_nodes)) < density).astype(np.uint8)
+    node_mask[node_mask == 1] = rng.integers(1, 256, size=int(node_mask.sum()))  # any nonzero byte allows
+    mask_row = np.zeros(B, np.int32) if mode == "shared" else rng.integers(-1, M, size=B).astype(np.int32)
+    return node_mask, mask_row
+
+
+def brute_force(scores, logprobs, nodes, offsets, tokens, children, k, node_mask=None, mask_row=None) -> TopK:
     """The docstring's rule, one row and one candidate at a time."""
     B, K, _ = logprobs.shape
     out = TopK(np.full((B, k), -1, np.int32), np.full((B, k), -1, np.int32), np.full((B, k), -1, np.int32),
                np.full((B, k), -np.inf, np.float32))
     for b in range(B):
         cands = []
+        m = -1 if mask_row is None else int(mask_row[b])
         for j in range(K):
             n = nodes[b, j]
             if n < 0:
                 continue
             for e in range(offsets[n], offsets[n + 1]):
+                if m >= 0 and node_mask[m, children[e]] == 0:
+                    continue  # a masked edge does not exist
                 s = np.float32(scores[b, j]) + np.float32(logprobs[b, j, tokens[e]])
                 if not np.isnan(s) and s != -np.inf:
                     cands.append((-float(s), j, int(tokens[e]), int(children[e]), s))
@@ -101,10 +115,10 @@ def assert_same(got: TopK, want: TopK):
     np.testing.assert_allclose(got.score, want.score, rtol=1e-6)
 
 
-def check(impl, scores, logprobs, nodes, trie_or_csr, k) -> TopK:
+def check(impl, scores, logprobs, nodes, trie_or_csr, k, node_mask=None, mask_row=None) -> TopK:
     csr = trie_or_csr.csr if isinstance(trie_or_csr, Trie) else trie_or_csr
-    want = brute_force(scores, logprobs, nodes, *csr, k)
-    got = trie_topk(scores, logprobs, nodes, *csr, k, impl=impl)
+    want = brute_force(scores, logprobs, nodes, *csr, k, node_mask, mask_row)
+    got = trie_topk(scores, logprobs, nodes, *csr, k, impl=impl, node_mask=node_mask, mask_row=mask_row)
     assert_same(got, want)
     return got
 
@@ -122,6 +136,9 @@ def test_random_parity(impl, seed):
     B, K = int(rng.integers(1, 9)), int(rng.integers(1, 12))
     for k in (1, 3, K, 4 * K + 7):
         check(impl, *random_inputs(rng, trie, B, K, V, ties=seed % 2 == 1, holes=0.05 * (seed % 3)), trie, k)
+        for mode in ("shared", "per_row"):
+            inputs = random_inputs(rng, trie, B, K, V, ties=seed % 2 == 1, holes=0.05 * (seed % 3))
+            check(impl, *inputs, trie, k, *random_mask(rng, trie, B, mode, density=0.3 + 0.1 * seed))
 
 
 @pytest.mark.parametrize("impl", NATIVE)
@@ -138,19 +155,25 @@ def test_native_parity_realistic_level(impl):
     for k in (1, 20, 50):
         assert_same(trie_topk(scores, logprobs, nodes, *trie.csr, k, impl=impl),
                     trie_topk_numpy(scores, logprobs, nodes, *trie.csr, k))
+    node_mask, mask_row = random_mask(rng, trie, B, "per_row", density=0.9)
+    for k in (1, 20, 50):
+        assert_same(trie_topk(scores, logprobs, nodes, *trie.csr, k, impl=impl, node_mask=node_mask, mask_row=mask_row),
+                    trie_topk_numpy(scores, logprobs, nodes, *trie.csr, k, node_mask, mask_row))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), items=st.integers(1, 60), levels=st.integers(1, 4),
        vocab=st.integers(1, 12), B=st.integers(0, 5), K=st.integers(1, 6), k=st.integers(1, 30),
-       ties=st.booleans(), holes=st.sampled_from([0.0, 0.1, 0.4]))
-def test_fuzz_all_impls_match_brute_force(seed, items, levels, vocab, B, K, k, ties, holes):
+       ties=st.booleans(), holes=st.sampled_from([0.0, 0.1, 0.4]),
+       mask=st.sampled_from(["none", "shared", "per_row"]), density=st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+def test_fuzz_all_impls_match_brute_force(seed, items, levels, vocab, B, K, k, ties, holes, mask, density):
     rng = np.random.default_rng(seed)
     trie = random_trie(rng, items, levels, vocab)
     inputs = random_inputs(rng, trie, B, K, vocab, ties=ties, holes=holes)
-    want = brute_force(*inputs, *trie.csr, k)
+    node_mask, mask_row = random_mask(rng, trie, B, mask, density)
+    want = brute_force(*inputs, *trie.csr, k, node_mask, mask_row)
     for impl in available_impls():
-        assert_same(trie_topk(*inputs, *trie.csr, k, impl=impl), want)
+        assert_same(trie_topk(*inputs, *trie.csr, k, impl=impl, node_mask=node_mask, mask_row=mask_row), want)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +287,52 @@ def test_empty_batch(impl):
     assert out.parent.shape == out.score.shape == (0, 3)
 
 
+@pytest.mark.parametrize("impl", ALL)
+def test_mask_drops_children_and_pads(impl):
+    # row 0: node 4 (code 2 under node 1) masked; row 1: everything masked; row 2: unfiltered
+    scores = np.zeros((3, 1), np.float32)
+    logprobs = np.log(np.full((3, 1, 4), 0.25, np.float32))
+    nodes = np.ones((3, 1), np.int32)
+    node_mask = np.array([[1, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0]], np.uint8)
+    mask_row = np.array([0, 1, -1], np.int32)
+    out = check(impl, scores, logprobs, nodes, SMALL, 3, node_mask, mask_row)
+    np.testing.assert_array_equal(out.token, [[0, -1, -1], [-1, -1, -1], [0, 2, -1]])
+    np.testing.assert_array_equal(out.node, [[3, -1, -1], [-1, -1, -1], [3, 4, -1]])
+    assert np.isneginf(out.score[1]).all()
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_mask_equals_a_trie_rebuilt_from_the_allowed_items(impl):
+    """A node mask built from allowed SIDs gives the rebuilt trie's tokens and scores at every level."""
+    rng = np.random.default_rng(11)
+    V, L = 8, 3
+    codes = np.unique(rng.integers(0, V, size=(150, L)), axis=0)
+    full = Trie(codes)
+    keep = codes[rng.random(len(codes)) < 0.6]
+    small = Trie(keep)
+    node_of = {}  # prefix -> node id in the full trie, by walking it
+    for row in codes:
+        node = 0
+        for d in range(L):
+            lo, hi = full.offsets[node], full.offsets[node + 1]
+            node = int(full.children[lo + np.searchsorted(full.tokens[lo:hi], row[d])])
+            node_of[tuple(row[: d + 1])] = node
+    node_mask = np.zeros((1, full.num_nodes), np.uint8)
+    node_mask[0, [node_of[tuple(r[: d + 1])] for r in keep for d in range(L)]] = 1
+    B, K = 4, 5
+    big_nodes, small_nodes = np.zeros((B, 1), np.int32), np.zeros((B, 1), np.int32)
+    scores = np.zeros((B, 1), np.float32)
+    for _level in range(L):
+        logprobs = rng.normal(-2, 1, size=(B, big_nodes.shape[1], V)).astype(np.float32)
+        got = trie_topk(scores, logprobs, big_nodes, *full.csr, K, impl=impl, node_mask=node_mask,
+                        mask_row=np.zeros(B, np.int32))
+        want = trie_topk(scores, logprobs, small_nodes, *small.csr, K, impl=impl)
+        for name in ("parent", "token", "score"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert ((got.node >= 0) == (want.node >= 0)).all()
+        scores, big_nodes, small_nodes = got.score, got.node, want.node
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input -> ValueError, on every implementation
 
@@ -271,7 +340,7 @@ def test_empty_batch(impl):
 def _good():
     return dict(scores=np.zeros((2, 2), np.float32), logprobs=np.zeros((2, 2, 4), np.float32),
                 nodes=np.array([[0, 1], [2, -1]], np.int32), offsets=SMALL[0].copy(), tokens=SMALL[1].copy(),
-                children=SMALL[2].copy(), k=3)
+                children=SMALL[2].copy(), k=3, node_mask=None, mask_row=None)
 
 
 def _set(**changes):
@@ -314,6 +383,16 @@ BAD = {
     "k negative": _set(k=lambda k: -5),
     "k too large": _set(k=lambda k: 2**40),
     "k beyond int64": _set(k=lambda k: 2**70),
+    "node_mask without mask_row": _set(node_mask=lambda a: np.ones((1, 6), np.uint8)),
+    "mask_row without node_mask": _set(mask_row=lambda a: np.zeros(2, np.int32)),
+    "node_mask bool": _set(node_mask=lambda a: np.ones((1, 6), bool), mask_row=lambda a: np.zeros(2, np.int32)),
+    "node_mask 1-D": _set(node_mask=lambda a: np.ones(6, np.uint8), mask_row=lambda a: np.zeros(2, np.int32)),
+    "node_mask wrong N": _set(node_mask=lambda a: np.ones((1, 5), np.uint8), mask_row=lambda a: np.zeros(2, np.int32)),
+    "mask_row int64": _set(node_mask=lambda a: np.ones((1, 6), np.uint8), mask_row=lambda a: np.zeros(2, np.int64)),
+    "mask_row wrong B": _set(node_mask=lambda a: np.ones((1, 6), np.uint8), mask_row=lambda a: np.zeros(3, np.int32)),
+    "mask_row = M": _set(node_mask=lambda a: np.ones((2, 6), np.uint8), mask_row=lambda a: np.array([0, 2], np.int32)),
+    "mask_row = -2": _set(node_mask=lambda a: np.ones((1, 6), np.uint8), mask_row=lambda a: np.array([-2, 0], np.int32)),
+    "mask_row with M = 0": _set(node_mask=lambda a: np.ones((0, 6), np.uint8), mask_row=lambda a: np.zeros(2, np.int32)),
 }
 
 
@@ -343,6 +422,12 @@ def test_error_messages_say_what_to_do(impl):
         trie_topk(**_set(scores=lambda a: a.astype(np.float64))(), impl=impl)
     with pytest.raises(ValueError, match=r"outside \[-1, 6\)"):
         trie_topk(**_set(nodes=lambda a: np.where(a == -1, 6, a).astype(np.int32))(), impl=impl)
+    with pytest.raises(ValueError, match=r"mask_row\[1\] = 2 is outside \[-1, 2\)"):
+        trie_topk(**BAD["mask_row = M"](), impl=impl)
+    with pytest.raises(ValueError, match="pass both"):
+        trie_topk(**BAD["node_mask without mask_row"](), impl=impl)
+    with pytest.raises(ValueError, match=r"astype\(np.uint8\)"):
+        trie_topk(**BAD["node_mask bool"](), impl=impl)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 //
 // The semantics are pinned in the NumPy reference (pauserec.runtime.trie_topk.trie_topk_numpy);
 // this header is their native spelling:
-//   * candidates of row b are the pairs (parent j, edge e of node nodes[b, j]);
+//   * candidates of row b are the pairs (parent j, edge e of node nodes[b, j]); with a node filter
+//     (node_mask (M, N) uint8 + mask_row (B,) int32) and m = mask_row[b] != -1, only the edges whose
+//     child has node_mask[m, children[e]] != 0 (a masked edge is treated as if it did not exist);
 //   * score = scores[b, j] + logprobs[b, j, tokens[e]], float32 addition; NaN counts as -inf;
 //   * a candidate whose score is -inf is never selected (so dead parents expand nothing);
 //   * order: higher score first; ties -> lower parent, then lower token;
 //   * fewer than k candidates -> padding (parent, token, node = -1, score = -inf).
 // Every referenced node (nodes[b, j] != -1, whatever its score) must be in [0, N), have a sane edge
-// range, tokens strictly increasing in [0, V) and children in [0, N); otherwise the call fails.
+// range, tokens strictly increasing in [0, V) and children in [0, N), and every mask_row value must
+// be in [-1, M); otherwise the call fails. node_mask bytes are not inspected (nonzero = enterable).
 //
 // Never compile this code with fast-math: the NaN test and the exact float addition matter.
 #pragma once
@@ -71,6 +74,10 @@ struct Problem {
   int64_t k_in;    // K_in
   int64_t vocab;   // V
   int64_t k;       // k
+  // optional node filter (both null = unfiltered): row mask_row[b] of node_mask, -1 = unfiltered
+  const uint8_t* node_mask = nullptr;  // (M, N), nonzero = the node may be entered
+  const int32_t* mask_row = nullptr;   // (B,)
+  int64_t mask_rows = 0;               // M
   int32_t* out_parent;  // (B, k)
   int32_t* out_token;   // (B, k)
   int32_t* out_node;    // (B, k)
@@ -86,6 +93,7 @@ enum Status : int32_t {
   kBadToken = 3,     // trie token outside [0, V)
   kUnsorted = 4,     // trie tokens of one node not strictly increasing
   kBadChild = 5,     // trie child outside [0, N)
+  kBadMaskRow = 6,   // mask_row value outside [-1, M)
 };
 
 struct ErrorInfo {
@@ -116,6 +124,23 @@ PAUSEREC_HD inline int32_t check_edge(const TrieView& t, int64_t e, int64_t begi
   return kOk;
 }
 
+// Checks the mask row of batch row b (always fine without a filter).
+PAUSEREC_HD inline int32_t check_mask_row(const Problem& p, int64_t b) {
+  if (p.mask_row == nullptr) return kOk;
+  const int32_t m = p.mask_row[b];
+  return (m < -1 || m >= p.mask_rows) ? kBadMaskRow : kOk;
+}
+
+// The node_mask row batch row b uses, or nullptr when it is unfiltered (mask row already checked).
+PAUSEREC_HD inline const uint8_t* row_mask(const Problem& p, int64_t b) {
+  if (p.mask_row == nullptr || p.node_mask == nullptr) return nullptr;
+  const int32_t m = p.mask_row[b];
+  return m < 0 ? nullptr : p.node_mask + static_cast<int64_t>(m) * p.trie.num_nodes;
+}
+
+// Whether the search may enter `child` under a row mask (nullptr = unfiltered: always).
+PAUSEREC_HD inline bool enterable(const uint8_t* mask, int32_t child) { return mask == nullptr || mask[child] != 0; }
+
 PAUSEREC_HD inline void write_padding(const Problem& p, int64_t row, int64_t from) {
   for (int64_t i = from; i < p.k; ++i) {
     const int64_t o = row * p.k + i;
@@ -129,6 +154,7 @@ PAUSEREC_HD inline void write_padding(const Problem& p, int64_t row, int64_t fro
 // Host-only: validates every referenced node and edge of one row, in row-major beam/edge order.
 inline ErrorInfo validate_row(const Problem& p, int64_t b) {
   ErrorInfo info;
+  if (check_mask_row(p, b) != kOk) return ErrorInfo{kBadMaskRow, b, -1, -1, -1, p.mask_row[b]};
   for (int64_t j = 0; j < p.k_in; ++j) {
     const int32_t node = p.nodes[b * p.k_in + j];
     int64_t lo, hi;
@@ -143,6 +169,9 @@ inline ErrorInfo validate_row(const Problem& p, int64_t b) {
 }
 
 inline ErrorInfo validate_all(const Problem& p) {
+  for (int64_t b = 0; b < p.batch; ++b) {  // mask rows first, as the NumPy reference checks them
+    if (check_mask_row(p, b) != kOk) return ErrorInfo{kBadMaskRow, b, -1, -1, -1, p.mask_row[b]};
+  }
   for (int64_t b = 0; b < p.batch; ++b) {
     ErrorInfo info = validate_row(p, b);
     if (info.status != kOk) return info;
@@ -171,6 +200,9 @@ inline std::string error_message(const ErrorInfo& e, const Problem& p) {
     case kBadChild:
       return "trie child " + std::to_string(e.value) + " at edge " + std::to_string(e.edge) +
              " is outside [0, " + n + "): children must be node ids of this trie";
+    case kBadMaskRow:
+      return "mask_row[" + std::to_string(e.row) + "] = " + std::to_string(e.value) + " is outside [-1, " +
+             std::to_string(p.mask_rows) + "): pass a row of node_mask (-1 = unfiltered)";
     default:
       return "invalid trie-masked top-k input";
   }

@@ -43,12 +43,46 @@ CArray<T> checked_array(const py::handle& h, const char* name, const char* dtype
 struct Inputs {
   CArray<float> scores, logprobs;
   CArray<int32_t> nodes, offsets, tokens, children;
+  CArray<uint8_t> node_mask;  // empty handles when unfiltered
+  CArray<int32_t> mask_row;
   Problem problem{};
 };
 
+// The optional node filter: node_mask (M, N) uint8 and mask_row (B,) int32, both or neither; every
+// mask_row value in [-1, M) (checked here, before any trie check, as the NumPy reference does).
+inline void parse_mask(Inputs& in, const py::handle& node_mask, const py::handle& mask_row) {
+  if (node_mask.is_none() && mask_row.is_none()) return;
+  if (node_mask.is_none() || mask_row.is_none()) {
+    const std::string given = mask_row.is_none() ? "node_mask" : "mask_row";
+    const std::string missing = mask_row.is_none() ? "mask_row" : "node_mask";
+    throw py::value_error(given + " was given without " + missing +
+                          ": pass both (mask_row (B,) int32 picks a row of node_mask (M, N) uint8 for each batch "
+                          "row, -1 = unfiltered), or neither");
+  }
+  in.node_mask = checked_array<uint8_t>(node_mask, "node_mask", "uint8", 2);
+  in.mask_row = checked_array<int32_t>(mask_row, "mask_row", "int32", 1);
+  const int64_t B = in.scores.shape(0), N = in.offsets.shape(0) - 1, M = in.node_mask.shape(0);
+  if (in.node_mask.shape(1) != N)
+    throw py::value_error("node_mask must have shape (M, N) with N = " + std::to_string(N) + " trie nodes, got " +
+                          shape_str(in.node_mask));
+  if (in.mask_row.shape(0) != B)
+    throw py::value_error("mask_row must have shape (B,) = (" + std::to_string(B) + ",) to match scores, got " +
+                          shape_str(in.mask_row));
+  const int32_t* rows = in.mask_row.data();
+  for (int64_t b = 0; b < B; ++b) {
+    if (rows[b] < -1 || rows[b] >= M)
+      throw py::value_error("mask_row[" + std::to_string(b) + "] = " + std::to_string(rows[b]) + " is outside [-1, " +
+                            std::to_string(M) + "): pass a row of node_mask (-1 = unfiltered)");
+  }
+  in.problem.node_mask = in.node_mask.data();
+  in.problem.mask_row = rows;
+  in.problem.mask_rows = M;
+}
+
 inline Inputs parse_inputs(const py::handle& scores, const py::handle& logprobs, const py::handle& nodes,
                            const py::handle& offsets, const py::handle& tokens, const py::handle& children,
-                           int64_t k) {
+                           int64_t k, const py::handle& node_mask = py::none(),
+                           const py::handle& mask_row = py::none()) {
   Inputs in;
   in.scores = checked_array<float>(scores, "scores", "float32", 2);
   in.logprobs = checked_array<float>(logprobs, "logprobs", "float32", 3);
@@ -85,6 +119,7 @@ inline Inputs parse_inputs(const py::handle& scores, const py::handle& logprobs,
   p.k_in = K;
   p.vocab = V;
   p.k = k;
+  parse_mask(in, node_mask, mask_row);
   return in;
 }
 
@@ -107,9 +142,11 @@ inline Outputs make_outputs(Problem& p) {
 inline py::tuple as_tuple(const Outputs& o) { return py::make_tuple(o.parent, o.token, o.node, o.score); }
 
 constexpr const char* kDoc =
-    "trie_topk(scores, logprobs, nodes, offsets, tokens, children, k) -> (parent, token, node, score)\n\n"
-    "Trie-masked top-k over one decoding level. Private: call pauserec.runtime.trie_topk.trie_topk, whose\n"
-    "NumPy reference docstring pins the semantics. Bad shapes, dtypes or ids raise ValueError.";
+    "trie_topk(scores, logprobs, nodes, offsets, tokens, children, k, node_mask=None, mask_row=None)\n"
+    "    -> (parent, token, node, score)\n\n"
+    "Trie-masked top-k over one decoding level, optionally under a node filter (node_mask (M, N) uint8,\n"
+    "mask_row (B,) int32). Private: call pauserec.runtime.trie_topk.trie_topk, whose NumPy reference\n"
+    "docstring pins the semantics. Bad shapes, dtypes or ids raise ValueError.";
 
 }  // namespace trie_topk
 }  // namespace pauserec

@@ -1,4 +1,4 @@
-"""`pauserec`: the umbrella command (data, train, eval, recommend, demo).
+"""`pauserec`: the umbrella command (data, train, eval, recommend, catalog, demo).
 
 Each group lives in its own module and imports heavy libraries (torch, onnxruntime) only inside
 its commands, so `pauserec --help` and `pauserec data info` stay fast.
@@ -35,6 +35,10 @@ def _register() -> None:
     from pauserec.cli import data as data_cli
 
     app.add_typer(data_cli.app, name="data")
+
+    from pauserec.cli import catalog as catalog_cli
+
+    app.add_typer(catalog_cli.app, name="catalog")
 
     from pauserec.cli import recommend as recommend_cli
 

@@ -146,6 +146,18 @@ class Catalog:
                 "check that the item belongs to this dataset/index"
             ) from None
 
+    def indices_of(self, item_ids) -> tuple[np.ndarray, list[str]]:
+        """(dense indices (n,) int64 of the known ids, in order; the unknown ids as strings)."""
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.item_ids)}
+        keys = [x if type(x) is str else str(x) for x in item_ids]
+        found = list(map(self._index.get, keys))
+        unknown: list[str] = []
+        if None in found:
+            unknown = [k for k, i in zip(keys, found, strict=True) if i is None]
+            found = [i for i in found if i is not None]
+        return np.fromiter(found, dtype=np.int64, count=len(found)), unknown
+
     @property
     def trie(self) -> Trie:
         if self._trie is None:

@@ -17,6 +17,12 @@ still spell it out so kernels never depend on that.
 
 Construction is vectorised: one stable lexicographic sort of the items' code tuples, then per depth
 the positions where the code prefix changes (``np.logical_or.accumulate`` over the row differences).
+
+Node masks (serve-time filters, read by the trie-masked top-k) come from :meth:`Trie.node_mask`:
+``mask[n] = 1`` when node n still has at least one allowed item below it. Allowing a set A costs
+O(N + |A| L) to count the nodes on the paths of A's SIDs; excluding a set X from the whole catalog
+costs O(N) to copy the all-items mask plus O(|X| L log) to find the nodes whose every item is in X
+(per-node item counts, ``item_counts``, minus the counts of X). A mask is N bytes per filter.
 """
 
 from __future__ import annotations
@@ -28,6 +34,18 @@ import numpy as np
 from pauserec.errors import DataError
 
 TRIE_KEYS = ("offsets", "tokens", "children", "level_starts", "sid_codes", "sid_item_offsets", "sid_items")
+
+
+def sorted_unique(values, return_counts: bool = False):
+    """Sorted distinct values of an int array (and how often each occurs): sort + run boundaries, which
+    is several times faster than ``np.unique`` on NumPy 2.4 for the small sets filters hold."""
+    s = np.sort(np.asarray(values).reshape(-1))
+    first = np.ones(len(s), dtype=bool)
+    np.not_equal(s[1:], s[:-1], out=first[1:])
+    if not return_counts:
+        return s[first]
+    starts = np.flatnonzero(first)
+    return s[first], np.diff(np.append(starts, len(s)))
 
 
 class Trie:
@@ -51,6 +69,9 @@ class Trie:
         self.sid_item_offsets = np.ascontiguousarray(sid_item_offsets, dtype=np.int32)
         self.sid_items = np.ascontiguousarray(sid_items, dtype=np.int32)
         self._item_sid: np.ndarray | None = None
+        self._sid_paths: np.ndarray | None = None
+        self._counts: np.ndarray | None = None
+        self._full_mask: np.ndarray | None = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -120,6 +141,83 @@ class Trie:
             out[self.sid_items] = np.repeat(np.arange(self.num_sids, dtype=np.int32), sizes)
             self._item_sid = out
         return self._item_sid
+
+    @property
+    def sid_paths(self) -> np.ndarray:
+        """(S, L) int32: the depth-1..L nodes on the path of every SID id (column L - 1 is its leaf)."""
+        if self._sid_paths is None:
+            parent = np.zeros(self.num_nodes, dtype=np.int32)  # (N,) parent of every node; root: 0
+            parent[self.children] = np.repeat(np.arange(self.num_nodes, dtype=np.int32), np.diff(self.offsets))
+            L = self.levels
+            paths = np.empty((self.num_sids, L), dtype=np.int32)
+            paths[:, L - 1] = self.level_starts[L] + np.arange(self.num_sids, dtype=np.int32)
+            for d in range(L - 1, 0, -1):
+                paths[:, d - 1] = parent[paths[:, d]]
+            self._sid_paths = paths
+        return self._sid_paths
+
+    def item_counts(self, items: np.ndarray | None = None) -> np.ndarray:
+        """(N,) int32 number of ``items`` (dense indices, duplicates count once; None = every item) below
+        each node."""
+        if items is None:
+            if self._counts is None:
+                sizes = np.diff(self.sid_item_offsets)  # (S,) items per SID
+                counts = np.bincount(self.sid_paths.ravel(), weights=np.repeat(sizes, self.levels),
+                                     minlength=self.num_nodes)
+                counts[0] = self.num_items
+                self._counts = counts.astype(np.int32)
+            return self._counts
+        items = self._dense_items(items, "items")
+        counts = np.bincount(self._path_nodes(items), minlength=self.num_nodes)
+        counts[0] = len(items)
+        return counts.astype(np.int32)
+
+    def node_mask(self, allow: np.ndarray | None = None, exclude: np.ndarray | None = None,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """(N,) uint8: 1 where a node has at least one item of ``allow`` (None = every item) that is not
+        in ``exclude`` below it. Items are dense indices (duplicates are fine). ``out``: an (N,) uint8
+        array to write into (a row of a batch's (M, N) mask, say)."""
+        N = self.num_nodes
+        if out is None:
+            out = np.empty(N, dtype=np.uint8)
+        elif out.shape != (N,) or out.dtype != np.uint8:
+            raise ValueError(f"out must be a ({N},) uint8 array, got {out.shape} {out.dtype}")
+        exclude = None if exclude is None else self._dense_items(exclude, "exclude")
+        if allow is not None:  # O(N + |A| L): count the allowed items' paths
+            items = self._dense_items(allow, "allow")
+            if exclude is not None and len(exclude):  # both sorted: drop the excluded ones
+                at = np.minimum(np.searchsorted(exclude, items), len(exclude) - 1)
+                items = items[exclude[at] != items]
+            np.greater(np.bincount(self._path_nodes(items), minlength=N), 0, out=out)
+            out[0] = len(items) > 0
+            return out
+        total = self.item_counts()
+        if self._full_mask is None:  # every node has an item, unless the trie was made by hand
+            self._full_mask = (total > 0).astype(np.uint8)
+        if exclude is None or len(exclude) == 0:
+            np.copyto(out, self._full_mask)  # O(N) bytes
+            return out
+        hit = self._path_nodes(exclude)  # (|X| L,) nodes above excluded items
+        if len(hit) * 16 < N:  # few: the nodes whose every item is excluded, O(N) copy + O(|X| L log)
+            np.copyto(out, self._full_mask)
+            nodes, n = sorted_unique(hit, return_counts=True)
+            out[nodes[n == total[nodes]]] = 0
+        else:  # many: subtract their counts everywhere, O(N + |X| L)
+            np.greater(total - np.bincount(hit, minlength=N), 0, out=out)
+        out[0] = len(exclude) < self.num_items
+        return out
+
+    def _path_nodes(self, items: np.ndarray) -> np.ndarray:
+        """(len(items) * L,) the depth-1..L nodes above each dense item."""
+        return self.sid_paths.take(self.item_sid.take(items), axis=0).ravel()
+
+    def _dense_items(self, items, what: str) -> np.ndarray:
+        """Unique sorted int64 dense item indices; ValueError when one is out of range."""
+        items = sorted_unique(np.asarray(items, dtype=np.int64))
+        if len(items) and (items[0] < 0 or items[-1] >= self.num_items):
+            bad = items[0] if items[0] < 0 else items[-1]
+            raise ValueError(f"{what}: dense item index {bad} is outside [0, {self.num_items})")
+        return items
 
     def sid_of_leaf(self, node: int) -> int:
         """SID id of a leaf node (depth L)."""

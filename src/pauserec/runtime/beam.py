@@ -10,6 +10,10 @@ think step per call, ``</think>`` forced at ``max_rationale``; then one step per
 trie-masked top-k over the level's log-probs, then (below the last level) one decode call. Beam
 reordering gathers the beams' own KV (a few SID positions) and never touches the context.
 
+Item filters: ``node_mask`` (M, N) uint8 + ``mask_row`` (B,) int32 go to the trie-masked top-k at
+every level, so a beam never enters a trie node without an allowed item below it (semantics in
+:func:`pauserec.runtime.trie_topk.trie_topk_numpy`; masks from ``Trie.node_mask``).
+
 Scores: the sum over levels of the chosen SID tokens' log-probs under the engine's scoring rule:
 ``full`` (log_softmax over the vocabulary, as HF ``generate``) or ``sid`` (over the level's codes).
 """
@@ -49,10 +53,14 @@ class Timings:
 
 
 class BeamSearch:
-    """One batch: ``history_ids``/``history_mask`` (B,T) int64, right-padded; ``beams`` = K."""
+    """One batch: ``history_ids``/``history_mask`` (B,T) int64, right-padded; ``beams`` = K; optional
+    item filter ``node_mask`` (M, N) uint8 with ``mask_row`` (B,) int32 (-1 = unfiltered row)."""
 
-    def __init__(self, engine, history_ids: np.ndarray, history_mask: np.ndarray, beams: int, impl: str = "auto"):
+    def __init__(self, engine, history_ids: np.ndarray, history_mask: np.ndarray, beams: int, impl: str = "auto",
+                 node_mask: np.ndarray | None = None, mask_row: np.ndarray | None = None):
         self.e, self.k, self.impl = engine, int(beams), impl
+        self.node_mask = None if node_mask is None else np.ascontiguousarray(node_mask, dtype=np.uint8)  # (M, N)
+        self.mask_row = None if mask_row is None else np.ascontiguousarray(mask_row, dtype=np.int32)  # (B,)
         self.ids = np.ascontiguousarray(history_ids, dtype=np.int64)
         self.mask = np.ascontiguousarray(history_mask, dtype=np.int64)
         self.batch = self.ids.shape[0]
@@ -155,7 +163,8 @@ class BeamSearch:
             self.timings.decode += time.perf_counter() - t0
             scores, nodes = self.scores, self.nodes
         t0 = time.perf_counter()
-        top = trie_topk(scores, lp, nodes, t.offsets, t.tokens, t.children, self.k, impl=self.impl)
+        top = trie_topk(scores, lp, nodes, t.offsets, t.tokens, t.children, self.k, impl=self.impl,
+                        node_mask=self.node_mask, mask_row=self.mask_row)
         self.timings.topk += time.perf_counter() - t0
         if self.level == 0:
             shape = (e.layers, self.batch, e.kv_heads, self.k, e.levels - 1, e.head_dim)

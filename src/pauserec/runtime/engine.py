@@ -92,8 +92,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None, verify: bool = True,
-             prepack: bool | None = None) -> Engine:
+             prepack: bool | None = None, catalog: Catalog | str | Path | None = None) -> Engine:
         """Open an engine directory; ``provider`` is auto, cpu, cuda or tensorrt.
+
+        ``catalog``: serve another catalog than the engine's catalog.npz (a ``Catalog``, a SID index
+        file ``*.index.json`` or a catalog .npz), e.g. today's items; it must keep the SID levels,
+        token prefixes and codebooks the graphs were exported for, or DataError says what differs
+        (``pauserec.runtime.catalog_update``). The directory is left unchanged.
 
         Memory: every graph's session computes from the one mapped ``weights.bin`` (one copy of the
         weights, however many graphs). ``prepack=True`` lets ONNX Runtime re-lay the MatMul weights per
@@ -107,10 +112,15 @@ class Engine:
         manifest = read_manifest(path)
         if verify:
             verify_files(path, manifest)
-        try:
-            catalog = Catalog.load(path / CATALOG_FILE)
-        except PauserecError as e:
-            raise EngineError(f"{path}: {e}") from e
+        if catalog is not None:
+            from pauserec.runtime.catalog_update import fit_catalog, read_catalog
+
+            catalog = fit_catalog(read_catalog(catalog), manifest, path)
+        else:
+            try:
+                catalog = Catalog.load(path / CATALOG_FILE)
+            except PauserecError as e:
+                raise EngineError(f"{path}: {e}") from e
         graphs = {name: GraphSpec.from_manifest(name, d) for name, d in manifest.get("graphs", {}).items()}
         if "prefill" not in graphs:
             raise EngineError(f"{path / MANIFEST_FILE} declares no prefill graph; re-export with `{REEXPORT.format(path=path)}`")

@@ -4,10 +4,15 @@ Each history is truncated to the engine's ``max_history`` most recent items and 
 token ids through the catalog (no text tokenizer). Users are sorted by history length and run in
 batches of similar length (less padding); results come back in input order. After the last SID
 level each leaf's SID expands to its items (collision groups in the trie's stable order).
+
+Filters (``exclude``, ``allow``, ``exclude_history``; forms and semantics in
+:mod:`pauserec.runtime.filters`) act inside the trie search: the results are the best k allowed
+items, as if the trie had been built from each user's allowed items alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pauserec.errors import DataError, EngineError
+from pauserec.runtime import filters as item_filters
 from pauserec.runtime.beam import BeamSearch, Timings
+from pauserec.runtime.engine import MANIFEST_FILE, sha256_file
 
 DEFAULT_BATCH = 32
 
@@ -28,7 +35,8 @@ class Recommendations:
     item_index: np.ndarray  # (B, k) int32 dense item indices
     scores: np.ndarray  # (B, k) float32 summed SID log-probs
     sids: np.ndarray  # (B, k, L) int32 SID codes
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, rationale, decode, topk, total
+    # seconds: prefill, rationale, decode, topk, total (+ filters: building node masks, when filtered)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -68,6 +76,10 @@ class Recommender:
             return f"unknown item ids: {shown}"
         return None
 
+    def validate_filter(self, ids, what: str = "exclude") -> str | None:
+        """Why ``ids`` cannot be one user's ``what`` ("exclude" / "allow") filter (None when it can)."""
+        return item_filters.filter_reason(self.catalog, ids, what)
+
     def encode(self, histories: Sequence) -> list[np.ndarray]:
         """Dense item indices of each history (last max_history items); DataError naming user and item."""
         out = []
@@ -79,11 +91,19 @@ class Recommender:
         return out
 
     # -- recommending ---------------------------------------------------------------------------
-    def recommend(self, histories: Sequence, k: int = 10, beams: int = 20) -> Recommendations:
-        """Top-``k`` items for each history (a list of external item ids, str or int)."""
+    def recommend(self, histories: Sequence, k: int = 10, beams: int = 20, exclude=None, allow=None,
+                  exclude_history: bool = False) -> Recommendations:
+        """Top-``k`` items for each history (a list of external item ids, str or int).
+
+        ``exclude`` / ``allow``: item ids the users must not / may only get; one collection for every
+        user, or a list with one entry (None or a collection) per user. ``exclude_history``: never
+        return an item of the user's own history. A user left with fewer than k items gets padding.
+        """
         t0 = time.perf_counter()
         k, beams = self._check_sizes(k, beams)
         dense = self.encode(histories)
+        own = [self.catalog.indices_of(h)[0] for h in histories] if exclude_history else None
+        filters = item_filters.resolve(self.catalog, len(dense), exclude, allow, own)
         n, levels = len(dense), self.engine.levels
         res = Recommendations(
             items=np.full((n, k), "", dtype=self.id_dtype),
@@ -91,27 +111,73 @@ class Recommender:
             scores=np.full((n, k), -np.inf, np.float32),
             sids=np.full((n, k, levels), -1, np.int32),
         )
-        timings = Timings()
+        timings, masking = Timings(), 0.0
         order = np.argsort([len(d) for d in dense], kind="stable")  # bucket by history length
         for start in range(0, n, self.batch_size):
             rows = order[start : start + self.batch_size]
-            nodes, scores = self._search([dense[r] for r in rows], beams, timings)
-            self._fill(res, rows, nodes, scores, k)
-        res.timings = {**timings.as_dict(), "total": time.perf_counter() - t0, "users": float(n)}
+            t1 = time.perf_counter()
+            node_mask, mask_row = filters.masks(self.catalog.trie, rows) if filters else (None, None)
+            masking += time.perf_counter() - t1
+            nodes, scores = self._search([dense[r] for r in rows], beams, timings, node_mask, mask_row)
+            self._fill(res, rows, nodes, scores, k, filters)
+        res.timings = {**timings.as_dict(), **({"filters": masking} if filters else {}),
+                       "total": time.perf_counter() - t0, "users": float(n)}
         return res
 
-    def iter_recommend(self, histories: Iterable, k: int = 10, beams: int = 20,
-                       batch_size: int | None = None) -> Iterator[Recommendations]:
-        """Stream form: one ``Recommendations`` per ``batch_size`` consecutive histories, in input order."""
+    def iter_recommend(self, histories: Iterable, k: int = 10, beams: int = 20, batch_size: int | None = None,
+                       exclude=None, allow=None, exclude_history: bool = False) -> Iterator[Recommendations]:
+        """Stream form: one ``Recommendations`` per ``batch_size`` consecutive histories, in input order.
+
+        Filters as in :meth:`recommend`: one collection for every user, or a per-user list aligned
+        with ``histories`` (one entry, None or a collection of item ids, per history).
+        """
         size = int(batch_size or self.batch_size)
+        specs = {"exclude": item_filters.streamable(exclude, "exclude"), "allow": item_filters.streamable(allow, "allow")}
         chunk: list = []
-        for h in histories:
+        seen = 0
+        for seen, h in enumerate(histories, 1):
             chunk.append(h)
             if len(chunk) == size:
-                yield self.recommend(chunk, k=k, beams=beams)
+                yield self._recommend_chunk(chunk, seen - len(chunk), k, beams, specs, exclude_history)
                 chunk = []
         if chunk:
-            yield self.recommend(chunk, k=k, beams=beams)
+            yield self._recommend_chunk(chunk, seen - len(chunk), k, beams, specs, exclude_history)
+        for what, (per_user, spec) in specs.items():
+            if per_user and len(spec) != seen:
+                raise DataError(f"{what} has {len(spec)} per-user entries for {seen} histories; pass one per history")
+
+    def _recommend_chunk(self, chunk: list, first: int, k: int, beams: int, specs: dict,
+                         exclude_history: bool) -> Recommendations:
+        """recommend() on histories first, first + 1, ... of a stream, with their per-user filter entries."""
+        picked = {}
+        for what, (per_user, spec) in specs.items():
+            if per_user and len(spec) < first + len(chunk):
+                raise DataError(f"{what} has {len(spec)} per-user entries, fewer than the histories; "
+                                "pass one per history")
+            picked[what] = list(spec[first : first + len(chunk)]) if per_user else spec
+        return self.recommend(chunk, k=k, beams=beams, exclude_history=exclude_history, **picked)
+
+    # -- what jobs ask of a recommender ---------------------------------------------------------
+    @property
+    def max_history(self) -> int:
+        """Most recent history items the engine reads; longer histories are truncated to these."""
+        return int(self.engine.max_history)
+
+    def check_request(self, k: int, beams: int) -> None:
+        """Raise before any work when ``k`` / ``beams`` cannot be served by this engine and catalog."""
+        k, beams = self._check_sizes(k, beams)
+        if k > self.catalog.n_items:
+            raise DataError(f"k={k} is more than the {self.catalog.n_items:,} items of the catalog; lower k")
+
+    def fingerprint(self) -> dict[str, str]:
+        """What identifies this engine's results: its manifest (which checksums every file) and the catalog."""
+        h = hashlib.sha256("\n".join(map(str, self.catalog.item_ids)).encode())
+        h.update(np.ascontiguousarray(self.catalog.sids, dtype=np.int32).tobytes())
+        return {"manifest_sha256": sha256_file(self.engine.path / MANIFEST_FILE), "catalog_sha256": h.hexdigest()}
+
+    def sid_text(self, codes: np.ndarray) -> str:
+        """SID codes (L,) -> ``<a_1><b_2>...`` in the catalog's token spelling."""
+        return "".join(f"<{p}_{int(c)}>" for p, c in zip(self.catalog.token_prefixes, codes))
 
     # -- internals ------------------------------------------------------------------------------
     def _check_sizes(self, k: int, beams: int) -> tuple[int, int]:
@@ -124,8 +190,10 @@ class Recommender:
                               f"beams={e.static_beams}, or export a dynamic engine for other beam widths")
         return k, beams
 
-    def _search(self, dense: list[np.ndarray], beams: int, timings: Timings) -> tuple[np.ndarray, np.ndarray]:
-        """Pad one bucket to (B,T) ids + mask, run the beam search, return leaves + scores of its rows."""
+    def _search(self, dense: list[np.ndarray], beams: int, timings: Timings, node_mask: np.ndarray | None = None,
+                mask_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pad one bucket to (B,T) ids + mask, run the beam search, return leaves + scores of its rows.
+        ``node_mask`` (M, N) / ``mask_row`` (rows,): the bucket's item filters (None = unfiltered)."""
         e = self.engine
         rows = len(dense)
         batch = e.static_batch or rows
@@ -136,15 +204,19 @@ class Recommender:
         for b in range(batch):
             toks = self.item_tokens[dense[b % rows]].reshape(-1)  # padding rows repeat real ones
             ids[b, : len(toks)], mask[b, : len(toks)] = toks, 1
-        search = BeamSearch(e, ids, mask, beams=beams, impl=self.impl)
+        if mask_row is not None and batch > rows:  # padding rows repeat real ones, filters included
+            mask_row = mask_row[np.arange(batch) % rows]
+        search = BeamSearch(e, ids, mask, beams=beams, impl=self.impl, node_mask=node_mask, mask_row=mask_row)
         while not search.done:
             search.step()
         timings.add(search.timings)
         nodes, scores = search.leaves()
         return nodes[:rows], scores[:rows]
 
-    def _fill(self, res: Recommendations, rows: np.ndarray, nodes: np.ndarray, scores: np.ndarray, k: int) -> None:
-        """Leaves -> SIDs -> items (collision groups expanded), best beam first, first k kept."""
+    def _fill(self, res: Recommendations, rows: np.ndarray, nodes: np.ndarray, scores: np.ndarray, k: int,
+              filters: item_filters.RequestFilters | None = None) -> None:
+        """Leaves -> SIDs -> items (collision groups expanded, minus the items a user's filter drops),
+        best beam first, first k kept."""
         trie = self.catalog.trie
         leaf0 = int(trie.level_starts[trie.levels])
         offs, items_of = trie.sid_item_offsets, trie.sid_items
@@ -155,7 +227,11 @@ class Recommender:
                 if node < 0 or col >= k:
                     break
                 s = int(node) - leaf0
-                group = items_of[offs[s] : offs[s + 1]][: k - col]
+                group = items_of[offs[s] : offs[s + 1]]
+                f = filters[r] if filters else None
+                if f is not None:
+                    group = group[f.admits(group)]  # never empty: the search only reaches allowed leaves
+                group = group[: k - col]
                 n = len(group)
                 res.item_index[r, col : col + n] = group
                 res.items[r, col : col + n] = [ids[i] for i in group]

@@ -9,6 +9,9 @@ One public entry point, :func:`trie_topk`, over three implementations with ident
 
 ``impl="auto"`` picks the first of cuda, cpu, numpy that is usable; an explicitly requested
 implementation that is missing raises :class:`pauserec.errors.BackendUnavailable`.
+
+Every implementation takes the same optional node filter (``node_mask`` (M, N) uint8 + ``mask_row``
+(B,) int32): serve-time item filters, under which the search never enters a node whose mask is 0.
 """
 
 from __future__ import annotations
@@ -130,6 +133,28 @@ def _check_trie_refs(nodes, offsets, tokens, children, V: int):
     return owner, edge, tok, chd
 
 
+def _check_mask(node_mask, mask_row, B: int, N: int) -> bool:
+    """Validates the optional node filter; returns whether one was given."""
+    if node_mask is None and mask_row is None:
+        return False
+    if node_mask is None or mask_row is None:
+        given, missing = ("node_mask", "mask_row") if mask_row is None else ("mask_row", "node_mask")
+        raise ValueError(f"{given} was given without {missing}: pass both (mask_row (B,) int32 picks a row of "
+                         "node_mask (M, N) uint8 for each batch row, -1 = unfiltered), or neither")
+    _array(node_mask, "node_mask", np.uint8, 2)
+    _array(mask_row, "mask_row", np.int32, 1)
+    if node_mask.shape[1] != N:
+        raise ValueError(f"node_mask must have shape (M, N) with N = {N} trie nodes, got {node_mask.shape}")
+    if mask_row.shape != (B,):
+        raise ValueError(f"mask_row must have shape (B,) = ({B},) to match scores, got {mask_row.shape}")
+    bad = (mask_row < -1) | (mask_row >= node_mask.shape[0])
+    if bad.any():
+        i = _first_bad(bad)
+        raise ValueError(f"mask_row[{i}] = {mask_row[i]} is outside [-1, {node_mask.shape[0]}): pass a row of "
+                         "node_mask (-1 = unfiltered)")
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # the reference
 
@@ -141,7 +166,8 @@ def _descending(score: np.ndarray) -> np.ndarray:
     return ~ascending
 
 
-def trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k: int) -> TopK:
+def trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k: int, node_mask=None,
+                    mask_row=None) -> TopK:
     """Trie-masked top-k, the NumPy reference: these are the semantics every implementation follows.
 
     Inputs (all C-order or not, exact dtypes required):
@@ -153,11 +179,16 @@ def trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k: int) 
       node n's edges are ``e in [offsets[n], offsets[n + 1])``, edge e has code ``tokens[e]`` and leads
       to node ``children[e]``. A node's tokens are strictly increasing (children sorted by code).
     - ``k``: how many candidates to keep per row, 1 <= k <= 2**20.
+    - optional node filter, both or neither: ``node_mask`` (M, N) uint8, row m says which nodes a
+      filter lets the search enter (nonzero = the node still has an allowed item below it), and
+      ``mask_row`` (B,) int32, the row of ``node_mask`` that batch row b uses (-1 = unfiltered).
+      One filter shared by the whole batch is stored once (M = 1, every ``mask_row`` 0).
 
     Rule, per row b:
 
     1. Candidates are the pairs (parent j, edge e of node ``nodes[b, j]``) for every j with
-       ``nodes[b, j] != -1``.
+       ``nodes[b, j] != -1``; with a filter and ``m = mask_row[b] != -1``, only the edges with
+       ``node_mask[m, children[e]] != 0`` (a masked edge is treated as if it did not exist).
     2. A candidate's score is ``scores[b, j] + logprobs[b, j, tokens[e]]``, a float32 addition. A NaN
        score counts as -inf (NaN in either term).
     3. A candidate whose score is -inf is never selected. Hence a parent with score -inf (or NaN)
@@ -176,13 +207,20 @@ def trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k: int) 
     ``nodes[b, j] != -1``, whatever its score): an edge range outside [0, E], a token outside
     [0, V), tokens not strictly increasing, or a child outside [0, N). Nodes that no beam references
     are not inspected, so a trie whose levels have different codebook sizes is fine as long as the
-    current level's V covers the nodes in play.
+    current level's V covers the nodes in play. With a filter: only one of node_mask / mask_row,
+    wrong dtypes or ranks, node_mask not (M, N), mask_row not (B,), or a mask_row value outside
+    [-1, M). node_mask values are not inspected (any nonzero byte allows the node).
     """
     k = _check_shapes(scores, logprobs, nodes, offsets, tokens, children, k)
     B, K_in, V = logprobs.shape
+    masked = _check_mask(node_mask, mask_row, B, offsets.shape[0] - 1)
     owner, edge, tok, chd = _check_trie_refs(nodes, offsets, tokens, children, V)  # (C,) each, (b, j, e) order
     score = scores.reshape(-1)[owner] + logprobs.reshape(B * K_in, V)[owner, tok]  # (C,) float32
     keep = score > -np.inf  # drops -inf and NaN
+    if masked:
+        m = mask_row[owner // K_in]  # (C,) mask row of each candidate's batch row, -1 = unfiltered
+        filtered = m >= 0
+        keep[filtered] &= node_mask[m[filtered], chd[filtered]] != 0
     owner, tok, chd, score = owner[keep], tok[keep], chd[keep], score[keep]
     row, parent = np.divmod(owner, K_in)
     # Candidates are already in (row, parent, token) order, so a stable sort by (row, -score) leaves
@@ -244,23 +282,27 @@ def available_impls() -> tuple[str, ...]:
     return tuple(i for i in IMPLS if i == "numpy" or _load(i)[0] is not None)
 
 
-def trie_topk(scores, logprobs, nodes, offsets, tokens, children, k: int, impl: str = "auto") -> TopK:
+def trie_topk(scores, logprobs, nodes, offsets, tokens, children, k: int, impl: str = "auto",
+              node_mask=None, mask_row=None) -> TopK:
     """Best k (parent, token, child node, score) per row over valid trie children only.
 
     Shapes: scores (B, K_in) float32, logprobs (B, K_in, V) float32, nodes (B, K_in) int32, trie CSR
-    offsets (N + 1,) / tokens (E,) / children (E,) int32 -> :class:`TopK` of (B, k) arrays. Semantics
-    and errors: see :func:`trie_topk_numpy`. ``impl``: "auto" | "numpy" | "cpu" | "cuda".
+    offsets (N + 1,) / tokens (E,) / children (E,) int32 -> :class:`TopK` of (B, k) arrays. Optional
+    filter: node_mask (M, N) uint8 + mask_row (B,) int32 (children whose mask is 0 are never entered).
+    Semantics and errors: see :func:`trie_topk_numpy`. ``impl``: "auto" | "numpy" | "cpu" | "cuda".
     """
     if impl == "auto":
         impl = available_impls()[0]
     elif impl not in IMPLS:
         raise ValueError(f"impl must be one of 'auto', {', '.join(map(repr, IMPLS))}; got {impl!r}")
     if impl == "numpy":
-        return trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k)
+        return trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k, node_mask, mask_row)
     mod, why = _load(impl)
     if mod is None:
         raise _unavailable(impl, why)
     k = operator.index(k)
     if not 1 <= k <= MAX_K:  # before the native call, which only takes 64-bit integers
         raise ValueError(f"k must be in [1, {MAX_K}] (the number of beams to keep), got {k}")
-    return TopK(*mod.trie_topk(scores, logprobs, nodes, offsets, tokens, children, k))
+    if node_mask is None and mask_row is None:  # the unfiltered call stays the plain one
+        return TopK(*mod.trie_topk(scores, logprobs, nodes, offsets, tokens, children, k))
+    return TopK(*mod.trie_topk(scores, logprobs, nodes, offsets, tokens, children, k, node_mask, mask_row))
