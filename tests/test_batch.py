@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pauserec.errors import PauserecError
+from pauserec.errors import DataError, EngineError, JobError, PauserecError
 from pauserec.runtime.batch import BatchConfig, run_batch
 
 KNOWN = {str(i) for i in range(50)}
@@ -34,8 +34,13 @@ class FakeRecs:
 class FakeRecommender:
     """Recommends the history's items reversed (deterministic), sleeping a little per batch."""
 
-    def __init__(self, delay: float = 0.0, fail_on: str | None = None):
-        self.delay, self.fail_on, self.calls = delay, fail_on, 0
+    max_history = 4
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None, error: type = DataError, tag: str = "a"):
+        self.delay, self.fail_on, self.error, self.tag, self.calls = delay, fail_on, error, tag, 0
+
+    def fingerprint(self):
+        return {"model": self.tag}
 
     def validate_history(self, history):
         if not history:
@@ -43,11 +48,11 @@ class FakeRecommender:
         unknown = [str(x) for x in history if str(x) not in KNOWN]
         return f"unknown item ids: {', '.join(unknown)}" if unknown else None
 
-    def recommend(self, histories, k=10, beams=20):
+    def recommend(self, histories, k=10, beams=20, **filters):
         self.calls += 1
         time.sleep(self.delay)
         if self.fail_on is not None and any(self.fail_on in map(str, h) for h in histories):
-            raise PauserecError("engine rejected this history")
+            raise self.error("engine rejected this history")
         b = len(histories)
         idx = np.full((b, k), -1, np.int32)
         for i, h in enumerate(histories):
@@ -59,9 +64,9 @@ class FakeRecommender:
         return FakeRecs(items, idx, scores, sids)
 
 
-def write_users(path: Path, n: int = 40) -> list[str]:
+def write_users(path: Path, n: int = 40, order=None) -> list[str]:
     lines = []
-    for i in range(n):
+    for i in order if order is not None else range(n):
         if i % 13 == 5:
             lines.append('{"user_id": "u%d", "history": [1, 2' % i)  # malformed JSON
         elif i % 11 == 3:
@@ -78,29 +83,118 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def cfg_for(tmp_path, **kw) -> BatchConfig:
+    return BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / "recs.jsonl", **kw)
+
+
+def assert_exactly_once_in_order(cfg: BatchConfig, n: int) -> tuple[list[dict], list[dict]]:
+    ok, bad = read_jsonl(cfg.output), read_jsonl(cfg.errors_path)
+    assert sorted(r["row"] for r in ok + bad) == list(range(n))  # none lost, none duplicated
+    assert [r["row"] for r in ok] == sorted(r["row"] for r in ok)  # input order kept
+    assert [r["row"] for r in bad] == sorted(r["row"] for r in bad)
+    assert not cfg.parts_dir.exists() and not list(cfg.output.parent.glob(".*.parts.done-*"))
+    return ok, bad
+
+
 def test_every_row_lands_once(tmp_path):
     write_users(tmp_path / "users.jsonl")
-    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / "recs.jsonl", k=3, batch_size=8)
+    cfg = cfg_for(tmp_path, k=3, beams=3, batch_size=8)
     report = run_batch(cfg, FakeRecommender())
-    ok, bad = read_jsonl(cfg.output), read_jsonl(cfg.errors_path)
+    ok, bad = assert_exactly_once_in_order(cfg, 40)
     assert report.input_rows == 40 and report.ok == len(ok) and report.errors == len(bad)
-    assert sorted(r["row"] for r in ok + bad) == list(range(40))
-    assert [r["row"] for r in ok] == sorted(r["row"] for r in ok)  # input order kept
     reasons = {r["row"]: r["reason"] for r in bad}
     assert reasons[5].startswith("malformed JSON") and reasons[3] == "empty history"
     assert reasons[7] == "unknown item ids: 999"
+    assert next(r for r in bad if r["row"] == 5)["line"].startswith('{"user_id": "u5"')  # the raw line is kept
     first = next(r for r in ok if r["row"] == 0)
     assert first["user_id"] == "u0" and first["items"] == ["0", "0"]  # padding dropped
-    assert not cfg.parts_dir.exists()
+    summary = json.loads(cfg.summary_path.read_text())
+    assert summary["rows_in"] == 40 and summary["rows_out"] + summary["error_rows"] == 40
+    assert summary["errors_by_reason"]["malformed JSON"] == 3 and summary["options"]["k"] == 3
+    assert summary["engine"] == {"model": "a"} and summary["users_per_second"] > 0
 
 
-def test_batch_failure_isolated_to_its_row(tmp_path):
+def test_output_side_files_are_named_from_the_whole_output_name(tmp_path):
+    write_users(tmp_path / "users.jsonl", n=3)
+    for name in ("recs.v1.jsonl", "recs.v2.jsonl"):
+        cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / name)
+        run_batch(cfg, FakeRecommender())
+    assert sorted(p.name for p in tmp_path.glob("recs.*")) == [
+        "recs.v1.errors.jsonl", "recs.v1.jsonl", "recs.v1.summary.json",
+        "recs.v2.errors.jsonl", "recs.v2.jsonl", "recs.v2.summary.json"]
+
+
+def test_missing_user_ids_are_errors_and_duplicates_are_counted_or_refused(tmp_path):
+    rows = [{"user_id": "a", "history": ["1"]}, {"history": ["2"]}, {"user_id": "", "history": ["3"]},
+            {"user_id": "a", "history": ["4"]}, {"user_id": 7, "history": ["5"]}, {"user_id": "7", "history": ["6"]},
+            {"user_id": "b", "history": ["1", "2", "3", "4", "5", "6"]}]  # longer than max_history = 4
+    (tmp_path / "users.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = cfg_for(tmp_path)
+    report = run_batch(cfg, FakeRecommender())
+    ok, bad = assert_exactly_once_in_order(cfg, 7)
+    assert [r["row"] for r in bad] == [1, 2] and all(r["user_id"] is None for r in bad)
+    assert all(r["reason"].startswith("missing user id") for r in bad)
+    assert report.duplicates == 2 and [r["user_id"] for r in ok] == ["a", "a", "7", "7", "b"]  # kept by default
+    assert report.truncated == 1
+    summary = json.loads(cfg.summary_path.read_text())
+    assert summary["duplicate_user_ids"] == 2 and summary["truncated_histories"] == 1
+
+    cfg = cfg_for(tmp_path, unique=True, overwrite=True)
+    report = run_batch(cfg, FakeRecommender())
+    ok, bad = assert_exactly_once_in_order(cfg, 7)
+    assert [r["user_id"] for r in ok] == ["a", "7", "b"]
+    dup = {r["row"]: r["reason"] for r in bad if r["user_id"] is not None}
+    assert dup == {3: "duplicate user id (first at row 0); --unique is set",
+                   5: "duplicate user id (first at row 4); --unique is set"}
+    assert report.reasons["duplicate user id"] == 2
+
+
+def test_data_errors_stay_per_row_but_engine_failures_stop_the_job(tmp_path):
     write_users(tmp_path / "users.jsonl", n=12)
-    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / "recs.jsonl", batch_size=12)
+    cfg = cfg_for(tmp_path, batch_size=12)
     report = run_batch(cfg, FakeRecommender(fail_on="8"))  # user 8 has history ["8", "6"]
     bad = {r["row"]: r["reason"] for r in read_jsonl(cfg.errors_path)}
     assert bad[8] == "engine rejected this history"
     assert report.ok + report.errors == 12 and report.ok == 12 - len(bad)
+
+    for error in (EngineError, RuntimeError, MemoryError):
+        cfg = cfg_for(tmp_path, batch_size=4, overwrite=True)
+        with pytest.raises(JobError, match="--resume") as e:
+            run_batch(cfg, FakeRecommender(fail_on="8", error=error))  # the third batch fails
+        if error is MemoryError:
+            assert "lower --batch-size" in str(e.value)
+        assert len(list(cfg.parts_dir.glob("part-*"))) == 2  # the two batches before are kept
+        report = run_batch(cfg_for(tmp_path, batch_size=4, resume=True), FakeRecommender())
+        assert report.skipped_done == 8
+        assert_exactly_once_in_order(cfg, 12)
+
+
+def test_a_full_disk_stops_the_job(tmp_path, monkeypatch):
+    import errno
+
+    from pauserec.runtime import batch
+
+    write_users(tmp_path / "users.jsonl", n=12)
+
+    def full(path, records):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(batch, "_write_lines", full)
+    with pytest.raises(JobError, match="disk is full"):
+        run_batch(cfg_for(tmp_path, batch_size=4), FakeRecommender())
+
+
+def test_a_job_that_fails_before_its_first_row_leaves_nothing(tmp_path):
+    cfg = cfg_for(tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        run_batch(cfg, FakeRecommender())
+    write_users(tmp_path / "users.jsonl", n=5)
+    with pytest.raises(JobError):
+        run_batch(cfg, FakeRecommender(fail_on="1", error=RuntimeError))  # the first batch fails
+    with pytest.raises(PauserecError, match="--beams >= --k"):
+        run_batch(cfg_for(tmp_path, k=30, beams=20), FakeRecommender())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.jsonl"]
+    run_batch(cfg, FakeRecommender())  # the corrected run starts without complaint
 
 
 def test_parquet_in_and_out(tmp_path):
@@ -108,51 +202,142 @@ def test_parquet_in_and_out(tmp_path):
     pq.write_table(users, tmp_path / "users.parquet")
     cfg = BatchConfig(input=tmp_path / "users.parquet", output=tmp_path / "recs.parquet", k=2)
     report = run_batch(cfg, FakeRecommender())
-    out = pq.read_table(cfg.output).to_pylist()
+    table = pq.read_table(cfg.output)
+    assert table.schema.field("items").type == pa.list_(pa.string())
+    assert table.schema.field("scores").type == pa.list_(pa.float32())
+    out = table.to_pylist()
     assert report.ok == 2 and report.errors == 1
     assert [r["user_id"] for r in out] == ["a", "c"] and out[1]["items"] == ["5", "4"]
+    with pytest.raises(DataError, match="--user-field"):
+        run_batch(BatchConfig(input=tmp_path / "users.parquet", output=tmp_path / "o.parquet", user_field="uid"),
+                  FakeRecommender())
 
 
-def test_refuses_to_clobber_or_mix_runs(tmp_path):
+def test_refuses_to_clobber(tmp_path):
     write_users(tmp_path / "users.jsonl", n=5)
-    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / "recs.jsonl")
+    cfg = cfg_for(tmp_path)
     run_batch(cfg, FakeRecommender())
     with pytest.raises(PauserecError, match="--overwrite"):
         run_batch(cfg, FakeRecommender())
+    cfg.output.unlink()  # the errors file and summary are protected too
+    with pytest.raises(PauserecError, match="errors file .* exists"):
+        run_batch(cfg, FakeRecommender())
     cfg.parts_dir.mkdir()
     with pytest.raises(PauserecError, match="--resume"):
-        run_batch(BatchConfig(input=cfg.input, output=cfg.output, overwrite=True), FakeRecommender())
+        run_batch(cfg, FakeRecommender())
+    with pytest.raises(PauserecError, match=f"no readable job.json"):
+        run_batch(cfg_for(tmp_path, resume=True), FakeRecommender())
     with pytest.raises(PauserecError, match=r"\.jsonl or \.parquet"):
         run_batch(BatchConfig(input=cfg.input, output=tmp_path / "recs.csv"), FakeRecommender())
+    run_batch(cfg_for(tmp_path, overwrite=True), FakeRecommender())  # --overwrite discards the stale parts
+    assert_exactly_once_in_order(cfg, 5)
 
 
-def test_kill_9_then_resume_loses_and_duplicates_nothing(tmp_path):
-    write_users(tmp_path / "users.jsonl", n=60)
-    out = tmp_path / "recs.jsonl"
+def _start_and_kill(tmp_path: Path, out: Path, patch: str = "", wait_parts: int = 0, batch_size: int = 4,
+                    delay: float = 0.0) -> None:
+    """Run the job in a subprocess; SIGKILL it when ``patch`` says so, or once ``wait_parts`` parts exist."""
     script = textwrap.dedent(
         f"""
-        import sys
+        import os, shutil, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_batch import FakeRecommender
         from pauserec.runtime.batch import BatchConfig, run_batch
-        cfg = BatchConfig(input=Path({str(tmp_path / 'users.jsonl')!r}), output=Path({str(out)!r}), batch_size=4)
-        run_batch(cfg, FakeRecommender(delay=0.2))
+        def die():
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace, real_rmtree = os.replace, shutil.rmtree
+        """
+    ) + textwrap.dedent(patch) + textwrap.dedent(
+        f"""
+        cfg = BatchConfig(input=Path({str(tmp_path / 'users.jsonl')!r}), output=Path({str(out)!r}),
+                          batch_size={batch_size})
+        run_batch(cfg, FakeRecommender(delay={delay}))
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
-    parts = out.with_name(out.name + ".parts")
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(parts.glob("part-*.jsonl"))) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not out.exists() and len(list(parts.glob("part-*.jsonl"))) >= 3
-    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=out, batch_size=4, resume=True)
+    if wait_parts:
+        parts = out.with_name(out.name + ".parts")
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(parts.glob("part-*.jsonl"))) < wait_parts:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+CRASH_POINTS = {
+    # while writing a part: its temporary file is complete, the rename has not happened
+    "part": """
+        def replace(src, dst):
+            if "part-000000000008" in str(dst): die()
+            real_replace(src, dst)
+        os.replace = replace
+    """,
+    # while merging: the errors file is in place, the output not yet
+    "merge": """
+        def replace(src, dst):
+            if str(dst).endswith("recs.jsonl"): die()
+            real_replace(src, dst)
+        os.replace = replace
+    """,
+    # after the merge, before the summary
+    "summary": """
+        def replace(src, dst):
+            if str(dst).endswith("summary.json"): die()
+            real_replace(src, dst)
+        os.replace = replace
+    """,
+    # while cleaning up: half of the finished parts are deleted
+    "cleanup": """
+        def rmtree(path, ignore_errors=False):
+            files = sorted(Path(path).iterdir())
+            for f in files[: len(files) // 2]: f.unlink()
+            die()
+        shutil.rmtree = rmtree
+    """,
+}
+
+
+@pytest.mark.parametrize("point", [*CRASH_POINTS, "mid-run"])
+def test_kill_9_at_any_point_then_resume_loses_and_duplicates_nothing(tmp_path, point):
+    write_users(tmp_path / "users.jsonl", n=60)
+    out = tmp_path / "recs.jsonl"
+    if point == "mid-run":
+        _start_and_kill(tmp_path, out, wait_parts=3, delay=0.2)
+    else:
+        _start_and_kill(tmp_path, out, patch=CRASH_POINTS[point])
+    cfg = cfg_for(tmp_path, batch_size=4, resume=True)
     report = run_batch(cfg, FakeRecommender())
-    rows = [r["row"] for r in read_jsonl(out) + read_jsonl(cfg.errors_path)]
-    assert sorted(rows) == list(range(60))  # none lost, none duplicated
+    assert_exactly_once_in_order(cfg, 60)
+    assert report.input_rows == 60 and report.ok + report.errors == 60
+    assert json.loads(cfg.summary_path.read_text())["rows_in"] == 60
+    if point == "part":
+        assert report.skipped_done == 8  # parts 0-4 and 4-8 survived, 8-12 was redone
+    if point == "cleanup":
+        assert report.already_complete
+    again = run_batch(cfg, FakeRecommender())  # resuming a finished job is a no-op, not an error
+    assert again.already_complete and again.ok == report.ok
+
+
+def test_resume_continues_only_the_same_job(tmp_path):
+    """The reported failure: kill -9, replace the input by a shuffled subset, resume with another k."""
+    write_users(tmp_path / "users.jsonl", n=60)
+    out = tmp_path / "recs.jsonl"
+    _start_and_kill(tmp_path, out, wait_parts=3, delay=0.2)
+    original = (tmp_path / "users.jsonl").read_bytes()
+    write_users(tmp_path / "users.jsonl", order=np.random.default_rng(0).permutation(60)[:50])
+    with pytest.raises(PauserecError, match=r"the input's content .*k: 10 -> 5.*--overwrite") as e:
+        run_batch(cfg_for(tmp_path, k=5, beams=5, resume=True), FakeRecommender())
+    assert "different job" in str(e.value)
+    (tmp_path / "users.jsonl").write_bytes(original)
+    with pytest.raises(PauserecError, match=r"the engine \(model\)"):
+        run_batch(cfg_for(tmp_path, resume=True), FakeRecommender(tag="b"))
+    with pytest.raises(PauserecError, match="exclude_history: False -> True"):
+        run_batch(cfg_for(tmp_path, resume=True, exclude_history=True), FakeRecommender())
+    report = run_batch(cfg_for(tmp_path, resume=True), FakeRecommender())  # the same job: continues
     assert report.skipped_done >= 12
+    assert_exactly_once_in_order(cfg_for(tmp_path), 60)
+    with pytest.raises(PauserecError, match="from another job"):
+        run_batch(cfg_for(tmp_path, k=5, beams=5, resume=True), FakeRecommender())
 
 
 def test_recommend_cli_on_a_real_engine(trained_engines, tmp_path):
@@ -178,3 +363,37 @@ def test_recommend_cli_on_a_real_engine(trained_engines, tmp_path):
     assert "2 users recommended, 2 rejected" in res.output
     res = CliRunner().invoke(app, ["recommend", str(tmp_path / "nope"), "-i", str(inp), "-o", str(out)])
     assert res.exit_code == 2 and "error" in res.output
+
+
+def test_filters_in_the_batch_job_match_the_library(trained_engines, tmp_path):
+    from typer.testing import CliRunner
+
+    from pauserec.cli.main import app
+    from pauserec.runtime import Engine, Recommender
+
+    rec = Recommender(Engine.load(trained_engines["direct"], threads=1))
+    ids = list(rec.catalog.item_ids)
+    banned = ids[10:30]
+    (tmp_path / "banned.txt").write_text("# out of stock\n" + "\n".join(banned) + "\n\n")
+    rows = [{"user_id": "a", "history": ids[1:4]},
+            {"user_id": "b", "history": ids[4:6], "exclude": ids[40:60]},
+            {"user_id": "c", "history": ids[6:8], "allow": ids[:100]},
+            {"user_id": "d", "history": ids[8:9], "exclude": ["no-such-item"]}]
+    (tmp_path / "users.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "recs.jsonl"
+    res = CliRunner().invoke(app, ["recommend", str(trained_engines["direct"]), "-i", str(tmp_path / "users.jsonl"),
+                                   "-o", str(out), "--k", "5", "--beams", "8", "--threads", "1",
+                                   "--exclude-history", "--exclude-file", str(tmp_path / "banned.txt")])
+    assert res.exit_code == 0, res.output
+    got = {r["user_id"]: r["items"] for r in read_jsonl(out)}
+    errors = read_jsonl(tmp_path / "recs.errors.jsonl")
+    assert [e["user_id"] for e in errors] == ["d"] and errors[0]["reason"].startswith("unknown item ids in exclude")
+    for r in rows[:3]:
+        want = rec.recommend([r["history"]], k=5, beams=8, exclude=[set(banned) | set(r.get("exclude", ()))],
+                             allow=[r.get("allow")], exclude_history=True)
+        assert got[r["user_id"]] == [x for x in want.items[0] if x]
+        assert not set(got[r["user_id"]]) & (set(banned) | set(r["history"]) | set(r.get("exclude", ())))
+    assert set(got["c"]) <= set(ids[:100])
+    res = CliRunner().invoke(app, ["recommend", str(trained_engines["direct"]), "-i", str(tmp_path / "users.jsonl"),
+                                   "-o", str(tmp_path / "x.jsonl"), "--exclude-file", str(tmp_path / "users.jsonl")])
+    assert res.exit_code == 2 and "--exclude-file" in res.output  # unknown ids in the file: refused up front

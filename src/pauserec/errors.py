@@ -31,3 +31,7 @@ class EngineError(PauserecError):
 
 class BackendUnavailable(PauserecError):
     """An explicitly requested implementation or backend is not installed or has no device."""
+
+
+class JobError(PauserecError):
+    """A batch job itself failed (engine, memory, disk); rows finished before are kept for --resume."""

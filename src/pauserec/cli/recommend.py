@@ -1,4 +1,4 @@
-"""`pauserec recommend`: the batch job over JSONL/Parquet (see pauserec.runtime.batch)."""
+"""`pauserec recommend`: the batch job over JSONL/Parquet (pauserec.runtime.batch; --ray: pauserec.runtime.ray_job)."""
 
 from __future__ import annotations
 
@@ -16,28 +16,41 @@ def recommend(
     output: Path = typer.Option(..., "--output", "-o", help="recs.jsonl or recs.parquet."),
     errors: Path = typer.Option(None, "--errors", help="Rejected rows (default: <output>.errors.jsonl)."),
     k: int = typer.Option(10, "--k", help="Items per user."),
-    beams: int = typer.Option(20, "--beams", help="Beam width of the trie-constrained search."),
+    beams: int = typer.Option(20, "--beams", help="Beam width of the trie-constrained search (>= --k)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Users per batch (and per crash-safe part)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same job."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or discard an interrupted run."),
+    unique: bool = typer.Option(False, "--unique", help="A repeated user id is an error row (default: kept, counted)."),
+    exclude_history: bool = typer.Option(False, "--exclude-history", help="Never recommend a user's own history items."),
+    exclude_file: Path = typer.Option(None, "--exclude-file", help="Item ids never recommended, one per line."),
+    user_field: str = typer.Option("user_id", "--user-field", help="Input field of the user id."),
+    history_field: str = typer.Option("history", "--history-field", help="Input field of the history."),
     provider: str = typer.Option("auto", "--provider", help="auto|cpu|cuda|tensorrt"),
-    threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: all cores)."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: all cores; with --ray: per actor)."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (pip install 'pauserec[ray]')."),
+    address: str = typer.Option(None, "--address", help="With --ray: a running cluster (default: start a local one)."),
+    concurrency: int = typer.Option(1, "--concurrency", help="With --ray: number of actors, one engine each."),
 ) -> None:
     """Recommend items for every user of a JSONL/Parquet file; bad rows go to an errors file."""
+    from pauserec.runtime.batch import BatchConfig
+
+    cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams, batch_size=batch_size,
+                      resume=resume, overwrite=overwrite, unique=unique, user_field=user_field,
+                      history_field=history_field, exclude_history=exclude_history, exclude_file=exclude_file)
+    if ray:
+        report = _run_ray(cfg, engine, address, concurrency, threads, provider)
+    else:
+        report = _run_local(cfg, engine, provider, threads)
+    _print(report)
+
+
+def _run_local(cfg, engine: Path, provider: str, threads: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pauserec.runtime import Engine, Recommender
-    from pauserec.runtime.batch import BatchConfig, count_rows, run_batch
+    from pauserec.runtime.batch import count_rows, run_batch
 
-    cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams,
-                      batch_size=batch_size, resume=resume, overwrite=overwrite)
-    eng = Engine.load(engine, provider=provider, threads=threads)
-    rec = Recommender(eng)
-    prefixes = eng.catalog.token_prefixes
-
-    def sid_text(codes) -> str:
-        return "".join(f"<{p}_{int(c)}>" for p, c in zip(prefixes, codes))
-
+    rec = Recommender(Engine.load(engine, provider=provider, threads=threads))
     columns = (TextColumn("recommend"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} users/s"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
@@ -49,10 +62,34 @@ def recommend(
             if t.elapsed:
                 bar.update(task, rate=f"{t.completed / t.elapsed:,.0f}")
 
-        report = run_batch(cfg, rec, sid_text=sid_text, progress=progress)
+        return run_batch(cfg, rec, progress=progress)
+
+
+def _run_ray(cfg, engine: Path, address: str | None, concurrency: int, threads: int | None, provider: str):
+    from pauserec.errors import BackendUnavailable
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise BackendUnavailable("--ray needs Ray: pip install 'pauserec[ray]'") from None
+    from pauserec.runtime.ray_job import run_ray
+
+    return run_ray(cfg, engine, address=address, concurrency=concurrency, threads=threads,
+                   provider="cpu" if provider == "auto" else provider)
+
+
+def _print(report) -> None:
+    if report.already_complete:
+        console.print(f"the job is complete already (--resume): {report.ok:,} users recommended, "
+                      f"{report.errors:,} rejected\n  summary: {report.summary_file}")
+        return
+    extra = [f"{report.skipped_done:,} already done" if report.skipped_done else "",
+             f"{report.duplicates:,} repeated user ids" if report.duplicates else "",
+             f"{report.truncated:,} histories truncated" if report.truncated else ""]
     console.print(
         f"{report.ok:,} users recommended, {report.errors:,} rejected"
         + (f" ({', '.join(f'{k}: {v}' for k, v in report.reasons.items())})" if report.reasons else "")
-        + (f", {report.skipped_done:,} already done" if report.skipped_done else "")
+        + "".join(f", {e}" for e in extra if e)
         + f" in {report.seconds:.1f}s\n  output: {report.output}\n  errors: {report.errors_file}"
+        + f"\n  summary: {report.summary_file}"
     )

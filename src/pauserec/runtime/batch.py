@@ -1,60 +1,94 @@
-"""The batch recommend job: users in (JSONL or Parquet), recommendations out, crash-safe and resumable.
+"""The local batch recommend job: users in (JSONL or Parquet, streamed), recommendations out.
 
-Input rows carry a user id and a history of external item ids::
+Input rows carry a user id and a history of external item ids (optionally ``exclude`` / ``allow``
+lists of item ids)::
 
     {"user_id": "u1", "history": ["12", "7", "301"]}
 
-Every input row ends up in exactly one of two places: the output (one row of recommendations) or
-the errors file (the row number, the user id and the reason: malformed JSON, empty history, unknown
-item ids, ...). Bad rows never stop the job.
+Every input row ends up exactly once, in input order, in one of two files: the output (its
+recommendations) or the errors file (row number, user id, reason). The per-row rules are in
+:mod:`pauserec.runtime.rows`; a failure of the job itself (engine, memory, disk) stops the job
+with :class:`JobError` instead of being written as per-row errors.
 
-Crash safety: rows are processed in chunks of ``batch_size`` input rows. Each chunk's results are
-written to a part file in ``<output>.parts/`` (write to a temporary name, fsync, rename), so a part
-is either complete or absent. At the end the parts are merged into the output and errors files,
-each written to a temporary name and renamed into place, and the parts folder is removed. A run
-killed at any point (even ``kill -9``) and started again with ``resume=True`` skips the rows already
-in parts: no user is lost and none is duplicated, and the output never holds a truncated row.
+Files, for ``--output recs.jsonl``: ``recs.jsonl``, ``recs.errors.jsonl``, ``recs.summary.json``
+(rows in/out, errors by reason, duplicates, truncated histories, users/s, engine, options), and
+while the job runs ``recs.jsonl.parts/``: ``job.json`` (what this job is) and one part file per
+chunk of consecutive input rows, ``part-<first row>-<end row>.jsonl``.
+
+Crash safety and resume:
+
+- A part is written to a temporary name, fsynced and renamed, so it is complete or absent.
+- ``job.json`` records the input's content fingerprint, the engine's fingerprint and every option
+  that changes results. ``--resume`` continues only the same job; anything else is refused with
+  what changed. Parts always tile rows [0, n) with no gap, so the rows done are known from the
+  part names alone (no state that grows with the input).
+- At the end the parts are merged into the three files (temporary names, fsync, rename; the output
+  is renamed last), then the parts folder is renamed away and deleted. A crash at any of these
+  points is resumed by ``--resume``: the merge is redone from the parts, which are removed only
+  after the output is in place.
+- Nothing is created before the first chunk is written, so a job that fails before its first row
+  leaves nothing behind.
+
+Memory stays flat in the number of users: input is streamed, parts are merged one at a time
+(Parquet in row groups of :data:`ROW_GROUP` rows), and duplicate detection keeps 16 bytes per row.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from pauserec.errors import DataError, PauserecError
+from pauserec.errors import DataError, JobError, PauserecError
+from pauserec.runtime.rows import (RecommenderLike, Row, RowOptions, default_sid_text, parse_line, parse_record,
+                                   reason_kind, recommend_rows)
 
 PARTS_SUFFIX = ".parts"
+JOB_FILE = "job.json"
+JOB_VERSION = 1
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
-
-
-class RecommenderLike(Protocol):
-    def validate_history(self, history: list) -> str | None: ...
-    def recommend(self, histories: list[list], k: int = 10, beams: int = 20) -> Any: ...
+READ_BATCH = 4096  # Parquet rows decoded at a time
+ROW_GROUP = 8192  # output rows per Parquet row group (buffered as Python records: keep it small)
 
 
 @dataclass(frozen=True)
 class BatchConfig:
     input: Path
     output: Path
-    errors: Path | None = None  # default: <output stem>.errors.jsonl beside the output
+    errors: Path | None = None  # default: <output without its suffix>.errors.jsonl
     k: int = 10
     beams: int = 20
     batch_size: int = 64
     resume: bool = False
     overwrite: bool = False
+    unique: bool = False  # a repeated user id is an error row (default: kept and counted)
     user_field: str = "user_id"
     history_field: str = "history"
+    exclude_history: bool = False
+    exclude_file: Path | None = None  # item ids excluded for every user, one per line
+
+    @property
+    def _stem(self) -> Path:
+        return self.output.with_name(self.output.name[: -len(self.output.suffix)] if self.output.suffix else self.output.name)
 
     @property
     def errors_path(self) -> Path:
-        return self.errors or self.output.with_name(self.output.name.split(".")[0] + ".errors.jsonl")
+        return self.errors or self._stem.with_name(self._stem.name + ".errors.jsonl")
+
+    @property
+    def summary_path(self) -> Path:
+        return self._stem.with_name(self._stem.name + ".summary.json")
 
     @property
     def parts_dir(self) -> Path:
@@ -67,87 +101,119 @@ class BatchReport:
     ok: int = 0
     errors: int = 0
     skipped_done: int = 0  # rows found already done in parts on --resume
+    duplicates: int = 0  # rows whose user id appeared in an earlier row
+    truncated: int = 0  # histories longer than the engine keeps (most recent items used)
     seconds: float = 0.0
     output: str = ""
     errors_file: str = ""
+    summary_file: str = ""
     reasons: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class Row:
-    index: int
-    user_id: str
-    history: list | None  # None when the row is malformed
-    reason: str | None = None
+    already_complete: bool = False  # --resume found the job finished: nothing was run
 
 
 # -- input ----------------------------------------------------------------------------------------
-def _format_of(path: Path, what: str) -> str:
+def format_of(path: Path, what: str) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"{what} {path} must end in .jsonl or .parquet")
     return fmt
 
 
-def _row_from_record(index: int, rec: Any, cfg: BatchConfig) -> Row:
-    if not isinstance(rec, dict):
-        return Row(index, str(index), None, "row is not a JSON object")
-    user = rec.get(cfg.user_field)
-    user_id = str(index) if user is None else str(user)
-    hist = rec.get(cfg.history_field)
-    if hist is None:
-        return Row(index, user_id, None, f"missing field {cfg.history_field!r}")
-    if isinstance(hist, np.ndarray):
-        hist = hist.tolist()
-    if not isinstance(hist, list):
-        return Row(index, user_id, None, f"{cfg.history_field!r} must be a list of item ids")
-    return Row(index, user_id, hist)
-
-
-def iter_rows(cfg: BatchConfig) -> Iterator[Row]:
-    """Input rows in order; malformed rows come out with a reason instead of raising."""
-    if not cfg.input.is_file():
-        raise DataError(f"input file {cfg.input} not found")
-    if _format_of(cfg.input, "input") == "jsonl":
-        with cfg.input.open("r", encoding="utf-8", errors="replace") as f:
-            for index, line in enumerate(f):
-                if not line.strip():
-                    yield Row(index, str(index), None, "empty line")
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Row(index, str(index), None, f"malformed JSON: {e.msg} at column {e.colno}")
-                    continue
-                yield _row_from_record(index, rec, cfg)
-        return
+def _open_parquet(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(cfg.input)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
-        raise DataError(f"cannot read {cfg.input} as Parquet ({e}); check the file") from e
-    if cfg.history_field not in pf.schema_arrow.names:
-        raise DataError(f"{cfg.input} has no column {cfg.history_field!r} (columns: {pf.schema_arrow.names})")
-    index = 0
-    for batch in pf.iter_batches(batch_size=4096):
+        raise DataError(f"cannot read {path} as Parquet ({e}); check the file") from e
+
+
+def check_input(cfg: BatchConfig) -> None:
+    """What can be known of the input before its first row: it exists, and a Parquet file has the columns."""
+    if not cfg.input.is_file():
+        raise DataError(f"input file {cfg.input} not found")
+    if format_of(cfg.input, "input") == "parquet":
+        names = _open_parquet(cfg.input).schema_arrow.names
+        for col, flag in ((cfg.user_field, "--user-field"), (cfg.history_field, "--history-field")):
+            if col not in names:
+                raise DataError(f"{cfg.input} has no column {col!r} (columns: {', '.join(names)}); "
+                                f"name the right one with {flag}")
+
+
+def iter_rows(cfg: BatchConfig, opts: RowOptions) -> Iterator[Row]:
+    """Input rows in order, streamed; malformed rows come out with a reason instead of raising."""
+    if format_of(cfg.input, "input") == "jsonl":
+        with cfg.input.open("r", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                yield parse_line(line, opts)
+        return
+    pf = _open_parquet(cfg.input)
+    wanted = [cfg.user_field, cfg.history_field, "exclude", "allow"]
+    columns = [c for c in wanted if c in pf.schema_arrow.names]
+    for batch in pf.iter_batches(batch_size=READ_BATCH, columns=columns):
         for rec in batch.to_pylist():
-            yield _row_from_record(index, rec, cfg)
-            index += 1
+            yield parse_record(rec, opts)
 
 
 def count_rows(cfg: BatchConfig) -> int | None:
     """Number of input rows (for progress bars); None when it cannot be known cheaply."""
     try:
-        if _format_of(cfg.input, "input") == "jsonl":
-            with open(cfg.input, "rb") as f:
-                data = f.read()
-            return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(cfg.input).metadata.num_rows
-    except Exception:
+        if format_of(cfg.input, "input") == "parquet":
+            return _open_parquet(cfg.input).metadata.num_rows
+        n, last = 0, b"\n"
+        with open(cfg.input, "rb") as f:
+            while block := f.read(1 << 20):
+                n, last = n + block.count(b"\n"), block[-1:]
+        return n + (last != b"\n")
+    except (OSError, PauserecError):
         return None
+
+
+def fingerprint_file(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file's content, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def read_item_list(path: Path) -> frozenset[str]:
+    """Item ids, one per line (blank lines and ``#`` comments ignored)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DataError(f"cannot read the item list {path} ({e.strerror}); check the path") from e
+    return frozenset(s for line in lines if (s := line.strip()) and not s.startswith("#"))
+
+
+# -- job identity ---------------------------------------------------------------------------------
+def job_identity(cfg: BatchConfig, recommender: RecommenderLike) -> dict[str, Any]:
+    """Everything that decides this job's results: a resume must match it exactly."""
+    options = {"k": cfg.k, "beams": cfg.beams, "unique": cfg.unique, "user_field": cfg.user_field,
+               "history_field": cfg.history_field, "exclude_history": cfg.exclude_history,
+               "exclude_file": fingerprint_file(cfg.exclude_file)["sha256"] if cfg.exclude_file else None,
+               "output": cfg.output.name, "errors": str(cfg.errors_path.name)}
+    fp = getattr(recommender, "fingerprint", None)
+    return {"version": JOB_VERSION, "input": fingerprint_file(cfg.input),
+            "engine": fp() if fp else {"recommender": type(recommender).__name__}, "options": options}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    if old.get("version") != new["version"]:
+        return [f"job format {old.get('version')} -> {new['version']}"]
+    if old["input"] != new["input"]:
+        o, n = old["input"], new["input"]
+        out.append(f"the input's content ({o['bytes']:,} bytes, sha256 {o['sha256'][:12]}… -> "
+                   f"{n['bytes']:,} bytes, sha256 {n['sha256'][:12]}…)")
+    if old["engine"] != new["engine"]:
+        keys = sorted(k for k in {*old["engine"], *new["engine"]} if old["engine"].get(k) != new["engine"].get(k))
+        out.append(f"the engine ({', '.join(keys)})")
+    for key, value in new["options"].items():
+        if old["options"].get(key) != value:
+            out.append(f"{key}: {old['options'].get(key)!r} -> {value!r}")
+    return out
 
 
 # -- parts ----------------------------------------------------------------------------------------
@@ -168,163 +234,312 @@ def _write_lines(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def _read_parts(parts: Path) -> tuple[list[Path], set[int]]:
-    files = sorted(parts.glob("part-*.jsonl"))
-    done: set[int] = set()
-    for p in files:
-        with open(p, encoding="utf-8") as f:
-            done.update(json.loads(line)["row"] for line in f)
-    return files, done
+def _part_name(first: int, end: int) -> str:
+    return f"part-{first:012d}-{end:012d}.jsonl"
 
 
-def _prepare(cfg: BatchConfig) -> tuple[int, set[int]]:
-    """Check the output side; return (next part number, rows already done)."""
-    _format_of(cfg.output, "output")
+def scan_parts(parts: Path) -> tuple[list[Path], int]:
+    """Part files in row order and the number of rows they cover; JobError when they leave a gap."""
+    for stale in parts.glob(".part-*.tmp-*"):  # a part whose write was interrupted
+        stale.unlink(missing_ok=True)
+    files, end = [], 0
+    for p in sorted(parts.glob("part-*-*.jsonl")):
+        first, stop = (int(x) for x in p.stem.split("-")[1:3])
+        if first != end or stop <= first:
+            raise JobError(f"{parts} is inconsistent (rows {end}..{first - 1} are missing before {p.name}); "
+                           "pass --overwrite to discard it and start over")
+        files.append(p)
+        end = stop
+    return files, end
+
+
+def _trash_dirs(cfg: BatchConfig) -> list[Path]:
+    return list(cfg.parts_dir.parent.glob(f".{cfg.parts_dir.name}.done-*"))
+
+
+def _prepare(cfg: BatchConfig, identity: dict[str, Any]) -> int:
+    """Check the output side against what is on disk; return the rows already done (resume)."""
+    for trash in _trash_dirs(cfg):  # a crash while removing the parts of a finished job
+        shutil.rmtree(trash, ignore_errors=True)
     parts = cfg.parts_dir
     if parts.exists():
-        if not cfg.resume:
-            raise PauserecError(
-                f"{parts} holds an interrupted run; pass --resume to continue it, or delete that folder to start over"
-            )
-        files, done = _read_parts(parts)
-        return len(files) + 1, done
-    if cfg.output.exists() and not cfg.overwrite:
-        hint = "it is complete already" if cfg.resume else "pass --overwrite to replace it"
-        raise PauserecError(f"output {cfg.output} exists; {hint}")
-    parts.mkdir(parents=True)
-    return 1, set()
+        if cfg.overwrite:
+            shutil.rmtree(parts)
+        elif not cfg.resume:
+            raise PauserecError(f"{parts} holds an interrupted run; pass --resume to continue it, "
+                                "or --overwrite to discard it and start over")
+        else:
+            try:
+                old = json.loads((parts / JOB_FILE).read_text())
+            except (OSError, ValueError):
+                raise PauserecError(f"{parts} has no readable {JOB_FILE}, so what it holds cannot be trusted; "
+                                    "pass --overwrite to discard it and start over") from None
+            diffs = _differences(old, identity)
+            if diffs:
+                raise PauserecError(f"{parts} holds an interrupted run of a different job; changed since: "
+                                    f"{'; '.join(diffs)}. Rerun with the same input, engine and options to "
+                                    "continue it, or pass --overwrite to discard it and start over")
+            return scan_parts(parts)[1]
+    if cfg.resume and cfg.output.exists():
+        try:
+            summary = json.loads(cfg.summary_path.read_text())
+        except (OSError, ValueError):
+            summary = {}
+        diffs = _differences(summary["job"], identity) if "job" in summary else ["(no summary of that job)"]
+        if diffs:
+            raise PauserecError(f"output {cfg.output} exists from another job; changed since: {'; '.join(diffs)}. "
+                                "Pass --overwrite to replace it, or choose another --output")
+        raise _Complete(summary)
+    for path, what in ((cfg.output, "output"), (cfg.errors_path, "errors file"), (cfg.summary_path, "summary")):
+        if path.exists() and not cfg.overwrite:
+            raise PauserecError(f"{what} {path} exists; pass --overwrite to replace it, or choose another --output")
+    return 0
 
 
-def _iter_part_records(parts: Path) -> Iterator[list[dict]]:
-    # Parts are written in input order (a crash only loses the chunk in flight), so streaming them
-    # by part number keeps the output in input order without holding it all in memory.
-    for p in sorted(parts.glob("part-*.jsonl")):
+class _Complete(Exception):
+    """--resume of a job that already finished (carries its summary)."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+
+
+# -- merge ----------------------------------------------------------------------------------------
+def _iter_part_records(files: list[Path]) -> Iterator[list[dict]]:
+    for p in files:
         with open(p, encoding="utf-8") as f:
             yield [json.loads(line) for line in f]
 
 
-def _merge(cfg: BatchConfig, report: BatchReport) -> None:
-    """Parts -> output + errors files (each written atomically), then remove the parts."""
-    fmt = _format_of(cfg.output, "output")
+def _duplicates(files: list[Path]) -> dict[int, int]:
+    """{row: first row with the same user id} for every row whose user id appeared earlier.
 
-    def write_outputs(out_tmp: Path, err_tmp: Path) -> None:
-        writer = None
+    One pass over the parts keeping a 64-bit hash and a row number per row (16 bytes a row);
+    equal hashes of different ids (odds ~n^2 / 2^65) would be reported as duplicates."""
+    hashes, rows = array("q"), array("q")
+    for records in _iter_part_records(files):
+        for r in records:
+            if r["user_id"] is not None:
+                hashes.append(hash(r["user_id"]))
+                rows.append(r["row"])
+    if not hashes:
+        return {}
+    h, row = np.frombuffer(hashes, np.int64), np.frombuffer(rows, np.int64)
+    order = np.argsort(h, kind="stable")  # rows ascend inside a group of equal hashes
+    hs = h[order]
+    start = np.r_[True, hs[1:] != hs[:-1]]
+    first = row[order][np.maximum.accumulate(np.where(start, np.arange(len(hs)), 0))]
+    dup = ~start
+    return dict(zip(row[order][dup].tolist(), first[dup].tolist()))
+
+
+def output_schema():
+    import pyarrow as pa
+
+    return pa.schema([("row", pa.int64()), ("user_id", pa.string()), ("items", pa.list_(pa.string())),
+                      ("scores", pa.list_(pa.float32())), ("sids", pa.list_(pa.string()))])
+
+
+class _OutputWriter:
+    """Recommendation rows -> JSONL lines or typed Parquet row groups."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.fmt, self.buffer = fmt, []
         if fmt == "parquet":
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            schema = pa.schema(
-                [("row", pa.int64()), ("user_id", pa.string()), ("items", pa.list_(pa.string())),
-                 ("scores", pa.list_(pa.float32())), ("sids", pa.list_(pa.string()))]
-            )
-            writer = pq.ParquetWriter(out_tmp, schema)
-        with open(err_tmp, "w", encoding="utf-8") as ferr, open(
-            out_tmp if fmt == "jsonl" else os.devnull, "w", encoding="utf-8"
-        ) as fout:
-            for records in _iter_part_records(cfg.parts_dir):
-                ok = [r for r in records if "reason" not in r]
+            self.schema = output_schema()
+            self.writer = pq.ParquetWriter(path, self.schema)
+        else:
+            self.file = open(path, "w", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        if self.fmt == "jsonl":
+            self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            return
+        self.buffer.append(rec)
+        if len(self.buffer) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
+            self.buffer = []
+
+    def close(self) -> None:
+        if self.fmt == "jsonl":
+            self.file.close()
+        else:
+            self._flush()
+            self.writer.close()
+
+
+def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
+    """Parts -> output + errors (each in input order), counting into ``report``; nothing is renamed into
+    place unless every input row is accounted for."""
+    dups = _duplicates(files)
+    report.duplicates = len(dups)
+    tmp = {p: p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (cfg.output, cfg.errors_path)}
+    try:
+        out = _OutputWriter(tmp[cfg.output], format_of(cfg.output, "output"))
+        with open(tmp[cfg.errors_path], "w", encoding="utf-8") as ferr:
+            for records in _iter_part_records(files):
                 for r in records:
+                    if cfg.unique and r["row"] in dups:
+                        r = {"row": r["row"], "user_id": r["user_id"],
+                             "reason": f"duplicate user id (first at row {dups[r['row']]}); --unique is set"}
                     if "reason" in r:
                         ferr.write(json.dumps(r, ensure_ascii=False) + "\n")
-                        kind = r["reason"].split(":")[0]
+                        kind = reason_kind(r["reason"])
                         report.reasons[kind] = report.reasons.get(kind, 0) + 1
-                if writer is not None:
-                    if ok:
-                        writer.write_table(pa.Table.from_pylist(ok, schema=schema))
-                else:
-                    for r in ok:
-                        fout.write(json.dumps(r, ensure_ascii=False) + "\n")
-                report.ok += len(ok)
-                report.errors += len(records) - len(ok)
-        if writer is not None:
-            writer.close()
-
-    out_tmp = cfg.output.with_name(f".{cfg.output.name}.tmp-{os.getpid()}")
-    err_tmp = cfg.errors_path.with_name(f".{cfg.errors_path.name}.tmp-{os.getpid()}")
-    try:
-        write_outputs(out_tmp, err_tmp)
-        for tmp in (out_tmp, err_tmp):
-            with open(tmp, "rb") as f:
+                        report.errors += 1
+                    else:
+                        report.truncated += r.pop("truncated", 0) > 0
+                        out.write(r)
+                        report.ok += 1
+        out.close()
+        if report.ok + report.errors != report.input_rows:
+            raise JobError(f"row accounting failed: {report.input_rows:,} rows in, {report.ok:,} out + "
+                           f"{report.errors:,} errors; {cfg.parts_dir} is kept: pass --overwrite to start over")
+        for t in tmp.values():
+            with open(t, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(err_tmp, cfg.errors_path)
-        os.replace(out_tmp, cfg.output)
+        os.replace(tmp[cfg.errors_path], cfg.errors_path)
+        os.replace(tmp[cfg.output], cfg.output)  # last: the output's presence means the job is done
     finally:
-        out_tmp.unlink(missing_ok=True)
-        err_tmp.unlink(missing_ok=True)
-    shutil.rmtree(cfg.parts_dir)
+        for t in tmp.values():
+            t.unlink(missing_ok=True)
+
+
+def _summary(cfg: BatchConfig, identity: dict[str, Any], report: BatchReport, processed: int) -> dict[str, Any]:
+    return {
+        "input": str(cfg.input), "input_bytes": identity["input"]["bytes"], "input_sha256": identity["input"]["sha256"],
+        "output": str(cfg.output), "errors": str(cfg.errors_path), "engine": identity["engine"],
+        "options": {**identity["options"], "batch_size": cfg.batch_size, "exclude_file": str(cfg.exclude_file or "")},
+        "rows_in": report.input_rows, "rows_out": report.ok, "error_rows": report.errors,
+        "errors_by_reason": dict(sorted(report.reasons.items(), key=lambda kv: -kv[1])),
+        "duplicate_user_ids": report.duplicates, "truncated_histories": report.truncated,
+        "rows_done_before_resume": report.skipped_done, "rows_this_run": processed,
+        "seconds_this_run": round(report.seconds, 3),
+        "users_per_second": round(processed / report.seconds, 2) if report.seconds > 0 else None,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "job": identity,
+    }
+
+
+def _report_of(cfg: BatchConfig, summary: dict[str, Any]) -> BatchReport:
+    return BatchReport(input_rows=summary["rows_in"], ok=summary["rows_out"], errors=summary["error_rows"],
+                       skipped_done=summary["rows_in"], duplicates=summary["duplicate_user_ids"],
+                       truncated=summary["truncated_histories"], output=str(cfg.output),
+                       errors_file=str(cfg.errors_path), summary_file=str(cfg.summary_path),
+                       reasons=summary["errors_by_reason"], already_complete=True)
 
 
 # -- the job --------------------------------------------------------------------------------------
-def _recommend_chunk(rec: RecommenderLike, rows: list[Row], cfg: BatchConfig, sid_text) -> list[dict]:
-    out: list[dict] = []
-    good: list[Row] = []
-    for row in rows:
-        reason = row.reason or rec.validate_history(row.history)
-        if reason:
-            out.append({"row": row.index, "user_id": row.user_id, "reason": reason})
-        else:
-            good.append(row)
-    # A batch-level failure is retried row by row, so one bad row cannot sink its neighbours.
-    groups = [good] if good else []
-    while groups:
-        group = groups.pop()
-        try:
-            res = rec.recommend([r.history for r in group], k=cfg.k, beams=cfg.beams)
-        except PauserecError as e:
-            if len(group) == 1:
-                out.append({"row": group[0].index, "user_id": group[0].user_id, "reason": str(e)})
-            else:
-                groups.extend([[r] for r in group])
-            continue
-        for i, row in enumerate(group):
-            keep = res.item_index[i] >= 0
-            out.append(
-                {
-                    "row": row.index,
-                    "user_id": row.user_id,
-                    "items": [str(x) for x in res.items[i][keep]],
-                    "scores": [round(float(s), 6) for s in res.scores[i][keep]],
-                    "sids": [sid_text(s) for s in res.sids[i][keep]],
-                }
-            )
-    return out
+def _job_failure(e: BaseException, first: int | None, cfg: BatchConfig) -> JobError:
+    where = f"at input rows from {first}" if first is not None else "before its first row"
+    if isinstance(e, MemoryError):
+        why = "out of memory: lower --batch-size or --beams"
+    elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        why = f"the disk is full ({e.filename or cfg.parts_dir}): free space"
+    elif isinstance(e, PauserecError):
+        why = str(e)
+    else:
+        why = f"{type(e).__name__}: {e}"
+    return JobError(f"the job stopped {where}: {why}. Rows finished before are kept in {cfg.parts_dir} "
+                    "(when it exists); fix the cause and rerun with --resume")
 
 
-def run_batch(
-    cfg: BatchConfig,
-    recommender: RecommenderLike,
-    sid_text: Callable[[np.ndarray], str] = lambda codes: " ".join(map(str, codes)),
-    progress: Callable[[int], None] | None = None,
-) -> BatchReport:
-    """Run the whole job; ``progress(n)`` is called with the number of input rows just handled."""
-    import time
-
-    t0 = time.perf_counter()
+def _preflight(cfg: BatchConfig, recommender: RecommenderLike, opts: RowOptions) -> None:
     if cfg.k < 1 or cfg.beams < 1 or cfg.batch_size < 1:
         raise PauserecError("--k, --beams and --batch-size must all be >= 1")
-    part_no, done = _prepare(cfg)
-    report = BatchReport(skipped_done=len(done))
+    if cfg.k > cfg.beams:
+        raise PauserecError(f"--k {cfg.k} > --beams {cfg.beams}: a search with {cfg.beams} beams names at most "
+                            f"{cfg.beams} SIDs, so rows would come out short; pass --beams >= --k")
+    format_of(cfg.output, "output")
+    check_input(cfg)
+    check = getattr(recommender, "check_request", None)
+    if check is not None:
+        check(cfg.k, cfg.beams)
+    if opts.exclude:
+        why = recommender.validate_filter(sorted(opts.exclude), "exclude")  # type: ignore[attr-defined]
+        if why:
+            raise DataError(f"--exclude-file {cfg.exclude_file}: {why}; remove them from the file")
+
+
+def run_batch(cfg: BatchConfig, recommender: RecommenderLike, progress: Callable[[int], None] | None = None,
+              sid_text: Callable[[np.ndarray], str] | None = None) -> BatchReport:
+    """Run (or resume) the whole job; ``progress(n)`` is called with the number of input rows just handled."""
+    t0 = time.perf_counter()
+    exclude = read_item_list(cfg.exclude_file) if cfg.exclude_file else frozenset()
+    opts = RowOptions(k=cfg.k, beams=cfg.beams, user_field=cfg.user_field, history_field=cfg.history_field,
+                      exclude_history=cfg.exclude_history, exclude=exclude)
+    _preflight(cfg, recommender, opts)
+    sid_text = sid_text or getattr(recommender, "sid_text", default_sid_text)
+    stat0 = _stat(cfg.input)
+    identity = job_identity(cfg, recommender)
+    try:
+        done = _prepare(cfg, identity)
+    except _Complete as c:  # nothing left to do: report the finished job
+        return _report_of(cfg, c.summary)
+    report = BatchReport(skipped_done=done)
+    if progress and done:
+        progress(done)
     chunk: list[Row] = []
+    first: int | None = None
+    processed = 0
 
     def flush() -> None:
-        nonlocal part_no, chunk
-        records = _recommend_chunk(recommender, chunk, cfg, sid_text)
-        _atomic_write(cfg.parts_dir / f"part-{part_no:06d}.jsonl", lambda tmp: _write_lines(tmp, records))
-        part_no += 1
+        nonlocal chunk, first, processed
+        records = recommend_rows(recommender, chunk, opts, sid_text)
+        for i, r in enumerate(records):
+            r["row"] = first + i
+        if not cfg.parts_dir.exists():  # the first part of this job: only now is anything created
+            cfg.parts_dir.mkdir(parents=True)
+            _atomic_write(cfg.parts_dir / JOB_FILE, lambda tmp: tmp.write_text(json.dumps(identity, indent=1)))
+        end = first + len(chunk)
+        _atomic_write(cfg.parts_dir / _part_name(first, end), lambda tmp: _write_lines(tmp, records))
+        processed += len(chunk)
         if progress:
             progress(len(chunk))
-        chunk = []
+        chunk, first = [], None
 
-    for row in iter_rows(cfg):
-        report.input_rows += 1
-        if row.index in done:
-            continue
-        chunk.append(row)
-        if len(chunk) >= cfg.batch_size:
+    try:
+        for index, row in enumerate(iter_rows(cfg, opts)):
+            report.input_rows += 1
+            if index < done:
+                continue
+            if first is None:
+                first = index
+            chunk.append(row)
+            if len(chunk) >= cfg.batch_size:
+                flush()
+        if chunk:
             flush()
-    if chunk:
-        flush()
-    _merge(cfg, report)
-    report.output, report.errors_file = str(cfg.output), str(cfg.errors_path)
+        if report.input_rows < done:
+            raise JobError(f"{cfg.parts_dir} covers {done:,} rows but the input has only {report.input_rows:,}; "
+                           "pass --overwrite to start over")
+        if not cfg.parts_dir.exists():  # an empty input
+            cfg.parts_dir.mkdir(parents=True)
+            _atomic_write(cfg.parts_dir / JOB_FILE, lambda tmp: tmp.write_text(json.dumps(identity, indent=1)))
+        if _stat(cfg.input) != stat0:
+            raise JobError(f"{cfg.input} changed while the job ran; rerun with --overwrite on a file that stays put")
+        files, _ = scan_parts(cfg.parts_dir)
+        _merge(cfg, files, report)
+    except JobError:
+        raise
+    except Exception as e:  # EngineError, MemoryError, OSError, an engine's own exception types
+        raise _job_failure(e, first, cfg) from e
     report.seconds = time.perf_counter() - t0
+    summary = _summary(cfg, identity, report, processed)
+    _atomic_write(cfg.summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    trash = cfg.parts_dir.with_name(f".{cfg.parts_dir.name}.done-{os.getpid()}")
+    os.replace(cfg.parts_dir, trash)  # atomic: a crash from here on leaves a finished job
+    shutil.rmtree(trash, ignore_errors=True)
+    report.output, report.errors_file, report.summary_file = str(cfg.output), str(cfg.errors_path), str(cfg.summary_path)
     return report
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
