@@ -170,6 +170,7 @@ def main() -> None:
         args.users = (args.users or [4000])[0]
         result = throughput(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result["load_average_after"] = os.getloadavg()  # other work on the machine skews users/s
     args.out.write_text(json.dumps({"benchmark": f"batch-job-{args.what}", "engine": str(args.engine.name),
                                     "environment": environment(threads=args.threads), **result}, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -132,3 +132,22 @@ def test_a_ray_worker_never_imports_torch(trained_engines, ray_cluster):
 
     torch_loaded, threads, items = ray.get(recommend_in_a_worker.remote(str(trained_engines["pause"])))
     assert not torch_loaded and threads == 1 and len(items[0]) == 3  # ONNX Runtime threads = the task's CPUs
+
+
+def test_recommend_cli_with_ray(trained_engines, tmp_path, ray_cluster):
+    from typer.testing import CliRunner
+
+    from pauserec.cli.main import app
+
+    engine = trained_engines["cot"]
+    ids = list(Engine.load(engine).catalog.item_ids)
+    n_lines = write_users(tmp_path / "users.jsonl", ids, 6)
+    args = ["recommend", str(engine), "-i", str(tmp_path / "users.jsonl"), "-o", str(tmp_path / "recs.parquet"),
+            "--k", "3", "--beams", "4", "--ray", "--threads", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "6 users recommended, 5 rejected" in res.output and len(read_result(tmp_path / "recs.parquet")) == n_lines
+    res = CliRunner().invoke(app, args)  # never overwritten silently
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = CliRunner().invoke(app, [*args[:5], str(tmp_path / "recs.jsonl"), "--ray"])
+    assert res.exit_code == 2 and "Parquet dataset" in res.output

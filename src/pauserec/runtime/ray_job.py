@@ -5,7 +5,8 @@ directory on a path every node can read)::
 
     ds = ray.data.read_parquet("s3://bucket/users/")            # columns user_id, history
     recs = ds.map_batches(RecommendBatch, fn_constructor_kwargs={"engine": "/mnt/engines/pause", "k": 10},
-                          batch_size=64, batch_format="pyarrow", concurrency=8, num_cpus=4)
+                          batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=8),
+                          num_cpus=4)
     recs.write_parquet("s3://bucket/recs/")
 
 Every input row comes out as one row: ``user_id, items, scores, sids, history_truncated, error``
@@ -166,9 +167,9 @@ def run_ray(cfg: BatchConfig, engine: str | Path, address: str | None = None, co
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         ds = _read(cfg)
         per_actor = int(threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // concurrency))
-        out = ds.map_batches(
-            RecommendBatch, batch_size=cfg.batch_size, batch_format="pyarrow", concurrency=concurrency,
-            num_cpus=per_actor, max_restarts=-1, max_task_retries=-1,
+        out = ds.map_batches(  # Ray Data restarts a dead actor and retries its task (max_restarts=-1 by default)
+            RecommendBatch, batch_size=cfg.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=per_actor,
             fn_constructor_kwargs={"engine": str(Path(engine).resolve()), "k": cfg.k, "beams": cfg.beams,
                                    "threads": per_actor, "provider": provider, "user_field": cfg.user_field,
                                    "history_field": cfg.history_field, "exclude_history": cfg.exclude_history,
