@@ -15,6 +15,12 @@ SID (no expansion; a colliding target counts as found when its SID is).
 Invalid rate: the share of returned SIDs (padding excluded) whose code tuple is not the SID of any
 catalog item. Trie-constrained decoding makes it 0 by construction; it is measured anyway.
 
+Paired bootstrap (``paired_bootstrap``): per-user metric vectors of two systems on the same users
+(one row per seed); each resample draws users with replacement (the same users for both systems) and,
+when a system has several seeds, its seeds with replacement (independently: seeds of two kinds are not
+paired); the statistic is the mean over users of (mean over drawn seeds of A) - (same of B). The interval
+is the percentile interval of the resampled statistics.
+
 Popularity baseline: items ranked by how often they occur in the interactions before the split's
 targets (test: ``seq[:-1]`` of every user, valid: ``seq[:-2]``), ties to the lower item index; the
 same list for every user.
@@ -36,6 +42,39 @@ def _ranks(ranked: np.ndarray, targets: np.ndarray) -> np.ndarray:
     targets = np.asarray(targets).reshape(-1, 1)
     hit = ranked == targets  # (U, N)
     return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+
+
+def per_user(ranked, targets, k: int = 10) -> dict[str, np.ndarray]:
+    """Per-user Hit@k and NDCG@k, each (U,) float64 (their means are ``hit_ndcg``)."""
+    ranks = _ranks(np.asarray(ranked), targets)
+    inside = (ranks >= 0) & (ranks < k)
+    return {f"hit@{k}": inside.astype(np.float64),
+            f"ndcg@{k}": np.where(inside, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)}
+
+
+def paired_bootstrap(a, b, resamples: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+    """Mean of A - B over users with a paired bootstrap interval; ``a`` (S_a, U) or (U,), ``b`` (S_b, U) or (U,).
+
+    -> {"diff", "lo", "hi", "ci", "resamples", "excludes_zero", "sign"} (sign: +1 / -1 when the whole
+    interval is above / below 0, else 0).
+    """
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"paired bootstrap needs the same non-empty set of users, got {a.shape[1]} and {b.shape[1]}")
+    if not 0 < ci < 1 or resamples < 1:
+        raise ValueError(f"need 0 < ci < 1 and resamples >= 1, got {ci} and {resamples}")
+    rng = np.random.default_rng(seed)
+    U = a.shape[1]
+    stats = np.empty(resamples)
+    for r in range(resamples):
+        users = rng.integers(0, U, U)
+        ra = a[rng.integers(0, len(a), len(a))] if len(a) > 1 else a
+        rb = b[rng.integers(0, len(b), len(b))] if len(b) > 1 else b
+        stats[r] = (ra[:, users].mean(0) - rb[:, users].mean(0)).mean()
+    lo, hi = np.quantile(stats, [(1 - ci) / 2, (1 + ci) / 2])
+    sign = 1 if lo > 0 else -1 if hi < 0 else 0
+    return {"diff": float(a.mean(0).mean() - b.mean(0).mean()), "lo": float(lo), "hi": float(hi), "ci": ci,
+            "resamples": resamples, "excludes_zero": sign != 0, "sign": sign}
 
 
 def hit_ndcg(ranked, targets, ks: Sequence[int] = KS, prefix: str = "") -> dict[str, float]:

@@ -18,8 +18,10 @@ def train(
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     preset: str = typer.Option("small", "--preset", help="Model size: tiny (tests) | small (default)."),
     pause_k: int = typer.Option(5, "--pause-k", help="Number of <pause> tokens (pause kind)."),
-    max_minutes: float = typer.Option(None, "--max-minutes", help="Wall-clock budget for the whole run."),
-    epochs: int = typer.Option(None, "--epochs", help="SFT epochs (default: the preset's)."),
+    max_minutes: float = typer.Option(
+        None, "--max-minutes", help="Wall-clock ceiling for the whole run (validation picks the saved weights)."),
+    epochs: int = typer.Option(None, "--epochs", help="Most SFT epochs (default: the preset's; early stopping "
+                               "usually ends the run first)."),
     seed: int = typer.Option(0, "--seed"),
     init_from: Path = typer.Option(
         None, "--init-from",
@@ -30,17 +32,36 @@ def train(
     pause_pretrain: bool = typer.Option(False, "--pause-pretrain", help="Pre-train the <pause> row alone first."),
     lr: float = typer.Option(
         None, "--lr",
-        help="Peak learning rate, after a linear warm-up over the first 5% of each stage, then cosine decay. "
+        help="Peak learning rate, after a linear warm-up (--warmup-steps), then cosine decay to 0.1x (--decay-epochs). "
         "Default: the preset's from scratch (small 4e-3, tiny 6e-3); with --init-from 5e-5 for SFT and 1e-4 "
         "for --grounding (the PauseRec paper's fine-tuning rates). The card records the lr used.",
     ),
     batch_size: int = typer.Option(None, "--batch-size", help="Samples per batch (default: the preset's)."),
     max_steps: int = typer.Option(None, "--max-steps", help="Stop SFT after this many optimizer steps (quick checks)."),
     threads: int = typer.Option(None, "--threads", help="torch threads (1 is fastest on a busy machine)."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices (default: the preset's)."),
+    dropout: float = typer.Option(None, "--dropout", help="Residual dropout while training (default: the preset's)."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help="Linear lr warm-up steps (default: the preset's)."),
+    decay_epochs: float = typer.Option(
+        None, "--decay-epochs", help="Epochs of cosine lr decay to 0.1x the peak, then constant (default: the preset's)."),
+    val_users: int = typer.Option(
+        None, "--val-users", help="Validation users (fixed seeded sample of the valid split) ranked at every evaluation; "
+        "0 turns validation off and saves the last weights (default: the preset's, small 500)."),
+    val_every: int = typer.Option(
+        None, "--val-every", help="Evaluate every N steps (default: at epoch ends, as often as --val-share allows)."),
+    val_share: float = typer.Option(
+        0.10, "--val-share", help="Epoch-end evaluations are skipped while validation would exceed this share of "
+        "the training time."),
+    patience: int = typer.Option(5, "--patience", help="Stop after this many evaluations without a gain."),
+    val_metric: str = typer.Option("ndcg@10", "--val-metric", help="Selection metric: hit@5 | ndcg@5 | hit@10 | ndcg@10."),
+    val_beams: int = typer.Option(20, "--val-beams", help="Beam width of the validation search."),
 ) -> None:
-    """Train a direct, pause (PauseRec) or cot recommender and save a checkpoint.
+    """Train a direct, pause (PauseRec) or cot recommender and save its best checkpoint.
 
-    A run whose loss, gradients or weights become NaN/inf stops with exit code 2 and writes no checkpoint.
+    Validation (exact constrained search on --val-users users) runs every epoch; the saved weights are the best
+    evaluation's, the run stops after --patience evaluations without a gain, and curve.png (with matplotlib) and
+    the training card record the curve. A run whose loss, gradients or weights become NaN/inf stops with exit
+    code 2 and writes no checkpoint.
     """
     from pauserec.train.sft import TrainConfig
     from pauserec.train.sft import train as run
@@ -49,12 +70,18 @@ def train(
         data=data, index=index, kind=kind, out=out, preset=preset, pause_k=pause_k, max_minutes=max_minutes,
         epochs=epochs, seed=seed, init_from=init_from, grounding=grounding, pause_pretrain=pause_pretrain,
         lr=lr, batch_size=batch_size, max_steps=max_steps, threads=threads, progress=True,
+        weight_decay=weight_decay, dropout=dropout, warmup_steps=warmup_steps, decay_epochs=decay_epochs,
+        val_users=val_users, val_every=val_every, val_share=val_share, patience=patience, val_metric=val_metric, val_beams=val_beams,
     )
     res = run(cfg)
     console.print(
         f"[bold green]saved[/] {res.out}: {res.steps} steps, {res.epochs:g} epochs, "
-        f"final loss {res.final_loss:.4f}, {res.wall_time_s / 60:.1f} min"
+        f"final loss {res.final_loss:.4f}, {res.wall_time_s / 60:.1f} min", highlight=False,
     )
+    v = res.validation
+    if v is not None:
+        console.print(f"{v['stop_detail']}; validation took {100 * (v['share_of_sft_time'] or 0):.1f} % of the "
+                      f"training time ({v['users']} users)", highlight=False)
 
 
 @handle_errors

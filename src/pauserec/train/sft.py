@@ -12,10 +12,19 @@ Optional stages before SFT (paper §2.3, behind flags):
 * pause pre-training: the grounding sequences with ``<pause>`` inserted at ~10 % of positions; the
   network is frozen and only the ``<pause>`` embedding row trains (lr 1e-3).
 
-The ``<pause>`` row starts at the mean of all embedding rows. AdamW (weight decay 0.01), linear
-warm-up then cosine decay over the run's progress, gradient clipping at 1.0, length-bucketed
-batches. Without a time budget a run is bit-for-bit reproducible from its seed; with
-``max_minutes`` the run's progress is max(step share, time share), so it ends on time.
+The ``<pause>`` row starts at the mean of all embedding rows. AdamW (weight decay on matrices), a
+learning-rate schedule by steps (linear warm-up, cosine decay to 0.1x over the preset's ``decay_epochs``,
+then constant; ``pauserec.train.optim``), residual dropout, gradient clipping at 1.0, length-bucketed
+batches. Without a time budget the trajectory (the weights after every step) is bit-for-bit reproducible
+from its seed; so is the saved checkpoint when the evaluation points are fixed (``val_every``).
+
+Validation (``pauserec.train.validation``): at the end of every epoch (skipping epoch ends while
+validation would take more than ``val_share``, 10 %, of the training time so far) or every ``val_every``
+steps, the model ranks a fixed seeded sample of the validation split (``val_users``, exact constrained
+beam search); the best weights by ``val_metric`` are kept, the run stops after ``patience`` evaluations
+without a gain, and the checkpoint holds the best weights. ``--epochs`` and ``--max-minutes`` are
+ceilings; the card records the curve, the chosen epoch and why the run stopped; ``curve.png`` is written
+beside it when matplotlib is installed.
 
 Peak learning rates: ``--lr`` when given; else, from scratch, the preset's (4e-3 / 6e-3); else, when
 fine-tuning a pretrained ``--init-from`` model, the PauseRec paper's 5e-5 for SFT and 1e-4 for the
@@ -48,13 +57,23 @@ from pauserec.train.model import (
     output_cache,
     save_checkpoint,
 )
-from pauserec.train.rationale import rationale_text
+from pauserec.train.optim import FLOOR, lr_at, make_optimizer, residual_dropout
+from pauserec.train.samples import (  # noqa: F401  (re-exported: the samples used to live here)
+    IGNORE,
+    PAUSE_RATE,
+    collate,
+    encode_sample,
+    encode_split,
+    grounding_samples,
+    insert_pauses,
+    length_batches,
+)
+from pauserec.train.validation import Validation, ValidationConfig, build_validation, validation_record, write_curve
 
-IGNORE = -100
 GROUNDING_SHARE, PAUSE_PRETRAIN_SHARE = 0.15, 0.05  # of the time budget
-PAUSE_RATE, PAUSE_LR, MAX_TITLE_TOKENS = 0.10, 1e-3, 32
+PAUSE_LR = 1e-3
 FINETUNE_LR, FINETUNE_GROUNDING_LR = 5e-5, 1e-4  # --init-from without --lr (PauseRec: SFT 5e-5, CPT 1e-4)
-WARMUP = 0.05  # share of a stage's progress spent warming the lr up (from 0.1x to 1x the peak)
+WARMUP = 0.05  # grounding / pause pre-training: share of the stage's steps spent warming the lr up
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,17 @@ class TrainConfig:
     max_rationale: int = 64
     threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is fastest on a busy machine
     progress: bool = False
+    weight_decay: float | None = None  # None: the preset's
+    dropout: float | None = None  # None: the preset's
+    warmup_steps: int | None = None  # None: the preset's
+    decay_epochs: float | None = None  # None: the preset's
+    val_users: int | None = None  # validation sample; None: the preset's; 0: no validation (last weights saved)
+    val_every: int | None = None  # steps between evaluations; None: at epoch ends, within val_share
+    val_share: float = 0.10  # epoch-end evaluations are skipped while validation would exceed this share of training
+    patience: int = 5  # evaluations without a gain before stopping (500 users are noisy: 3 stopped pause too soon)
+    val_metric: str = "ndcg@10"
+    val_beams: int = 20
+    plot: bool = True  # curve.png beside the checkpoint (needs matplotlib; never fails the run)
 
 
 @dataclass
@@ -90,88 +120,10 @@ class TrainResult:
     losses: list[float] = field(default_factory=list, repr=False)
     stages: dict = field(default_factory=dict)
     model: object = field(default=None, repr=False)  # the trained model (eval mode), as saved
+    validation: dict | None = None  # the card's validation record (curve, chosen epoch, stop reason)
 
 
-# -- samples ---------------------------------------------------------------------------------------
-def encode_sample(spec, catalog, history, target, rationale_ids=None) -> tuple[np.ndarray, np.ndarray]:
-    """One SFT sample -> (ids, labels), both (T,) int64."""
-    prompt = spec.prompt_ids(catalog.sids[np.asarray(history)])  # (P,)
-    target_ids = spec.target_ids(catalog.sids[int(target)])  # (L,)
-    head = [prompt]
-    if spec.kind == "cot":
-        rat = np.asarray(list(rationale_ids or [])[: spec.max_rationale] + [spec.think_end_id], np.int64)
-        head.append(rat)
-    ids = np.concatenate([*head, target_ids])
-    labels = ids.copy()
-    labels[: len(prompt)] = IGNORE
-    return ids, labels
-
-
-def encode_split(spec, dataset, split, tok=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Encode every sample of a split (cot needs the tokenizer for its rationales)."""
-    if len(split) == 0:
-        raise DataError(
-            f"dataset {dataset.name!r} has no training samples (every user needs >= 3 interactions); "
-            "check the data directory and index"
-        )
-    out = []
-    for hist, target in zip(split.histories, split.targets, strict=True):
-        rat = tk.encode_text(tok, rationale_text(dataset.items, hist)) if spec.kind == "cot" else None
-        out.append(encode_sample(spec, dataset.catalog, hist, target, rat))
-    return out
-
-
-def grounding_samples(spec, dataset, tok) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per item: ``SID <item_sep> title <eos>`` (loss on title + eos) and ``title <item_sep> SID`` (loss on SID)."""
-    out = []
-    for item, text in enumerate(dataset.items):
-        title = np.asarray(tk.encode_text(tok, text.title or text.categories)[:MAX_TITLE_TOKENS], np.int64)
-        if len(title) == 0:
-            continue
-        sid = spec.target_ids(dataset.catalog.sids[item])
-        sep, eos = np.array([spec.item_sep_id]), np.array([spec.eos_id])
-        a = np.concatenate([sid, sep, title, eos])
-        la = a.copy()
-        la[: len(sid) + 1] = IGNORE
-        b = np.concatenate([title, sep, sid])
-        lb = b.copy()
-        lb[: len(title) + 1] = IGNORE
-        out += [(a, la), (b, lb)]
-    return out
-
-
-def insert_pauses(samples, pause_id: int, rng, rate: float = PAUSE_RATE):
-    """Insert ``<pause>`` before ~``rate`` of the positions (never first); pauses carry no label."""
-    out = []
-    for ids, labels in samples:
-        n = max(1, int(round(rate * len(ids))))
-        pos = np.sort(rng.choice(np.arange(1, len(ids)), size=min(n, len(ids) - 1), replace=False))
-        out.append((np.insert(ids, pos, pause_id), np.insert(labels, pos, IGNORE)))
-    return out
-
-
-def length_batches(lengths: np.ndarray, batch_size: int, rng) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (random order inside equal lengths), batches shuffled."""
-    order = np.lexsort((rng.random(len(lengths)), lengths))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def collate(samples, pad_id: int):
-    """Right-padded (ids, attention mask, labels) tensors, each (B, T)."""
-    import torch
-
-    T = max(len(ids) for ids, _ in samples)
-    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(samples), T), dtype=torch.long)
-    for b, (x, y) in enumerate(samples):
-        ids[b, : len(x)] = torch.from_numpy(x)
-        labels[b, : len(y)] = torch.from_numpy(y)
-        mask[b, : len(x)] = 1
-    return ids, mask, labels
-
-
+# -- samples (pauserec.train.samples) and the loss --------------------------------------------------
 def masked_loss(model, ids, mask, labels, inputs_embeds=None, prefix_len: int = 0):
     """Mean next-token NLL (full-vocabulary softmax) over labelled positions -> (loss, n_labels).
 
@@ -213,79 +165,138 @@ class Stage:
     max_steps: int | None = None
     pause_only: int | None = None  # pause token id: freeze everything but its embedding row
     prefix_len: int = 0  # every sample starts with these same unlabelled tokens (the instruction)
+    weight_decay: float = 0.01
+    dropout: float = 0.0
+    warmup_steps: int | None = None  # None: WARMUP of the planned steps
+    decay_steps: int | None = None  # None: the planned steps
+    validate: Validation | None = None  # evaluates, keeps the best weights, says when to stop
+    val_every: int | None = None  # steps between validate calls; None: at the end of every epoch (see _eval_due)
+    val_share: float = 0.10  # with val_every None: most validation time as a share of the training time
 
 
-def _lr_at(progress: float, peak: float, warmup: float = WARMUP) -> float:
-    if progress < warmup:
-        return peak * (0.1 + 0.9 * progress / warmup)
-    t = (progress - warmup) / (1 - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
-    """Train on ``stage.samples``; returns steps, epochs done, losses and wall time."""
+def _trainable(model, stage: Stage):
+    """(parameters to optimise, the separate <pause> vector or None); freezes the rest for pause_only."""
     import torch
 
     emb = model.get_input_embeddings()
-    if stage.pause_only is not None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        pause_vec = torch.nn.Parameter(emb.weight[stage.pause_only].detach().clone())
-        params = [pause_vec]
-    else:
+    if stage.pause_only is None:
         for p in model.parameters():
             p.requires_grad_(True)
-        params = [p for p in model.parameters()]
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01)
+        return list(model.parameters()), None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pause_vec = torch.nn.Parameter(emb.weight[stage.pause_only].detach().clone())
+    return [pause_vec], pause_vec
+
+
+def _planned_steps(stage: Stage, per_epoch: int) -> int:
+    planned = stage.epochs * per_epoch
+    return planned if stage.max_steps is None else min(planned, stage.max_steps)
+
+
+def _eval_due(stage: Stage, val_s: float, t0: float, last_eval: int) -> bool:
+    """Epoch-end evaluation unless it would push validation over ``val_share`` of the training time so far.
+
+    The first evaluation always runs; later ones are skipped (to the next epoch end) while the validation
+    time so far plus one more evaluation exceeds the share, so cheap epochs are evaluated every few epochs.
+    """
+    if last_eval == 0:
+        return True
+    train_s = time.perf_counter() - t0 - val_s
+    per_eval = val_s / max(stage.validate.evaluations, 1)
+    return val_s + per_eval <= stage.val_share * train_s
+
+
+def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
+    """Train on ``stage.samples``; returns steps, epochs done, losses, wall time and why it stopped."""
+    import torch
+
+    emb = model.get_input_embeddings()
+    params, pause_vec = _trainable(model, stage)
+    opt = make_optimizer(params, stage.lr, stage.weight_decay)
     lengths = np.array([len(x) for x, _ in stage.samples])
     per_epoch = math.ceil(len(lengths) / stage.batch_size)
-    planned = stage.epochs * per_epoch if stage.max_steps is None else min(stage.epochs * per_epoch, stage.max_steps)
-    task = progress.add_task(stage.name, total=planned, loss=float("nan"), tps=0.0) if progress else None
+    planned = _planned_steps(stage, per_epoch)
+    warmup = stage.warmup_steps if stage.warmup_steps is not None else int(WARMUP * planned)
+    decay = min(stage.decay_steps or planned, planned)
+    task = progress.add_task(stage.name, total=planned, loss=float("nan"), tps=0.0, val="") if progress else None
     model.train()
-    losses, step, tokens, t0, frac = [], 0, 0, time.perf_counter(), 0.0
-    cpu0 = time.process_time()
-    for _epoch in range(stage.epochs):
-        for idx in length_batches(lengths, stage.batch_size, rng):
-            ids, mask, labels = collate([stage.samples[i] for i in idx], pad_id)
-            embeds = None
-            if stage.pause_only is not None:
-                with torch.no_grad():
-                    embeds = emb(ids)
-                embeds = torch.where((ids == stage.pause_only)[..., None], pause_vec, embeds)
-            lr = _lr_at(frac, stage.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss, _ = masked_loss(model, ids, mask, labels, embeds, stage.prefix_len)
-            _require_finite(loss, "loss", stage, step + 1, lr)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _require_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), "gradient norm", stage, step + 1, lr)
-            opt.step()
-            step, tokens = step + 1, tokens + int(mask.sum())
-            losses.append(float(loss.detach()))
-            elapsed = time.perf_counter() - t0
-            frac = max(step / planned, elapsed / stage.budget_s if stage.budget_s else 0.0)
-            if progress:
-                progress.update(task, completed=min(frac, 1.0) * planned, loss=np.mean(losses[-50:]), tps=tokens / elapsed)
-            if frac >= 1.0:
+    losses, step, tokens, t0, val_s, last_eval = [], 0, 0, time.perf_counter(), 0.0, 0
+    cpu0, stop_reason = time.process_time(), None
+
+    def evaluate() -> bool:
+        nonlocal val_s, last_eval
+        tv = time.perf_counter()
+        point = {"step": step, "epoch": round(step / per_epoch, 3), "lr": lr,
+                 "train_loss": float(np.mean(losses[last_eval:])) if step > last_eval else float("nan")}
+        stop = stage.validate(model, point, progress, task)
+        val_s, last_eval = val_s + time.perf_counter() - tv, step
+        return stop
+
+    with residual_dropout(model, stage.dropout if stage.pause_only is None else 0.0):
+        for epoch in range(stage.epochs):
+            for idx in length_batches(lengths, stage.batch_size, rng):
+                ids, mask, labels = collate([stage.samples[i] for i in idx], pad_id)
+                embeds = None
+                if stage.pause_only is not None:
+                    with torch.no_grad():
+                        embeds = emb(ids)
+                    embeds = torch.where((ids == stage.pause_only)[..., None], pause_vec, embeds)
+                elapsed = time.perf_counter() - t0
+                lr = lr_at(step, stage.lr, warmup, decay, elapsed / stage.budget_s if stage.budget_s else 0.0)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss, _ = masked_loss(model, ids, mask, labels, embeds, stage.prefix_len)
+                _require_finite(loss, "loss", stage, step + 1, lr)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _require_finite(torch.nn.utils.clip_grad_norm_(params, 1.0), "gradient norm", stage, step + 1, lr)
+                opt.step()
+                step, tokens = step + 1, tokens + int(mask.sum())
+                losses.append(float(loss.detach()))
+                elapsed = time.perf_counter() - t0
+                if progress:
+                    progress.update(task, completed=step, loss=np.mean(losses[-50:]), tps=tokens / max(elapsed - val_s, 1e-9))
+                if stage.validate and stage.val_every and step % stage.val_every == 0 and evaluate():
+                    stop_reason = "early_stopping"
+                elif stage.budget_s and elapsed >= stage.budget_s:
+                    stop_reason = "time_budget"
+                elif step >= planned:
+                    stop_reason = "max_steps" if stage.max_steps is not None and step >= stage.max_steps else "epochs"
+                if stop_reason:
+                    break
+            if not stop_reason and stage.validate and not stage.val_every and _eval_due(stage, val_s, t0, last_eval) \
+                    and evaluate():
+                stop_reason = "early_stopping"
+            if stop_reason:
                 break
-        if frac >= 1.0:
-            break
-    if stage.pause_only is not None:
+        stop_reason = stop_reason or "epochs"
+        if stage.validate and last_eval != step and stop_reason != "early_stopping":
+            evaluate()  # the last weights get their evaluation too
+    if pause_vec is not None:
         with torch.no_grad():
             emb.weight[stage.pause_only] = pause_vec.detach()
         for p in model.parameters():
             p.requires_grad_(True)
     model.eval()
+    if stage.validate:
+        stage.validate.restore(model)
     require_finite_weights(model, f"after stage {stage.name} ({step} steps, peak lr {stage.lr:g})", _lower_lr(stage))
     wall = time.perf_counter() - t0
     return {
         "lr": stage.lr,
+        "weight_decay": stage.weight_decay,
+        "dropout": stage.dropout if stage.pause_only is None else 0.0,
+        "warmup_steps": warmup,
+        "decay_steps": decay,
         "steps": step,
+        "steps_per_epoch": per_epoch,
         "epochs": round(step / per_epoch, 3),
         "samples": len(lengths),
         "tokens": tokens,
+        "stop_reason": stop_reason,
         "wall_time_s": round(wall, 2),
+        "validation_time_s": round(val_s, 2),
         "cpu_time_s": round(time.process_time() - cpu0, 2),
         "final_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
         "first_loss": float(np.mean(losses[:10])) if losses else float("nan"),
@@ -343,6 +354,7 @@ def _progress_bar():
         TextColumn("{task.percentage:>3.0f}%"),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[tps]:,.0f} tok/s"),
+        TextColumn("{task.fields[val]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -454,22 +466,34 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
             stages["pause_pretrain"] = run_stage(model, st, spec.pad_id, rng, progress)
         samples = encode_split(spec, dataset, splits.train, tok)
         left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1.0)
-        st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=len(spec.instruction_ids))
+        vcfg = ValidationConfig(users=_pick(cfg.val_users, preset.val_users), every=cfg.val_every,
+                                patience=cfg.patience, metric=cfg.val_metric, beams=cfg.val_beams, seed=cfg.seed)
+        validation = build_validation(vcfg, spec, dataset.catalog, splits.valid)
+        st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=len(spec.instruction_ids),
+                   weight_decay=_pick(cfg.weight_decay, preset.weight_decay),
+                   dropout=_pick(cfg.dropout, preset.dropout),
+                   warmup_steps=_pick(cfg.warmup_steps, preset.warmup_steps),
+                   decay_steps=_decay_steps(cfg, preset, len(samples), bs),
+                   validate=validation, val_every=cfg.val_every, val_share=cfg.val_share)
         sft = run_stage(model, st, spec.pad_id, rng, progress)
     wall = time.perf_counter() - t_start
     losses = sft.pop("losses")
     for s in stages.values():
         s.pop("losses")
+    val_record = validation_record(validation, sft, epochs=epochs, max_steps=cfg.max_steps, budget_s=budget)
     train_facts = {
-        "kind": cfg.kind, "pause_k": spec.pause_k, "lr": lr, "lr_source": lr_source, "lr_warmup": WARMUP,
-        "batch_size": bs, "epochs_planned": epochs,
+        "kind": cfg.kind, "pause_k": spec.pause_k, "lr": lr, "lr_source": lr_source,
+        "lr_schedule": {"warmup_steps": sft["warmup_steps"], "decay_steps": sft["decay_steps"], "floor": FLOOR,
+                        "shape": "linear warm-up from 0.1x, cosine to the floor, then constant"},
+        "weight_decay": sft["weight_decay"], "dropout": sft["dropout"],
+        "batch_size": bs, "epochs_planned": epochs, "steps_per_epoch": sft["steps_per_epoch"],
         "epochs": sft["epochs"], "steps": sft["steps"], "final_loss": sft["final_loss"],
         "first_loss": sft["first_loss"], "wall_time_s": round(wall, 2), "sft_wall_time_s": sft["wall_time_s"],
-        "sft_cpu_time_s": sft["cpu_time_s"],
+        "sft_cpu_time_s": sft["cpu_time_s"], "stop_reason": sft["stop_reason"],
         "max_minutes": cfg.max_minutes, "max_steps": cfg.max_steps, "train_samples": sft["samples"],
         "tokens": sft["tokens"], "init_from": str(cfg.init_from) if cfg.init_from else None,
         "grounding": cfg.grounding, "pause_pretrain": cfg.pause_pretrain, "stages": stages,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "validation": val_record,
     }
     card = TrainingCard(
         prompt=spec, dataset=dataset.name, index=cfg.index or (dataset.index or ""), seed=cfg.seed,
@@ -477,7 +501,26 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         model_config=json.loads(model.config.to_json_string()), train=train_facts,
     )
     save_checkpoint(cfg.out, model, tok, card, dataset.catalog, pad, eos)
-    return TrainResult(Path(cfg.out), sft["steps"], sft["epochs"], sft["final_loss"], wall, losses, stages, model)
+    if val_record is not None and cfg.plot:
+        _, val_record["plot"] = write_curve(cfg.out, val_record["curve"], val_record["metric"],
+                                            f"{cfg.kind} on {dataset.name}: {val_record['stop_detail']}")
+        card.save(cfg.out)  # with the plot note
+        if progress is not None:
+            progress.console.print(f"curve: {val_record['plot']}", highlight=False)
+    return TrainResult(Path(cfg.out), sft["steps"], sft["epochs"], sft["final_loss"], wall, losses, stages, model,
+                       val_record)
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _decay_steps(cfg: TrainConfig, preset, n_samples: int, batch_size: int) -> int:
+    """Steps of the cosine decay: the preset's (or --decay-epochs) epochs worth of steps."""
+    epochs = _pick(cfg.decay_epochs, preset.decay_epochs)
+    if epochs <= 0:
+        raise TrainError(f"--decay-epochs must be > 0, got {epochs}")
+    return max(1, int(round(epochs * math.ceil(n_samples / batch_size))))
 
 
 class _Null:

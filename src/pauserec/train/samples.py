@@ -1,0 +1,96 @@
+"""SFT samples: the one template as (ids, labels) pairs, grounding sequences, pause insertion, batching.
+
+``labels`` are -100 (``IGNORE``) wherever no loss is taken: the prompt (instruction, history, ``<think>``,
+pauses, ``</think>`` of direct/pause) and padding; the target SID (and the cot rationale + ``</think>``)
+carry their own ids. numpy only, except ``collate`` (torch, imported inside).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pauserec.errors import DataError
+from pauserec.train import tokenizer as tk
+from pauserec.train.rationale import rationale_text
+
+IGNORE = -100
+PAUSE_RATE, MAX_TITLE_TOKENS = 0.10, 32
+
+
+def encode_sample(spec, catalog, history, target, rationale_ids=None) -> tuple[np.ndarray, np.ndarray]:
+    """One SFT sample -> (ids, labels), both (T,) int64."""
+    prompt = spec.prompt_ids(catalog.sids[np.asarray(history)])  # (P,)
+    target_ids = spec.target_ids(catalog.sids[int(target)])  # (L,)
+    head = [prompt]
+    if spec.kind == "cot":
+        rat = np.asarray(list(rationale_ids or [])[: spec.max_rationale] + [spec.think_end_id], np.int64)
+        head.append(rat)
+    ids = np.concatenate([*head, target_ids])
+    labels = ids.copy()
+    labels[: len(prompt)] = IGNORE
+    return ids, labels
+
+
+def encode_split(spec, dataset, split, tok=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encode every sample of a split (cot needs the tokenizer for its rationales)."""
+    if len(split) == 0:
+        raise DataError(
+            f"dataset {dataset.name!r} has no training samples (every user needs >= 3 interactions); "
+            "check the data directory and index"
+        )
+    out = []
+    for hist, target in zip(split.histories, split.targets, strict=True):
+        rat = tk.encode_text(tok, rationale_text(dataset.items, hist)) if spec.kind == "cot" else None
+        out.append(encode_sample(spec, dataset.catalog, hist, target, rat))
+    return out
+
+
+def grounding_samples(spec, dataset, tok) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per item: ``SID <item_sep> title <eos>`` (loss on title + eos) and ``title <item_sep> SID`` (loss on SID)."""
+    out = []
+    for item, text in enumerate(dataset.items):
+        title = np.asarray(tk.encode_text(tok, text.title or text.categories)[:MAX_TITLE_TOKENS], np.int64)
+        if len(title) == 0:
+            continue
+        sid = spec.target_ids(dataset.catalog.sids[item])
+        sep, eos = np.array([spec.item_sep_id]), np.array([spec.eos_id])
+        a = np.concatenate([sid, sep, title, eos])
+        la = a.copy()
+        la[: len(sid) + 1] = IGNORE
+        b = np.concatenate([title, sep, sid])
+        lb = b.copy()
+        lb[: len(title) + 1] = IGNORE
+        out += [(a, la), (b, lb)]
+    return out
+
+
+def insert_pauses(samples, pause_id: int, rng, rate: float = PAUSE_RATE):
+    """Insert ``<pause>`` before ~``rate`` of the positions (never first); pauses carry no label."""
+    out = []
+    for ids, labels in samples:
+        n = max(1, int(round(rate * len(ids))))
+        pos = np.sort(rng.choice(np.arange(1, len(ids)), size=min(n, len(ids) - 1), replace=False))
+        out.append((np.insert(ids, pos, pause_id), np.insert(labels, pos, IGNORE)))
+    return out
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length (random order inside equal lengths), batches shuffled."""
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(samples, pad_id: int):
+    """Right-padded (ids, attention mask, labels) tensors, each (B, T)."""
+    import torch
+
+    T = max(len(ids) for ids, _ in samples)
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for b, (x, y) in enumerate(samples):
+        ids[b, : len(x)] = torch.from_numpy(x)
+        labels[b, : len(y)] = torch.from_numpy(y)
+        mask[b, : len(x)] = 1
+    return ids, mask, labels
