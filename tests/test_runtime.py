@@ -174,7 +174,7 @@ def test_static_engine_matches_dynamic(tmp_path_factory):
 
 
 def test_fp16_engine_agrees_with_fp32(tmp_path_factory, engine_dirs):
-    fp16 = _recommender(exported(tmp_path_factory, "qwen3", "pause", "-fp16", precision="fp16"))
+    fp16 = _recommender(exported(tmp_path_factory, "qwen3", "pause", "-fp16-default", precision="fp16"))
     a = fp16.recommend(HISTORIES, k=10, beams=20)
     b = _recommender(engine_dirs["pause"]).recommend(HISTORIES, k=10, beams=20)
     assert a.items[:, 0].tolist() == b.items[:, 0].tolist()

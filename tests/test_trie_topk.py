@@ -502,3 +502,154 @@ def test_bench_kernel_runs_and_reports(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["cells"] == json.loads(out.read_text())["cells"]
     assert len(json.loads(out.read_text())["cells"]) == 2  # typical and dense
+
+
+# ---------------------------------------------------------------------------------------------
+# the auto rule and the CUDA paths
+
+
+class _FakeCuda:
+    """Stands in for a usable pauserec._trie_topk_cuda; ``fail`` makes its calls raise like a dead GPU."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls, self.fail = 0, fail
+
+    def trie_topk(self, *args):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("CUDA trie-masked top-k failed: trie_topk_kernel launch failed: cudaErrorLaunchFailure")
+        return tuple(trie_topk_numpy(*args))
+
+
+class _CudaArray:
+    """An object with ``__cuda_array_interface__`` (what CuPy / PyTorch / DeviceArray expose)."""
+
+    def __init__(self, shape, typestr="<f4", strides=None) -> None:
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (1234, False),
+                                         "strides": strides, "version": 3}
+
+
+def test_auto_takes_the_cpp_kernel_for_host_arrays_even_with_a_gpu(monkeypatch):
+    fake = _FakeCuda()
+    real_load = tt._load
+    monkeypatch.setattr(tt, "_load", lambda impl: (fake, "") if impl == "cuda" else real_load(impl))
+    assert "cuda" in available_impls()
+    assert tt.auto_impl(np.zeros((1, 1, 4), np.float32)) == ("cpu" if "cpu" in available_impls() else "numpy")
+    assert_same(trie_topk(**_good()), trie_topk_numpy(**_good()))
+    assert fake.calls == 0  # host arrays never go to the GPU under auto
+    assert tt.auto_impl(_CudaArray((2, 2, 4))) == "cuda"
+    trie_topk(**_good(), impl="cuda")  # explicitly asked: the one-shot host path
+    assert fake.calls == 1
+
+
+def test_a_failing_gpu_raises_backend_unavailable(monkeypatch):
+    monkeypatch.setattr(tt, "_load", lambda impl: (_FakeCuda(fail=True), "") if impl == "cuda" else (None, "no"))
+    with pytest.raises(BackendUnavailable, match="failed on this GPU.*cudaErrorLaunchFailure"):
+        trie_topk(**_good(), impl="cuda")
+
+
+def test_device_detection():
+    import onnxruntime as ort
+
+    from pauserec.runtime.device import device_view
+
+    assert not tt.on_device(np.zeros(3, np.float32))
+    assert not tt.on_device(ort.OrtValue.ortvalue_from_numpy(np.zeros(3, np.float32)))  # an OrtValue on the CPU
+    view = device_view(_CudaArray((2, 3), "<i4", strides=(12, 4)))
+    assert (view.ptr, view.shape, view.dtype, view.nbytes) == (1234, (2, 3), np.dtype(np.int32), 24)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        device_view(_CudaArray((2, 3), "<i4", strides=(4, 8)))
+
+
+def test_arch_mismatch_says_what_to_rebuild_with():
+    why = ("this GPU (Tesla T4, compute capability 7.5) has no code in this build (SASS for 80,90, PTX for 90); "
+           "rebuild pauserec for it: PAUSEREC_CUDA_ARCHS=75 pip install --force-reinstall --no-deps <pauserec source>")
+    msg = str(tt._unavailable("cuda", why))
+    assert "PAUSEREC_CUDA_ARCHS=75" in msg and "impl='cpu'" in msg
+
+
+CUDA = pytest.mark.skipif("cuda" not in available_impls(), reason="no usable CUDA GPU here")
+
+
+def _wide_level(rng, V: int, K: int, B: int, items: int = 20000):
+    """Level 2 of a 2-level catalog of V codes: one beam on the root (V children), the others on depth-1 nodes."""
+    trie = Trie(rng.integers(0, V, size=(items, 2)))
+    lo, hi = trie.level_starts[1], trie.level_starts[2]
+    nodes = np.concatenate([np.zeros((B, 1), np.int32), rng.integers(lo, hi, size=(B, K - 1)).astype(np.int32)], 1)
+    scores = rng.normal(-3, 1, (B, K)).astype(np.float32)
+    logprobs = rng.normal(-5, 2, (B, K, V)).astype(np.float32)
+    return trie, scores, logprobs, nodes
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize(("V", "K"), [(256, 20), (256, 128), (256, 256), (1024, 64), (1024, 256)])
+def test_cuda_wide_levels_match_the_reference(V, K):
+    """K up to 256, V = 256 and a 1,024-wide level (radix select beyond 4,096 candidates), masked too."""
+    rng = np.random.default_rng(V + K)
+    trie, scores, logprobs, nodes = _wide_level(rng, V, K, B=8)
+    node_mask, mask_row = random_mask(rng, trie, 8, "per_row", density=0.6)
+    for k in (1, 20, K, 2 * K, *((5000,) if V * K > 100_000 else ())):  # 5,000: keys beyond shared memory
+        want = trie_topk_numpy(scores, logprobs, nodes, *trie.csr, k)
+        assert_same(trie_topk(scores, logprobs, nodes, *trie.csr, k, impl="cuda"), want)
+        assert_same(trie_topk(scores, logprobs, nodes, *trie.csr, k, impl="cuda", node_mask=node_mask,
+                              mask_row=mask_row),
+                    trie_topk_numpy(scores, logprobs, nodes, *trie.csr, k, node_mask, mask_row))
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_device_trie_is_reused_across_calls():
+    mod = tt.cuda_module()
+    rng = np.random.default_rng(1)
+    trie = random_trie(rng, 3000, 4, 256)
+    resident = mod.DeviceTrie(*trie.csr)
+    assert (resident.num_nodes, resident.num_edges) == (trie.num_nodes, len(trie.tokens))
+    scores, nodes = np.zeros((4, 1), np.float32), np.zeros((4, 1), np.int32)
+    for _level in range(4):  # a whole search on one resident trie, each level against the reference
+        logprobs = np.log(rng.dirichlet(np.ones(256), size=(4, nodes.shape[1]))).astype(np.float32)
+        got = TopK(*resident.topk(scores, logprobs, nodes, 20))
+        assert_same(got, trie_topk_numpy(scores, logprobs, nodes, *trie.csr, 20))
+        scores, nodes = got.score, got.node
+    with pytest.raises(ValueError, match="outside"):
+        resident.topk(np.zeros((1, 1), np.float32), np.zeros((1, 1, 256), np.float32),
+                      np.array([[trie.num_nodes]], np.int32), 5)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_device_inputs_under_auto():
+    """Log-probs on the device: auto runs the device kernel and returns device arrays (no host copy)."""
+    mod = tt.cuda_module()
+    rng = np.random.default_rng(2)
+    trie, scores, logprobs, nodes = _wide_level(rng, 256, 64, B=4)
+    dev = [mod.DeviceArray.from_numpy(a) for a in (scores, logprobs, nodes)]
+    got = trie_topk(*dev, *trie.csr, 30)
+    assert all(tt.on_device(a) for a in got)
+    assert_same(TopK(*(a.to_numpy() for a in got)), trie_topk_numpy(scores, logprobs, nodes, *trie.csr, 30))
+    node_mask, mask_row = random_mask(rng, trie, 4, "shared", density=0.5)
+    got = trie_topk(*dev, *trie.csr, 30, node_mask=node_mask, mask_row=mask_row)
+    assert_same(TopK(*(a.to_numpy() for a in got)),
+                trie_topk_numpy(scores, logprobs, nodes, *trie.csr, 30, node_mask, mask_row))
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_beam_state_ops_match_host_ops():
+    from pauserec.runtime.device import CudaOps, HostOps
+
+    cuda, host = CudaOps(tt.cuda_module()), HostOps()
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float16):
+        beam = rng.normal(size=(2, 3, 2, 4, 3, 8)).astype(dtype)
+        new = rng.normal(size=(2, 3, 2, 4, 1, 8)).astype(dtype)
+        parent = rng.integers(-1, 4, size=(3, 4)).astype(np.int32)
+        d, h = cuda.upload(beam), host.upload(beam)
+        cuda.copy_slots(d, cuda.upload(new), 2, 0, 1)
+        host.copy_slots(h, host.upload(new), 2, 0, 1)
+        np.testing.assert_array_equal(cuda.download(d), host.download(h))
+        np.testing.assert_array_equal(cuda.download(cuda.gather_beams(d, cuda.upload(parent))),
+                                      host.download(host.gather_beams(h, host.upload(parent))))
+        np.testing.assert_array_equal(cuda.download(cuda.prefix(d, 2)), host.download(host.prefix(h, 2)))
+    tokens = np.array([[3, -1], [0, 7]], np.int32)
+    np.testing.assert_array_equal(cuda.download(cuda.codes(cuda.upload(tokens))), np.maximum(tokens, 0))

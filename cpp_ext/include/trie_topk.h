@@ -18,7 +18,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #ifdef __CUDACC__
 #define PAUSEREC_HD __host__ __device__
@@ -94,6 +97,7 @@ enum Status : int32_t {
   kUnsorted = 4,     // trie tokens of one node not strictly increasing
   kBadChild = 5,     // trie child outside [0, N)
   kBadMaskRow = 6,   // mask_row value outside [-1, M)
+  kTooManyCandidates = 7,  // CUDA only: a row's referenced nodes have more than 2**32 edges in all
 };
 
 struct ErrorInfo {
@@ -216,12 +220,72 @@ struct Result {
   int32_t kind = kDone;
   std::string message;
 };
-// Whether a CUDA device can be used; on false, *why says what is missing.
+
+// What the module was compiled for, from CMake's CUDA architectures: SASS (cubin) and PTX targets as
+// compute capabilities x 10 (e.g. "75,80,86,89,90" and "90"); empty when CMake chose them ("native").
+const char* built_sass();
+const char* built_ptx();
+
+// Whether the current CUDA device can run this module's kernels: a driver and a device, a compute
+// capability covered by the built SASS (same major, minor >= built) or PTX (<= the device's), and one
+// test launch. Checked once per process; on false, *why says what is missing and which
+// PAUSEREC_CUDA_ARCHS to rebuild with.
 bool device_usable(std::string* why);
-// Host arrays in and out (copies to and from the current device). Validates on the host first.
-Result run_host(const Problem& host_problem);
-// Device pointers in and out, on `stream` (0 = legacy default stream); synchronises that stream.
-Result run_device(const Problem& device_problem, uintptr_t stream);
+// Compute capability x 10 of the current device (0 when there is none).
+int device_capability();
+
+// The trie resident on one device (uploaded once, reused by every call), a host copy for the exact
+// host-side validation messages, and the per-call workspace. Calls are serialised by a mutex; calls
+// with sync = false must all use one stream (the workspace is reused in stream order).
+class DeviceTrie {
+ public:
+  static Result create(const TrieView& host, std::unique_ptr<DeviceTrie>* out);
+  ~DeviceTrie();
+  DeviceTrie(const DeviceTrie&) = delete;
+  DeviceTrie& operator=(const DeviceTrie&) = delete;
+
+  int64_t num_nodes() const { return host_.num_nodes; }
+  int64_t num_edges() const { return host_.num_edges; }
+  int device() const { return device_; }
+  TrieView host_view() const { return host_; }
+
+  // p: device pointers for scores/logprobs/nodes/mask/outputs (p.trie is replaced by the resident
+  // trie). Validation happens on the device; bad input gives kInvalidInput with a general message.
+  // sync = false: returns after the launch; errors surface at the next synchronize().
+  Result run_device(Problem p, uintptr_t stream, bool sync);
+  // Host arrays in and out (p.trie ignored): validated on the host first (exact messages), copied
+  // to the device, computed, copied back.
+  Result run_host(const Problem& host_problem);
+  // Waits for `stream` and reports (then clears) a failure of an earlier sync = false call.
+  Result synchronize(uintptr_t stream);
+
+ private:
+  DeviceTrie() = default;
+  Result reserve(const Problem& p);
+  TrieView host_{};                  // host copy (owned by host_storage_)
+  std::vector<int32_t> host_storage_;
+  int32_t* d_trie_ = nullptr;        // offsets | tokens | children on the device
+  void* d_work_ = nullptr;           // per-call workspace
+  size_t work_bytes_ = 0;
+  int32_t* d_status_ = nullptr;      // first failure of any call since the last read (0 = none)
+  int device_ = 0;
+  std::mutex mutex_;
+};
+
+// Beam-state helpers on device memory (all synchronise `stream`):
+// dst[r, dst_at + s, :] = src[r, src_at + s, :] for r < rows, s < n; every slot is `width` bytes.
+Result copy_slots(void* dst, const void* src, int64_t rows, int64_t dst_slots, int64_t dst_at, int64_t src_slots,
+                  int64_t src_at, int64_t n, int64_t width, uintptr_t stream);
+// dst[o, b, h, k, :] = src[o, b, h, max(parent[b, k], 0), :] for a (outer, B, H, K, inner bytes) layout.
+Result gather_beams(void* dst, const void* src, const int32_t* parent, int64_t outer, int64_t batch, int64_t heads,
+                    int64_t beams, int64_t inner, uintptr_t stream);
+// dst[i] = max(src[i], 0) as int64: the next decode's codes from this level's tokens (-1 = padding).
+Result tokens_to_codes(int64_t* dst, const int32_t* src, int64_t n, uintptr_t stream);
+// Plain device memory for the bindings' DeviceArray.
+Result allocate(size_t bytes, void** out);
+void release(void* ptr);
+Result copy(void* dst, const void* src, size_t bytes, int kind);  // kind: cudaMemcpyKind; synchronous
+Result zero(void* dst, size_t bytes);                            // cudaMemset to 0; synchronous
 }  // namespace cuda
 
 }  // namespace trie_topk

@@ -33,6 +33,7 @@ class Check:
     max_abs_err: float
     atol: float
     precision: str = "fp32"
+    against: str = "hf"  # "hf": the HF model's forward pass; "onnx": a plan against its ONNX graph
 
     @property
     def ok(self) -> bool:
@@ -62,6 +63,42 @@ class OrtGraphs:
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
         return self.sessions[graph].run(None, feeds)
+
+
+def output_diff(want: np.ndarray, got: np.ndarray) -> float:
+    """Largest |got - want| where both are finite; inf where only one of them is (or a NaN appears)."""
+    want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+    if want.shape != got.shape:
+        return float("inf")
+    same = (want == got) | (np.isnan(want) & np.isnan(got))  # includes equal infinities
+    finite = np.isfinite(want) & np.isfinite(got)
+    if not (same | finite).all():
+        return float("inf")
+    with np.errstate(invalid="ignore"):  # inf - inf where same: not selected
+        d = np.where(same, 0.0, np.abs(got - want))
+    return float(d.max()) if d.size else 0.0
+
+
+class PairedGraphs:
+    """Runs every graph call on ``ref`` (whose outputs drive the validation case) and on ``other`` with
+    the same feeds, and records the largest difference of each output (``take`` per case)."""
+
+    def __init__(self, ref, other, output_names: dict[str, list[str]], label: str) -> None:
+        self.ref, self.other, self.names, self.label = ref, other, output_names, label
+        self.sessions = ref.sessions
+        self.diffs: dict[tuple[str, str], float] = {}
+
+    def run(self, graph: str, **feeds) -> list[np.ndarray]:
+        want = self.ref.run(graph, **feeds)
+        got = self.other.run(graph, **feeds)
+        for name, w, g in zip(self.names[graph], want, got):
+            key = (graph, name)
+            self.diffs[key] = max(self.diffs.get(key, 0.0), output_diff(w, g))
+        return want
+
+    def take(self) -> dict[tuple[str, str], float]:
+        out, self.diffs = self.diffs, {}
+        return out
 
 
 def level_logprobs(full: np.ndarray, token_ids, scoring: str) -> np.ndarray:
@@ -259,12 +296,14 @@ def collect_references(model, spec: PromptSpec, catalog, shape: ModelShape, grap
     return refs
 
 
-def validate_graphs(refs: References, spec: PromptSpec, catalog, shape: ModelShape, files: dict[str, Path] | ShapeOnlyGraphs,
-                    atol: float, kv_dtype=np.float32, static_env: dict | None = None, seed: int = 0,
-                    threads: int | None = None, precision: str = "fp32") -> list[Check]:
-    """All checks for ``files`` (graph name -> ONNX file); the caller decides what a mismatch means."""
+def validate_graphs(refs: References, spec: PromptSpec, catalog, shape: ModelShape,
+                    files: dict[str, Path] | ShapeOnlyGraphs | PairedGraphs, atol: float, kv_dtype=np.float32,
+                    static_env: dict | None = None, seed: int = 0, threads: int | None = None,
+                    precision: str = "fp32", paired_atol: float = float("inf")) -> list[Check]:
+    """All checks for ``files`` (graph name -> ONNX file, or a runner); the caller decides what a mismatch
+    means. With a ``PairedGraphs`` runner, also one ``against="onnx"`` check per (graph, case, output)."""
     rng = np.random.default_rng(seed)
-    graphs = files if isinstance(files, ShapeOnlyGraphs) else OrtGraphs(files, threads)
+    graphs = files if hasattr(files, "run") else OrtGraphs(files, threads)
     batch = static_env["batch"] if static_env else 3
     beams = static_env["beams"] if static_env else 2
     hist = static_env["hist"] if static_env else None
@@ -287,6 +326,9 @@ def validate_graphs(refs: References, spec: PromptSpec, catalog, shape: ModelSha
         with torch_threads(threads):
             case.run()
         checks += [Check(g, name, out, err, atol, precision) for (g, out), err in case.checks.items()]
+        if isinstance(graphs, PairedGraphs):
+            checks += [Check(g, name, f"{out} ({graphs.label})", err, paired_atol, precision, against="onnx")
+                       for (g, out), err in graphs.take().items()]
     return checks
 
 
@@ -304,13 +346,13 @@ def summarize(checks: list[Check]) -> list[dict]:
 
 
 def compare_quantized(ref_dir: Path, q_dir: Path, histories: list[list[str]], targets: list[str] | None,
-                      beams: int = 20) -> dict:
+                      beams: int = 20, providers: tuple[str, str] = ("cpu", "cpu")) -> dict:
     """Top-10 overlap, top-1 agreement and (when targets are known) Hit@10 of a reduced-precision engine
-    against its fp32 twin."""
+    against its fp32 twin (or of one engine on two ``providers``, e.g. its TensorRT plans against ONNX)."""
     from pauserec.runtime import Engine, Recommender
 
-    ref = Recommender(Engine.load(ref_dir, provider="cpu")).recommend(histories, k=10, beams=beams)
-    q = Recommender(Engine.load(q_dir, provider="cpu")).recommend(histories, k=10, beams=beams)
+    ref = Recommender(Engine.load(ref_dir, provider=providers[0])).recommend(histories, k=10, beams=beams)
+    q = Recommender(Engine.load(q_dir, provider=providers[1])).recommend(histories, k=10, beams=beams)
     overlap = float(np.mean([len(set(a[a != ""]) & set(b[b != ""])) / 10 for a, b in zip(ref.items, q.items)]))
     out = {"sample": len(histories), "top10_overlap": overlap, "top1_agreement": float(np.mean(ref.items[:, 0] == q.items[:, 0]))}
     if targets is not None:

@@ -1,6 +1,6 @@
 """Trie-constrained beam search over an engine's graphs, one batch of users at a time.
 
-    search = BeamSearch(engine, history_ids, history_mask, beams=K)
+    search = beam_search(engine, history_ids, history_mask, beams=K)  # host loop, or DeviceBeamSearch
     while not search.done:
         search.step()
     nodes, scores = search.leaves()
@@ -26,6 +26,18 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from pauserec.runtime.trie_topk import trie_topk
+
+
+def beam_search(engine, history_ids: np.ndarray, history_mask: np.ndarray, beams: int, impl: str = "auto",
+                node_mask: np.ndarray | None = None, mask_row: np.ndarray | None = None) -> BeamSearch:
+    """The search for one batch: device-resident (``DeviceBeamSearch``) when the engine's graphs run on a
+    GPU that the CUDA top-k can use and ``impl`` is auto or cuda; else the host loop below."""
+    ops = engine.device_ops() if impl in ("auto", "cuda") else None
+    if ops is None:
+        return BeamSearch(engine, history_ids, history_mask, beams, impl, node_mask, mask_row)
+    from pauserec.runtime.device_search import DeviceBeamSearch
+
+    return DeviceBeamSearch(engine, history_ids, history_mask, beams, ops, node_mask, mask_row)
 
 
 def renormalize(logprobs: np.ndarray) -> np.ndarray:
@@ -120,14 +132,27 @@ class BeamSearch:
     def _think(self) -> None:
         """One greedy rationale token per unfinished user; ``</think>`` ends a user's rationale."""
         t0 = time.perf_counter()
-        spec, e = self.e.prompt, self.e
+        spec = self.e.prompt
         tok = np.argmax(self.cur, axis=1).astype(np.int64)  # (B,)
         tok[self.n_rationale >= spec.max_rationale] = spec.think_end_id
         tok[self.finished] = spec.pad_id
-        upto = self.buf_key.shape[3] if e.static else self.used
-        lp, nk, nv = e.think(tok, self.buf_key[:, :, :, :upto], self.buf_value[:, :, :, :upto], self.buf_mask[:, :upto])
-        active = ~self.finished
+        lp = self._think_step(tok)  # (B, vocab)
+        self._record_rationale(tok, lp)
+        self.timings.rationale += time.perf_counter() - t0
+
+    def _think_step(self, tok: np.ndarray) -> np.ndarray:
+        """Runs the think graph on the context so far; writes its KV into slot ``used``; (B, vocab) log-probs."""
+        e = self.e
+        # The whole preallocated buffer, always: a prefix slice of it is not contiguous, and ONNX Runtime
+        # would copy the whole context per rationale token. Unwritten slots are masked (exactly 0 weight),
+        # and the graph takes positions from the mask, so the result is the same.
+        lp, nk, nv = e.think(tok, self.buf_key, self.buf_value, self.buf_mask)
         self.buf_key[:, :, :, self.used], self.buf_value[:, :, :, self.used] = nk[:, :, :, 0], nv[:, :, :, 0]
+        return lp
+
+    def _record_rationale(self, tok: np.ndarray, lp: np.ndarray) -> None:
+        e, spec = self.e, self.e.prompt
+        active = ~self.finished
         self.buf_mask[:, self.used] = active
         self.used += 1
         ends = active & (tok == spec.think_end_id)
@@ -138,7 +163,6 @@ class BeamSearch:
         self.n_rationale += active & ~ends
         self.finished |= ends
         self.cur = lp
-        self.timings.rationale += time.perf_counter() - t0
 
     def _close_context(self) -> None:
         end = self.buf_key.shape[3] if self.e.static else self.used

@@ -89,6 +89,7 @@ class Engine:
         if self.scoring not in ("full", "sid"):
             raise EngineError(f"{path}: unknown scoring rule {self.scoring!r}; re-export with `{REEXPORT.format(path=path)}`")
         self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
+        self.ops = None  # device steps override (see device_ops)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None, verify: bool = True,
@@ -139,25 +140,42 @@ class Engine:
         return self.prompt.max_history
 
     # -- graphs -----------------------------------------------------------------------------------
-    def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray):
+    # device=True: the outputs the search feeds back (log-probs for the top-k, KV) stay on the device
+    # (backends with device memory; others return host arrays as always).
+    def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray, device: bool = False):
         """(B,T) ids + mask -> log-probs (B, V1 | vocab), ctx_key, ctx_value (layers, B, Hkv, T+S, D)."""
-        out = self.sessions["prefill"].run({"history_ids": history_ids, "history_mask": history_mask},
-                                           keep=("ctx_key", "ctx_value"))
+        keep = ("ctx_key", "ctx_value") + (("logprobs",) if device else ())
+        out = self.sessions["prefill"].run({"history_ids": history_ids, "history_mask": history_mask}, keep=keep)
         return out["logprobs"], out["ctx_key"], out["ctx_value"]
 
-    def decode(self, codes, step: int, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
+    def decode(self, codes, step: int, ctx_key, ctx_value, ctx_mask, beam_key, beam_value, device: bool = False):
         """Level ``step`` codes (B,K) -> log-probs of level step+1 (B,K,V), the beams' KV of slot ``step``
         (layers, B, Hkv, K, 1, D), to be written into the beam KV."""
         out = self.sessions["decode"].run({
             "codes": codes, "step": np.array(step, np.int64), "ctx_key": ctx_key, "ctx_value": ctx_value,
             "ctx_mask": ctx_mask, "beam_key": beam_key, "beam_value": beam_value,
-        })
+        }, keep=("logprobs", "new_key", "new_value") if device else ())
         return out["logprobs"], out["new_key"], out["new_value"]
 
-    def think(self, token, ctx_key, ctx_value, ctx_mask):
+    def think(self, token, ctx_key, ctx_value, ctx_mask, device: bool = False):
         """cot: one rationale token per user (B,) -> full-vocab log-probs (B, vocab), its KV (layers, B, Hkv, 1, D)."""
-        out = self.sessions["think"].run({"token": token, "ctx_key": ctx_key, "ctx_value": ctx_value, "ctx_mask": ctx_mask})
+        out = self.sessions["think"].run({"token": token, "ctx_key": ctx_key, "ctx_value": ctx_value, "ctx_mask": ctx_mask},
+                                         keep=("new_key", "new_value") if device else ())
         return out["logprobs"], out["new_key"], out["new_value"]
+
+    def device_ops(self):
+        """The device steps for a GPU-resident search (``DeviceBeamSearch``), or None: the host loop.
+
+        Set when the graphs run on a GPU (cuda, tensorrt) and the CUDA top-k can use it; with a GPU
+        backend but no usable CUDA top-k the host loop runs (context KV still on the device).
+        ``self.ops`` overrides the choice (tests run the device search on the host with ``HostOps``)."""
+        if self.ops is not None or self.provider not in ("cuda", "tensorrt"):
+            return self.ops
+        from pauserec.runtime.device import CudaOps
+        from pauserec.runtime.trie_topk import _load
+
+        mod, _ = _load("cuda")
+        return None if mod is None else CudaOps(mod)
 
     def to_numpy(self, value) -> np.ndarray:
         return self.sessions["prefill"].to_numpy(value)

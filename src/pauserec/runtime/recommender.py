@@ -21,7 +21,7 @@ import numpy as np
 
 from pauserec.errors import DataError, EngineError
 from pauserec.runtime import filters as item_filters
-from pauserec.runtime.beam import BeamSearch, Timings
+from pauserec.runtime.beam import Timings, beam_search
 from pauserec.runtime.engine import MANIFEST_FILE, sha256_file
 
 DEFAULT_BATCH = 32
@@ -206,7 +206,7 @@ class Recommender:
             ids[b, : len(toks)], mask[b, : len(toks)] = toks, 1
         if mask_row is not None and batch > rows:  # padding rows repeat real ones, filters included
             mask_row = mask_row[np.arange(batch) % rows]
-        search = BeamSearch(e, ids, mask, beams=beams, impl=self.impl, node_mask=node_mask, mask_row=mask_row)
+        search = beam_search(e, ids, mask, beams=beams, impl=self.impl, node_mask=node_mask, mask_row=mask_row)
         while not search.done:
             search.step()
         timings.add(search.timings)

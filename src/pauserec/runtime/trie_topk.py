@@ -5,10 +5,16 @@ One public entry point, :func:`trie_topk`, over three implementations with ident
 - ``numpy``: the reference, :func:`trie_topk_numpy` (its docstring pins the semantics);
 - ``cpu``: the native C++ kernel ``pauserec._trie_topk_cpu`` (built at install time);
 - ``cuda``: the CUDA kernel ``pauserec._trie_topk_cuda`` (built when nvcc was found at install time,
-  usable when a GPU and driver are present). It takes host arrays and copies them in and out.
+  usable when a GPU whose compute capability the build covers and a driver are present). It keeps
+  the trie resident on the device (:func:`device_trie`) and runs on device memory.
 
-``impl="auto"`` picks the first of cuda, cpu, numpy that is usable; an explicitly requested
-implementation that is missing raises :class:`pauserec.errors.BackendUnavailable`.
+``impl="auto"`` follows the data: log-probs that already live on a CUDA device (an ONNX Runtime
+``OrtValue`` on "cuda", or any object with ``__cuda_array_interface__``) go to the CUDA kernel;
+host arrays go to the C++ kernel (the NumPy reference where it was not built). Copying host arrays
+to the GPU for one top-k costs more than the C++ kernel's whole call, so ``auto`` never does it;
+``impl="cuda"`` with host arrays still works (the one-shot path: upload, compute, download). An
+explicitly requested implementation that is missing raises
+:class:`pauserec.errors.BackendUnavailable`, and so does a CUDA device failing during a call.
 
 Every implementation takes the same optional node filter (``node_mask`` (M, N) uint8 + ``mask_row``
 (B,) int32): serve-time item filters, under which the search never enters a node whose mask is 0.
@@ -26,7 +32,8 @@ import numpy as np
 
 from pauserec.errors import BackendUnavailable
 
-IMPLS = ("cuda", "cpu", "numpy")  # preference order of impl="auto"
+IMPLS = ("cuda", "cpu", "numpy")
+HOST_AUTO = ("cpu", "numpy")  # impl="auto" on host arrays, in this order
 MAX_K = 1 << 20  # beam widths above this are rejected (same limit as the native kernels)
 
 
@@ -269,6 +276,8 @@ def _unavailable(impl: str, why: str) -> BackendUnavailable:
         hint = ("the native CPU kernel was not built: reinstall pauserec from source with a C++17 compiler "
                 "and CMake >= 3.18 available (pip install --force-reinstall --no-deps <pauserec source>), "
                 "or use impl='numpy'")
+    elif "PAUSEREC_CUDA_ARCHS" in why:
+        hint = "or use impl='cpu' or 'auto'"
     elif _cpu_built_with_cuda() or "cannot be imported" not in why:
         hint = "the CUDA kernel is built but needs an NVIDIA GPU and driver here; use impl='cpu' or 'auto'"
     else:
@@ -278,8 +287,53 @@ def _unavailable(impl: str, why: str) -> BackendUnavailable:
 
 
 def available_impls() -> tuple[str, ...]:
-    """Implementations usable in this process, best first (``auto`` uses the first)."""
+    """Implementations usable in this process (cuda, cpu, numpy order); ``auto`` picks by where the data is."""
     return tuple(i for i in IMPLS if i == "numpy" or _load(i)[0] is not None)
+
+
+def cuda_module() -> ModuleType:
+    """The usable CUDA module, else BackendUnavailable saying why (no GPU, or a GPU this build has no code for)."""
+    mod, why = _load("cuda")
+    if mod is None:
+        raise _unavailable("cuda", why)
+    return mod
+
+
+def built_cuda_archs() -> dict[str, list[int]] | None:
+    """{"sass": [...], "ptx": [...]}: compute capabilities x 10 compiled into the CUDA module (None without one)."""
+    try:
+        return importlib.import_module("pauserec._trie_topk_cuda").built_archs()
+    except ImportError:
+        return None
+
+
+def on_device(x) -> bool:
+    """Whether ``x`` lives on a CUDA device (OrtValue on "cuda", or ``__cuda_array_interface__``)."""
+    if isinstance(x, np.ndarray):
+        return False
+    from pauserec.runtime.device import device_view
+
+    return device_view(x) is not None
+
+
+def auto_impl(logprobs) -> str:
+    """The implementation ``impl="auto"`` uses for these log-probs (see the module docstring)."""
+    if on_device(logprobs):
+        return "cuda"
+    return next(i for i in HOST_AUTO if i == "numpy" or _load(i)[0] is not None)
+
+
+@functools.cache
+def _cuda_ops():
+    """One CudaOps per process: its resident tries are reused by every device call of the shim."""
+    from pauserec.runtime.device import CudaOps
+
+    return CudaOps(cuda_module())
+
+
+def device_failure(e: Exception) -> BackendUnavailable:
+    """A CUDA error during a call, as the project's error (what failed and what to do)."""
+    return BackendUnavailable(f"the CUDA trie-masked top-k failed on this GPU: {e}")
 
 
 def trie_topk(scores, logprobs, nodes, offsets, tokens, children, k: int, impl: str = "auto",
@@ -290,11 +344,16 @@ def trie_topk(scores, logprobs, nodes, offsets, tokens, children, k: int, impl: 
     offsets (N + 1,) / tokens (E,) / children (E,) int32 -> :class:`TopK` of (B, k) arrays. Optional
     filter: node_mask (M, N) uint8 + mask_row (B,) int32 (children whose mask is 0 are never entered).
     Semantics and errors: see :func:`trie_topk_numpy`. ``impl``: "auto" | "numpy" | "cpu" | "cuda".
+    Device inputs (log-probs on a CUDA device, with scores/nodes on the device or host): the result
+    is a :class:`TopK` of device arrays (``DeviceArray``, with ``__cuda_array_interface__``).
     """
     if impl == "auto":
-        impl = available_impls()[0]
+        impl = auto_impl(logprobs)
     elif impl not in IMPLS:
         raise ValueError(f"impl must be one of 'auto', {', '.join(map(repr, IMPLS))}; got {impl!r}")
+    if impl == "cuda" and on_device(logprobs):
+        ops = _cuda_ops()
+        return ops.topk(ops.cached_trie(offsets, tokens, children), scores, logprobs, nodes, k, node_mask, mask_row)
     if impl == "numpy":
         return trie_topk_numpy(scores, logprobs, nodes, offsets, tokens, children, k, node_mask, mask_row)
     mod, why = _load(impl)
@@ -303,6 +362,10 @@ def trie_topk(scores, logprobs, nodes, offsets, tokens, children, k: int, impl: 
     k = operator.index(k)
     if not 1 <= k <= MAX_K:  # before the native call, which only takes 64-bit integers
         raise ValueError(f"k must be in [1, {MAX_K}] (the number of beams to keep), got {k}")
-    if node_mask is None and mask_row is None:  # the unfiltered call stays the plain one
-        return TopK(*mod.trie_topk(scores, logprobs, nodes, offsets, tokens, children, k))
-    return TopK(*mod.trie_topk(scores, logprobs, nodes, offsets, tokens, children, k, node_mask, mask_row))
+    extra = () if node_mask is None and mask_row is None else (node_mask, mask_row)  # unfiltered: the plain call
+    try:
+        return TopK(*mod.trie_topk(scores, logprobs, nodes, offsets, tokens, children, k, *extra))
+    except ValueError:
+        raise
+    except RuntimeError as e:  # only the CUDA module raises these (CudaError)
+        raise device_failure(e) from e

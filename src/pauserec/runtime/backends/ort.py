@@ -1,4 +1,12 @@
-"""ONNX Runtime backend: CPU, or CUDA with IO binding (context KV stays on the GPU between calls)."""
+"""ONNX Runtime backend: CPU, or CUDA with IO binding.
+
+CPU sessions run plain ``session.run`` on host arrays. CUDA sessions always use IO binding: feeds
+that are device values (OrtValues on "cuda", ``DeviceArray``, any ``__cuda_array_interface__``) are
+bound in place, host arrays are copied in, and the outputs named in ``keep`` stay on the GPU as
+OrtValues (the context KV always; with ``DeviceBeamSearch`` also log-probs and the new KV slots).
+A CUDA session whose ``get_providers()`` does not start with CUDAExecutionProvider is refused:
+onnxruntime-gpu falls back to the CPU silently otherwise.
+"""
 
 from __future__ import annotations
 
@@ -75,28 +83,43 @@ class OrtSession:
 
         check_declared(io, described(self.sess.get_inputs()), described(self.sess.get_outputs()), f"{path.name}")
         self.providers = self.sess.get_providers()
+        # IO binding with kept outputs on this device ("cuda"), or None: plain run (tests set "cpu")
+        self.bound: str | None = "cuda" if device == "cuda" else None
 
     def run(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
-        if self.device == "cuda":
+        if self.bound:
             return self._run_bound(feeds, keep)
         arrays = {k: np.asarray(v, order="C") for k, v in feeds.items()}  # (keeps 0-d arrays 0-d)
         return dict(zip(self.io.output_names, self.sess.run(self.io.output_names, arrays)))
 
     def _run_bound(self, feeds: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
-        """IO binding: device values are bound as they are; outputs in ``keep`` stay on the GPU."""
+        """IO binding: device values are bound as they are; outputs in ``keep`` stay on the device."""
         import onnxruntime as ort
+
+        from pauserec.runtime.device import device_view
 
         binding = self.sess.io_binding()
         for name, value in feeds.items():
+            view = None if isinstance(value, (np.ndarray, ort.OrtValue)) else device_view(value)
             if isinstance(value, ort.OrtValue):
                 binding.bind_ortvalue_input(name, value)
+            elif view is not None:  # DeviceArray, TensorRT tensor, CUDA array: bound by address, no copy
+                binding.bind_input(name, "cuda", 0, view.dtype.type, list(view.shape), view.ptr)
             else:
                 binding.bind_cpu_input(name, np.asarray(value, order="C"))
         for name in self.io.output_names:
-            binding.bind_output(name, "cuda" if name in keep else "cpu")
-        self.sess.run_with_iobinding(binding)
+            binding.bind_output(name, self.bound if name in keep else "cpu")
+        try:
+            binding.synchronize_inputs()  # device inputs written on other streams are complete
+            self.sess.run_with_iobinding(binding)
+            binding.synchronize_outputs()  # kept outputs are complete before other kernels read them
+        except Exception as e:  # onnxruntime raises its own types (a GPU out of memory, a failing kernel)
+            raise EngineError(f"ONNX Runtime failed to run {self.io.name} on {self.bound} ({e}); free GPU memory "
+                              "or use a smaller batch, or provider='cpu'") from e
         outs = binding.get_outputs()
         return {n: (v if n in keep else v.numpy()) for n, v in zip(self.io.output_names, outs)}
 
     def to_numpy(self, value: Any) -> np.ndarray:
-        return value if isinstance(value, np.ndarray) else value.numpy()
+        from pauserec.runtime.device import download
+
+        return download(value)

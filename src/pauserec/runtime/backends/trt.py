@@ -1,7 +1,11 @@
 """TensorRT backend: ``.plan`` files run through the ``tensorrt`` Python API and ``cuda-python``.
 
-Feeds are copied host -> device per call and every output comes back to the host (the plans are
-static, so device buffers are allocated once per tensor and reused).
+Host feeds are copied to per-tensor device buffers (allocated once per tensor and reused); feeds
+that are already on the device (``TrtTensor``, ``DeviceArray``, ORT CUDA OrtValues, any
+``__cuda_array_interface__``) are bound by address. Outputs named in ``keep`` stay on the device as
+a :class:`TrtTensor` that owns its buffer (the context KV, and with ``DeviceBeamSearch`` log-probs
+and new KV slots); every other output comes back to the host. Loading checks each plan's tensor
+names, dtypes and fixed dims against the manifest.
 """
 
 from __future__ import annotations
@@ -53,6 +57,51 @@ def _check(ret, what: str):
     return ret[1] if isinstance(ret, tuple) and len(ret) == 2 else None
 
 
+def plan_io(engine, trt) -> tuple[list[tuple[str, str, tuple]], list[tuple[str, str, tuple]]]:
+    """(inputs, outputs) of a deserialized plan as (name, numpy dtype name, dims) in tensor order."""
+    ins, outs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        dims = tuple(int(d) for d in engine.get_tensor_shape(name))
+        (ins if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outs).append((name, dtype, dims))
+    return ins, outs
+
+
+def check_plan(engine, trt, io: GraphSpec, where: str) -> None:
+    """EngineError unless the plan's tensor names, dtypes and fixed dims are the manifest's."""
+    ins, outs = plan_io(engine, trt)
+    check_declared(io, ins, outs, where)
+
+
+class TrtTensor:
+    """A device buffer a TensorRT output was written to, kept on the GPU; freed with the object."""
+
+    def __init__(self, cudart, ptr: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.cudart, self.ptr, self.shape, self.dtype = cudart, int(ptr), tuple(shape), np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
+                "version": 3}
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        d2h = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(self.cudart.cudaMemcpy(out.ctypes.data, self.ptr, out.nbytes, d2h), "cudaMemcpy")
+        return out
+
+    def __del__(self) -> None:
+        try:
+            self.cudart.cudaFree(self.ptr)
+        except Exception:
+            pass
+
+
 class TrtSession:
     """One graph's TensorRT plan."""
 
@@ -70,10 +119,8 @@ class TrtSession:
                               "rebuild it with pauserec-export --backend tensorrt on this machine")
         self.engine, self.context = engine, engine.create_execution_context()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        is_in = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.np_types = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
-        check_declared(io, [(n, None, None) for n in names if is_in[n]], [(n, None, None) for n in names if not is_in[n]],
-                       path.name)
+        check_plan(engine, trt, io, path.name)
         self.stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
 
@@ -86,29 +133,52 @@ class TrtSession:
             self.buffers[name] = (ptr, nbytes)
         return ptr
 
+    def _bind_input(self, name: str, value) -> None:
+        from pauserec.runtime.device import device_view
+
+        view = None if isinstance(value, np.ndarray) else device_view(value)
+        if view is not None:  # already on the device: bound by address, no copy
+            if view.dtype != self.np_types[name]:
+                raise EngineError(f"{self.io.name}.{name} takes {self.np_types[name].name}, got a device "
+                                  f"{view.dtype.name} tensor; the engine's graphs disagree with each other: re-export it")
+            self.context.set_input_shape(name, view.shape)
+            self.context.set_tensor_address(name, view.ptr)
+            return
+        arr = np.asarray(value, dtype=self.np_types[name], order="C")  # 0-d stays 0-d
+        self.context.set_input_shape(name, arr.shape)
+        ptr = self._buffer(name, arr.nbytes)
+        h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        _check(self.cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream), "cudaMemcpyAsync")
+        self.context.set_tensor_address(name, ptr)
+
     def run(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
-        cudart, h2d, d2h = self.cudart, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cudart = self.cudart
         for name in self.io.input_names:
-            arr = np.asarray(feeds[name], dtype=self.np_types[name], order="C")  # 0-d stays 0-d
-            self.context.set_input_shape(name, arr.shape)
-            ptr = self._buffer(name, arr.nbytes)
-            _check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream), "cudaMemcpyAsync")
-            self.context.set_tensor_address(name, ptr)
-        outs = {}
+            self._bind_input(name, feeds[name])
+        outs: dict[str, Any] = {}
         for name in self.io.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outs[name] = np.empty(shape, dtype=self.np_types[name])
-            self.context.set_tensor_address(name, self._buffer(name, outs[name].nbytes))
+            shape, dtype = tuple(self.context.get_tensor_shape(name)), self.np_types[name]
+            if name in keep:  # a buffer of its own, owned by the returned tensor
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                outs[name] = TrtTensor(cudart, _check(cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc"), shape, dtype)
+                self.context.set_tensor_address(name, outs[name].ptr)
+            else:
+                outs[name] = np.empty(shape, dtype=dtype)
+                self.context.set_tensor_address(name, self._buffer(name, outs[name].nbytes))
         if not self.context.execute_async_v3(self.stream):
             raise EngineError("TensorRT execution failed; see the TensorRT log above")
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, arr in outs.items():
-            ptr = self.buffers[name][0]
-            _check(cudart.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes, d2h, self.stream), "cudaMemcpyAsync")
+            if isinstance(arr, np.ndarray):
+                ptr = self.buffers[name][0]
+                _check(cudart.cudaMemcpyAsync(arr.ctypes.data, ptr, arr.nbytes, d2h, self.stream), "cudaMemcpyAsync")
         _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return outs
 
     def to_numpy(self, value: Any) -> np.ndarray:
-        return np.asarray(value)
+        from pauserec.runtime.device import download
+
+        return download(value)
 
     def __del__(self) -> None:
         for ptr, _ in getattr(self, "buffers", {}).values():
