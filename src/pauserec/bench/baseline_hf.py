@@ -129,15 +129,23 @@ class HFBaseline:
     def _to_items(self, out, batch: int, width: int, k: int, beams: int, timings) -> HFResult:
         seqs = out.sequences[:, width:].reshape(batch, beams, -1).tolist()
         seq_scores = out.sequences_scores.reshape(batch, beams).float().numpy()
-        item_index = np.full((batch, k), -1, np.int32)
-        scores = np.full((batch, k), -np.inf, np.float32)
-        for b in range(batch):
-            ranked: list[tuple[int, float]] = []
-            for tokens, score in zip(seqs[b], seq_scores[b]):
-                sid = self._sid_of_tokens.get(tuple(tokens))
-                if sid is None or not np.isfinite(score):
-                    continue
-                ranked.extend((int(item), float(score)) for item in self.catalog.trie.items_of_sid(sid))
-            for j, (item, score) in enumerate(ranked[:k]):
-                item_index[b, j], scores[b, j] = item, score
+        item_index, scores = rank_items(seqs, seq_scores, self._sid_of_tokens, self.catalog.trie, k)
         return HFResult(item_index, scores, timings)
+
+
+def rank_items(seqs: list, seq_scores: np.ndarray, sid_of_tokens: dict, trie, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Beams' SID token sequences [user][beam][level] + scores (B, beams) -> the top-k items (B, k) int32
+    and their scores (B, k) float32, best beam first, collision groups expanded; -1 / -inf padding."""
+    batch = len(seqs)
+    item_index = np.full((batch, k), -1, np.int32)
+    scores = np.full((batch, k), -np.inf, np.float32)
+    for b in range(batch):
+        ranked: list[tuple[int, float]] = []
+        for tokens, score in zip(seqs[b], seq_scores[b]):
+            sid = sid_of_tokens.get(tuple(tokens))
+            if sid is None or not np.isfinite(score):
+                continue
+            ranked.extend((int(item), float(score)) for item in trie.items_of_sid(sid))
+        for j, (item, score) in enumerate(ranked[:k]):
+            item_index[b, j], scores[b, j] = item, score
+    return item_index, scores

@@ -1,7 +1,9 @@
 """`pauserec demo`: the whole pipeline on a fresh machine, no downloads, a few minutes on 2 cores.
 
-data (synthetic unless --data) -> train direct / pause / cot -> export three engines -> quality and
-latency benchmarks (+ the HF ``generate`` baseline) -> one report (JSON, Markdown, PNG if matplotlib).
+data (synthetic unless --data) -> train direct / pause / cot (``pauserec train``'s path: validation every
+epoch, early stopping, the best checkpoint) -> export three engines -> quality and
+latency benchmarks (+ the HF ``generate`` baseline) -> one report (JSON, Markdown, PNG, and one
+self-contained index.html with the tables and plot).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Run every stage; returns {"quality": ..., "latency": ..., "files": {...}, "seconds": {...}}."""
     from pauserec.bench.latency import LatencyConfig, run_latency
     from pauserec.bench.quality import run_quality
-    from pauserec.bench.report import finish, markdown, write_report
+    from pauserec.bench.report import compare_page, finish, markdown, quality_title, write_report
     from pauserec.data.synthetic import write_synthetic
     from pauserec.export import ExportConfig, export_engine
     from pauserec.train.sft import TrainConfig, train
@@ -74,6 +76,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
                                 preset=cfg.preset, max_minutes=cfg.train_minutes, epochs=cfg.epochs,
                                 seed=cfg.seed, threads=cfg.threads, progress=True))
         ckpts[kind] = res.out
+        if res.validation:  # the same path as `pauserec train`: the checkpoint is the best validation epoch
+            say(f"  {res.validation['stop_detail']} ({res.validation['users']} validation users)")
         clock[f"train_{kind}"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         say(f"[bold]export[/] {kind} -> ONNX engine (validated against the PyTorch model)")
@@ -100,15 +104,18 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
     files = {**write_report(quality, cfg.out / "report", "quality"), **{
         f"latency_{k}": v for k, v in write_report(latency, cfg.out / "report", "latency").items()}}
+    page = cfg.out / "report" / "index.html"  # one self-contained page: tables + plot inlined
+    page.write_text(compare_page([Path(files["json"]), Path(files["latency_json"])], title="pauserec demo"))
+    files["html"] = str(page)
     clock["total"] = time.perf_counter() - t_all
     (cfg.out / "report" / "timings.json").write_text(json.dumps(clock, indent=2) + "\n")
-    say("\n[bold]Quality[/] (test split" + (f", first {cfg.quality_users} users" if cfg.quality_users else "") + ")")
+    say("\n[bold]" + quality_title(quality) + "[/]")
     say(markdown(quality), markup=False, soft_wrap=True)
     pop = systems[0]["popularity"]
     say(f"popularity baseline: Hit@10 {pop['hit@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}\n")
     say("[bold]Latency[/]")
     say(markdown(latency), markup=False, soft_wrap=True)
-    say(f"report: {cfg.out / 'report'}  (total {clock['total']:.0f}s)")
+    say(f"report: {cfg.out / 'report'} (one page: {page})  (total {clock['total']:.0f}s)")
     return {"quality": quality, "latency": latency, "files": files, "seconds": clock}
 
 

@@ -1,13 +1,15 @@
-"""The environment every benchmark result records: machine, threads, versions, git SHA."""
+"""The environment every benchmark result records: machine, threads, versions, git revision, load."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 PACKAGES = ("pauserec", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch", "transformers", "tensorrt")
 
@@ -22,18 +24,69 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_sha() -> str | None:
-    """SHA of the checkout this package runs from, if it is one (with '-dirty' for local changes)."""
-    here = Path(__file__).resolve().parent
+def _git(cwd: Path) -> str | None:
+    """HEAD of the git checkout at ``cwd`` ('-dirty' with local changes), None when it is not one."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _build_info() -> str | None:
+    """The revision recorded when the installed package was built (cmake/build_info.cmake)."""
+    try:
+        from pauserec import _build_info  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return getattr(_build_info, "GIT_SHA", "") or None
+
+
+def _direct_url_json() -> dict:
+    """The installed distribution's direct_url.json (PEP 610), {} when pip wrote none (a wheel from an index)."""
+    try:
+        text = metadata.distribution("pauserec").read_text("direct_url.json")
+        info = json.loads(text) if text else {}
+    except (metadata.PackageNotFoundError, json.JSONDecodeError, OSError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _direct_url() -> tuple[str | None, str | None]:
+    """pip's record of where the package came from: a VCS commit, or the local folder it was built from."""
+    info = _direct_url_json()
+    commit = (info.get("vcs_info") or {}).get("commit_id")
+    if commit:
+        return commit, "pip VCS install"
+    url = info.get("url", "")
+    if url.startswith("file://"):
+        folder = Path(unquote(urlparse(url).path))
+        if folder.is_dir():
+            sha = _git(folder)
+            if sha:
+                return sha, "source folder it was installed from, now"
+    return None, None
+
+
+def git_revision() -> tuple[str | None, str | None]:
+    """(revision, where it came from): the checkout this package runs from, else the revision recorded at
+    build time, else pip's direct_url.json; (None, None) when nothing tells."""
+    sha = _git(Path(__file__).resolve().parent)
+    if sha:
+        return sha, "checkout"
+    sha = _build_info()
+    if sha:
+        return sha, "recorded at build"
+    return _direct_url()
+
+
+def git_sha() -> str | None:
+    """The revision of :func:`git_revision` alone."""
+    return git_revision()[0]
 
 
 def versions() -> dict[str, str]:
@@ -47,7 +100,8 @@ def versions() -> dict[str, str]:
 
 
 def environment(threads: int | None = None) -> dict:
-    """A JSON-able record of where a measurement was taken."""
+    """A JSON-able record of where a measurement was taken (load average: 1, 5, 15 minutes, at the end)."""
+    sha, source = git_revision()
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
@@ -56,5 +110,7 @@ def environment(threads: int | None = None) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": versions(),
-        "git_sha": git_sha(),
+        "git_sha": sha,
+        "git_source": source,
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -3,12 +3,19 @@
 Measurement rules (DESIGN §12): every system sees the same batches; systems are interleaved
 round-robin inside each iteration so machine noise hits all of them alike; we report p50/p95/p99
 of batch latency, per-user time, throughput, the time split inside the runtime and peak RSS (each
-system measured in a fresh subprocess, since a process's peak RSS only grows).
+system measured in a fresh subprocess, since a process's peak RSS only grows), and the 1-minute load
+average while it ran (a shared machine's noise, on the record).
+
+Same answers: every system's top-k on every timed call is compared with the HF ``generate``
+baseline of the same checkpoint (``agreement``: users with identical ordered top-10, mean overlap,
+largest score difference). Baselines: HF ``generate`` in this process, and optimum's
+``ORTModelForCausalLM.generate`` in its own environment (``pauserec.bench.optimum``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,6 +44,9 @@ class LatencyConfig:
     seed: int = 0
     rss: bool = True
     prepack: bool = False  # also run every engine with ONNX Runtime's per-session prepacked weights
+    optimum_baselines: tuple[Path, ...] = ()  # checkpoints run through optimum ORTModelForCausalLM.generate
+    optimum_python: Path | None = None  # that environment's python (else $PAUSEREC_OPTIMUM_PYTHON)
+    optimum_cache: Path | None = None  # where optimum's export of each checkpoint is kept between runs
 
 
 @dataclass
@@ -47,6 +57,9 @@ class SystemResult:
     path: str
     by_batch: dict[str, dict] = field(default_factory=dict)  # "16" -> stats
     peak_rss_mb: float | None = None
+    scoring: str | None = None  # full (log-softmax over the vocabulary, as HF) | sid
+    agreement: dict | None = None  # top-10 identity + max score difference vs the HF baseline, same users
+    facts: dict = field(default_factory=dict)  # system-specific (optimum: export time, session threads, versions)
 
 
 def system_name(kind: str, path) -> str:
@@ -62,51 +75,86 @@ def percentiles(xs: list[float]) -> dict[str, float]:
 
 
 # -- systems under test ---------------------------------------------------------------------------
+# Each system: .system, .kind, .path, .catalog, .sha (source checkpoint), .scoring and
+# .run(histories, k, beams) -> (timings dict, item_index (B, k) int32, scores (B, k) float32).
 class _EngineSystem:
     system = "engine"
 
-    def __init__(self, path: Path, threads: int | None, prepack: bool | None = None):
+    def __init__(self, path: Path, threads: int | None, prepack: bool | None = None, impl: str = "auto",
+                 wrap: Callable | None = None, label: str | None = None):
         from pauserec.runtime import Engine, Recommender
 
         self.system = {None: "engine", True: "engine+prepack", False: "engine-unpacked"}[prepack]
         self.engine = Engine.load(path, threads=threads, prepack=prepack)
-        self.rec = Recommender(self.engine)
+        self.rec = Recommender(wrap(self.engine) if wrap else self.engine, impl=impl)
         self.path, self.kind = path, self.engine.manifest["kind"]
         self.catalog = self.engine.catalog
+        self.sha = (self.engine.manifest.get("source") or {}).get("sha256")
+        self.scoring = self.engine.manifest.get("scoring")
+        self.label = label
 
-    def run(self, histories_idx: list[np.ndarray], k: int, beams: int) -> dict[str, float]:
+    def run(self, histories_idx: list[np.ndarray], k: int, beams: int):
         ids = self.catalog.item_ids
         res = self.rec.recommend([[ids[i] for i in h] for h in histories_idx], k=k, beams=beams)
-        return dict(getattr(res, "timings", {}) or {})
+        return dict(getattr(res, "timings", {}) or {}), res.item_index, res.scores
 
 
 class _HFSystem:
     system = "hf-generate"
+    scoring = "full"
+    label = None
 
     def __init__(self, path: Path, threads: int | None):
         from pauserec.bench.baseline_hf import HFBaseline
+        from pauserec.export.bundle import checkpoint_sha256
 
         self.base = HFBaseline(path, threads=threads)
         self.path, self.kind, self.catalog = path, self.base.spec.kind, self.base.catalog
+        self.sha = checkpoint_sha256(Path(path))
 
-    def run(self, histories_idx: list[np.ndarray], k: int, beams: int) -> dict[str, float]:
-        return self.base.recommend(histories_idx, k=k, beams=beams).timings
+    def run(self, histories_idx: list[np.ndarray], k: int, beams: int):
+        res = self.base.recommend(histories_idx, k=k, beams=beams)
+        return res.timings, res.item_index, res.scores
 
 
-def load_systems(cfg: LatencyConfig) -> list:
+SUFFIX = {"engine": "", "engine+prepack": " (prepacked)", "engine-unpacked": " (unpacked)",
+          "hf-generate": " (HF generate)", "optimum-generate": " (optimum ORT generate)"}
+
+
+def display_name(s) -> str:
+    return getattr(s, "label", None) or system_name(s.kind, s.path) + SUFFIX.get(s.system, f" ({s.system})")
+
+
+def load_systems(cfg: LatencyConfig) -> tuple[list, list[dict]]:
+    """(systems, skipped): an optimum baseline whose environment or export fails is skipped with its reason."""
+    from pauserec.bench.optimum_baseline import OptimumSystem, OptimumUnavailable
+
     systems = [_EngineSystem(Path(p), cfg.threads, prepack) for p in cfg.engines
                for prepack in ((False, True) if cfg.prepack else (None,))]
     systems += [_HFSystem(Path(p), cfg.threads) for p in cfg.hf_baselines]
+    skipped = []
+    for p in cfg.optimum_baselines:
+        try:
+            systems.append(OptimumSystem(Path(p), cfg.optimum_python, cfg.threads, cfg.optimum_cache))
+        except OptimumUnavailable as e:
+            skipped.append({"system": "optimum-generate", "path": str(p), "reason": str(e)})
     if not systems:
         raise PauserecError("give at least one engine directory (or --hf-baseline checkpoint) to measure")
     ref = systems[0].catalog.item_ids
     for s in systems[1:]:
         if list(s.catalog.item_ids) != list(ref):
+            close_all(systems)
             raise PauserecError(
                 f"{s.path} was built on a different catalog than {systems[0].path}; "
                 "compare systems trained on the same dataset and SID index"
             )
-    return systems
+    return systems, skipped
+
+
+def close_all(systems) -> None:
+    for s in systems:
+        if hasattr(s, "close"):
+            s.close()
 
 
 def user_histories(cfg: LatencyConfig, catalog) -> list[np.ndarray]:
@@ -125,12 +173,15 @@ def user_histories(cfg: LatencyConfig, catalog) -> list[np.ndarray]:
 
 
 # -- measuring ------------------------------------------------------------------------------------
-def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None) -> dict[int, dict[str, dict]]:
-    """{system index: {batch size: stats}} with systems interleaved inside every iteration."""
+def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None):
+    """({system index: {batch size: stats}}, {system index: [(item_index, scores) per timed call]}),
+    with systems interleaved inside every iteration (alternating order) on the same batches."""
     out: dict[int, dict[str, dict]] = {i: {} for i in range(len(systems))}
+    answers: dict[int, list] = {i: [] for i in range(len(systems))}
     for bs in cfg.batch_sizes:
         lat: dict[int, list[float]] = {i: [] for i in range(len(systems))}
         split: dict[int, dict[str, float]] = {i: {} for i in range(len(systems))}
+        load: list[float] = []
         for it in range(cfg.warmup + cfg.iters):
             batch = users[(it * bs) % len(users) :][:bs]
             if len(batch) < bs:
@@ -138,13 +189,16 @@ def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None
             order = range(len(systems)) if it % 2 == 0 else reversed(range(len(systems)))
             for i in order:
                 t0 = time.perf_counter()
-                timings = systems[i].run(batch, cfg.k, cfg.beams)
+                timings, items, scores = systems[i].run(batch, cfg.k, cfg.beams)
                 dt = time.perf_counter() - t0
                 if it >= cfg.warmup:
                     lat[i].append(dt)
+                    answers[i].append((np.asarray(items), np.asarray(scores)))
                     for key, v in timings.items():
                         if isinstance(v, (int, float)) and key != "users":  # seconds only
                             split[i][key] = split[i].get(key, 0.0) + float(v)
+            if it >= cfg.warmup:
+                load.append(os.getloadavg()[0])
             if tick:
                 tick()
         for i in lat:
@@ -156,8 +210,37 @@ def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None
                 "throughput_users_per_s": bs * len(lat[i]) / total,
                 "time_split_s": {key: v / len(lat[i]) for key, v in split[i].items()},
                 "iters": len(lat[i]),
+                "spread": stats["p95"] / stats["p50"] if stats["p50"] > 0 else None,
+                "loadavg_1m": [min(load), max(load)] if load else None,
             }
-    return out
+    return out, answers
+
+
+def agreement(mine: list, ref: list) -> dict:
+    """Top-10 identity of one system against a reference on the same calls: users whose ordered top-k
+    lists are identical, mean set overlap, and the largest |score difference| over the items both return."""
+    rows = same = 0
+    overlap, max_diff = 0.0, 0.0
+    for (items, scores), (ritems, rscores) in zip(mine, ref):
+        for a, sa, b, sb in zip(items, scores, ritems, rscores):
+            rows += 1
+            same += bool(np.array_equal(a, b))
+            va, vb = set(int(x) for x in a if x >= 0), set(int(x) for x in b if x >= 0)
+            overlap += len(va & vb) / max(len(vb), 1)
+            score_of = {int(x): float(y) for x, y in zip(b, sb) if x >= 0}
+            for x, y in zip(a, sa):
+                if int(x) in score_of and np.isfinite(y) and np.isfinite(score_of[int(x)]):
+                    max_diff = max(max_diff, abs(float(y) - score_of[int(x)]))
+    return {"users": rows, "identical_top10": same, "identical_rate": same / rows if rows else None,
+            "top10_overlap": overlap / rows if rows else None, "max_score_diff": max_diff}
+
+
+def hf_reference(systems, i: int) -> int | None:
+    """Index of the HF baseline system i is checked against: same source checkpoint, else same kind."""
+    hf = [j for j, s in enumerate(systems) if s.system == "hf-generate" and j != i]
+    same = [j for j in hf if systems[j].sha and systems[j].sha == getattr(systems[i], "sha", None)]
+    kind = [j for j in hf if systems[j].kind == systems[i].kind]
+    return (same or kind or [None])[0]
 
 
 def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | None) -> float | None:
@@ -172,38 +255,76 @@ def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | 
 
 
 def run_latency(cfg: LatencyConfig, tick: Callable[[], None] | None = None) -> dict:
-    """Measure every system; returns the result dict (numbers + ratios, no environment)."""
-    systems = load_systems(cfg)
-    users = user_histories(cfg, systems[0].catalog)
-    stats = _measure(systems, users, cfg, tick)
-    results = []
-    for i, s in enumerate(systems):
-        suffix = {"engine": "", "engine+prepack": " (prepacked)", "engine-unpacked": " (unpacked)"}.get(
-            s.system, " (HF generate)")
-        r = SystemResult(name=system_name(s.kind, s.path) + suffix,
-                         kind=s.kind, system=s.system, path=str(s.path), by_batch=stats[i])
-        if cfg.rss:
-            r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads)
-        results.append(asdict(r))
-    return {"config": _jsonable(asdict(cfg)), "systems": results, "ratios": ratios(results)}
+    """Measure every system; returns the result dict (numbers + ratios + answer checks, no environment)."""
+    systems, skipped = load_systems(cfg)
+    try:
+        users = user_histories(cfg, systems[0].catalog)
+        stats, answers = _measure(systems, users, cfg, tick)
+        results = []
+        for i, s in enumerate(systems):
+            r = SystemResult(name=display_name(s), kind=s.kind, system=s.system, path=str(s.path), by_batch=stats[i],
+                             scoring=getattr(s, "scoring", None), facts=dict(getattr(s, "facts", {}) or {}))
+            ref = hf_reference(systems, i)
+            if ref is not None:
+                r.agreement = {"reference": display_name(systems[ref]), **agreement(answers[i], answers[ref])}
+            if s.system == "optimum-generate":
+                r.peak_rss_mb = s.peak_rss_mb()  # the worker's own peak, over every batch it served
+            elif cfg.rss:
+                r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads)
+            results.append(asdict(r))
+    finally:
+        close_all(systems)
+    return {"config": _jsonable(asdict(cfg)), "systems": results, "ratios": ratios(results, systems),
+            "skipped": skipped}
 
 
-def ratios(results: list[dict]) -> dict:
-    """Each system's p50 batch latency against the first; pause vs cot reductions, paper style."""
+def _p50(r: dict, bs: str) -> float:
+    return r["by_batch"][bs]["batch_latency_s"]["p50"]
+
+
+def reference_index(results: list[dict]) -> int:
+    """The system every row's speed-up is against: the first HF baseline, else the first system."""
+    return next((i for i, r in enumerate(results) if r["system"] == "hf-generate"), 0)
+
+
+def _engine_for(results: list[dict], systems, base: int) -> int | None:
+    """The engine that serves the same checkpoint as baseline ``base`` (else the same kind)."""
+    engines = [i for i, r in enumerate(results) if r["system"].startswith("engine")]
+    engines.sort(key=lambda i: results[i]["system"] != "engine")  # the default engine first
+    sha = getattr(systems[base], "sha", None) if systems else None
+    same = [i for i in engines if sha and getattr(systems[i], "sha", None) == sha]
+    kind = [i for i in engines if results[i]["kind"] == results[base]["kind"]]
+    return (same or kind or [None])[0]
+
+
+def _speedups(results: list[dict], fast: int, slow: int) -> dict:
+    a, b = results[fast], results[slow]
+    return {"engine": a["name"], "baseline": b["name"],
+            "by_batch": {bs: _p50(b, bs) / _p50(a, bs) for bs in a["by_batch"] if bs in b["by_batch"]}}
+
+
+def ratios(results: list[dict], systems=None) -> dict:
+    """Speed-ups against the reference system (named), headline pairs and pause vs cot, paper style.
+
+    ``vs_first`` (each p50 over the first system's) is kept for results read by older tools."""
     first = results[0]
-    out: dict = {"vs_first": {}, "pause_vs_cot": {}}
+    ref = reference_index(results)
+    out: dict = {"vs_first": {}, "reference": results[ref]["name"], "speedup_vs_reference": {},
+                 "pause_vs_cot": {}, "headline": {}}
     for r in results:
-        out["vs_first"][r["name"]] = {
-            bs: r["by_batch"][bs]["batch_latency_s"]["p50"] / first["by_batch"][bs]["batch_latency_s"]["p50"]
-            for bs in r["by_batch"]
-        }
+        out["vs_first"][r["name"]] = {bs: _p50(r, bs) / _p50(first, bs) for bs in r["by_batch"]}
+        out["speedup_vs_reference"][r["name"]] = {bs: _p50(results[ref], bs) / _p50(r, bs) for bs in r["by_batch"]}
+    for key, system in (("engine_vs_hf", "hf-generate"), ("engine_vs_optimum", "optimum-generate")):
+        base = next((i for i, r in enumerate(results) if r["system"] == system), None)
+        eng = None if base is None else _engine_for(results, systems, base)
+        if eng is not None:
+            out["headline"][key] = _speedups(results, eng, base)
     engines = [r for r in results if r["system"].startswith("engine")]
     pause = next((r for r in engines if r["kind"] == "pause"), None)
     cot = next((r for r in engines if r["kind"] == "cot"), None)
     if pause and cot:
         for bs in pause["by_batch"]:
-            p = pause["by_batch"][bs]["batch_latency_s"]["p50"]
-            c = cot["by_batch"][bs]["batch_latency_s"]["p50"]
+            p, c = _p50(pause, bs), _p50(cot, bs)
             out["pause_vs_cot"][bs] = {"reduction": 1 - p / c, "text": f"{-(1 - p / c) * 100:+.1f} %"}
     return out
 

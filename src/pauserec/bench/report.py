@@ -1,8 +1,12 @@
-"""Benchmark reports: JSON (numbers + environment), a Markdown table, an optional PNG plot."""
+"""Benchmark reports: JSON (numbers + environment), Markdown with headline lines first, a PNG plot,
+and one self-contained HTML page of a whole run (``compare_page``)."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 from pathlib import Path
 
 from pauserec.bench.env import environment
@@ -25,8 +29,9 @@ def load_result(path: str | Path) -> dict:
         raise PauserecError(f"result file {p} not found") from None
     except json.JSONDecodeError as e:
         raise PauserecError(f"{p} is not a JSON result ({e}); pass files written by pauserec-bench") from e
-    if d.get("schema") != SCHEMA:
-        raise PauserecError(f"{p} is not a pauserec-bench result (schema {d.get('schema')!r}, expected {SCHEMA})")
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+        got = d.get("schema") if isinstance(d, dict) else None
+        raise PauserecError(f"{p} is not a pauserec-bench result (schema {got!r}, expected {SCHEMA})")
     return d
 
 
@@ -34,29 +39,104 @@ def _ms(x: float) -> str:
     return f"{x * 1000:,.1f}"
 
 
+# -- headlines -------------------------------------------------------------------------------------
+def _times(by_batch: dict) -> str:
+    return ", ".join(f"**{x:.1f}x** at batch {bs}" for bs, x in by_batch.items())
+
+
+def headline_lines(result: dict) -> list[str]:
+    """The answers a reader wants first: engine vs HF generate x, engine vs optimum x, pause vs cot %,
+    and whether the answers are the same (top-10 identity against HF generate)."""
+    if result.get("benchmark") != "latency":
+        return []
+    r = result.get("ratios", {})
+    head = r.get("headline", {})
+    lines = []
+    for key, what in (("engine_vs_hf", "HF generate"), ("engine_vs_optimum", "optimum ORTModelForCausalLM.generate")):
+        h = head.get(key)
+        if h:
+            lines.append(f"Engine vs {what}: faster by {_times(h['by_batch'])} ({h['engine']} vs {h['baseline']}, "
+                         "p50 batch latency)")
+    for s in result.get("skipped", []):
+        lines.append(f"Engine vs optimum: not measured ({s['reason']})")
+    pvc = r.get("pause_vs_cot", {})
+    if pvc:
+        lines.append("Pause vs CoT latency (engines, p50): " + ", ".join(f"**{v['text']}** at batch {bs}"
+                                                                         for bs, v in pvc.items()))
+    for s in result.get("systems", []):
+        a = s.get("agreement")
+        if a and a.get("users") and s["system"].startswith("engine") and s.get("scoring") != "sid":
+            lines.append(f"Same answers: {s['name']} top-10 identical to {a['reference']} for "
+                         f"{a['identical_top10']}/{a['users']} timed users (max |score diff| {a['max_score_diff']:.1e})")
+            break
+    return lines
+
+
+# -- tables ----------------------------------------------------------------------------------------
 def latency_markdown(result: dict) -> str:
-    """One row per (system, batch size): latency percentiles, per-user time, throughput, ratio."""
-    head = "| system | batch | p50 ms | p95 ms | p99 ms | ms/user | users/s | vs first | peak RSS MB |\n"
-    head += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    """One row per (system, batch size): latency percentiles, per-user time, throughput, speed-up
+    against the named reference system; then the answer check against HF generate."""
+    r = result.get("ratios", {})
+    ref = r.get("reference")
+    speed = r.get("speedup_vs_reference")
+    if speed is None:  # results written before the reference was named: latency over the first system's
+        ref, speed = result["systems"][0]["name"], {n: {b: 1 / x for b, x in v.items()}
+                                                     for n, v in r.get("vs_first", {}).items()}
+    head = (f"| system | scoring | batch | p50 ms | p95 ms | p99 ms | ms/user | users/s | speed-up vs {ref} "
+            "| load 1m | peak RSS MB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     rows = []
-    vs = result.get("ratios", {}).get("vs_first", {})
     for s in result["systems"]:
         for bs, st in s["by_batch"].items():
             lat = st["batch_latency_s"]
             rss = f"{s['peak_rss_mb']:,.0f}" if s.get("peak_rss_mb") else "-"
-            ratio = vs.get(s["name"], {}).get(bs)
+            x = speed.get(s["name"], {}).get(bs)
+            load = st.get("loadavg_1m")
             rows.append(
-                f"| {s['name']} | {bs} | {_ms(lat['p50'])} | {_ms(lat['p95'])} | {_ms(lat['p99'])} | "
-                f"{_ms(st['per_user_s'])} | {st['throughput_users_per_s']:,.1f} | "
-                f"{'-' if ratio is None else f'{ratio:.2f}x'} | {rss} |"
+                f"| {s['name']} | {s.get('scoring') or '-'} | {bs} | {_ms(lat['p50'])} | {_ms(lat['p95'])} | "
+                f"{_ms(lat['p99'])} | {_ms(st['per_user_s'])} | {st['throughput_users_per_s']:,.1f} | "
+                f"{'-' if x is None else f'{x:.2f}x'} | {'-' if not load else f'{load[0]:.1f}–{load[1]:.1f}'} | {rss} |"
             )
     text = head + "\n".join(rows) + "\n"
-    pvc = result.get("ratios", {}).get("pause_vs_cot", {})
-    if pvc:
-        text += "\nPause vs CoT latency (p50 per batch): " + ", ".join(
-            f"batch {bs}: {v['text']}" for bs, v in pvc.items()
-        ) + "\n"
+    text += agreement_markdown(result)
+    facts = [s for s in result["systems"] if s["system"] == "optimum-generate" and s.get("facts")]
+    for s in facts:
+        f = s["facts"]
+        text += (f"\noptimum baseline {s['name']}: ONNX Runtime session intra-op threads "
+                 f"{f.get('session_intra_op_threads')}, "
+                 + (f"export {f['export_s']:.1f} s" if f.get("export_s") else "export time not recorded")
+                 + (" (export reused from the cache)" if f.get("cached") else "") + ", "
+                 f"versions {', '.join(f'{k} {v}' for k, v in f.get('versions', {}).items())}"
+                 + (f"; config for transformers 4.x: {'; '.join(f['config_changes'])}" if f.get("config_changes") else "")
+                 + (f"; patched: {'; '.join(f['patches'])}" if f.get("patches") else "")
+                 + "\n")
     return text
+
+
+def agreement_markdown(result: dict) -> str:
+    rows = []
+    for s in result["systems"]:
+        a = s.get("agreement")
+        if not a or not a.get("users"):
+            continue
+        rows.append(f"| {s['name']} | {s.get('scoring') or '-'} | {a['reference']} | {a['users']} | "
+                    f"{a['identical_top10']} ({a['identical_rate'] * 100:.1f} %) | {a['top10_overlap']:.3f} | "
+                    f"{a['max_score_diff']:.1e} |")
+    if not rows:
+        return ""
+    return ("\nSame answers (every timed call; `sid` scoring renormalises per level, so its scores, and near-tie "
+            "ranks, differ from HF by design):\n\n| system | scoring | reference | users | identical top-10 | "
+            "top-10 overlap | max score diff |\n|---|---|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+
+
+def quality_users(result: dict) -> int | None:
+    users = {s.get("metrics", {}).get("users") for s in result.get("systems", [])} - {None}
+    return max(users) if users else None
+
+
+def quality_title(result: dict, split: str = "test") -> str:
+    """'Quality (test split, 400 users)': the count the metrics were computed over, not the one asked for."""
+    n = quality_users(result)
+    return f"Quality ({split} split" + (f", {n:,} users" if n else "") + ")"
 
 
 def quality_markdown(result: dict) -> str:
@@ -71,16 +151,30 @@ def quality_markdown(result: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def markdown(result: dict) -> str:
+def environment_line(result: dict) -> str:
     env = result.get("environment", {})
-    foot = (f"\n_{env.get('cpu', '?')}, {env.get('cores', '?')} cores, threads {env.get('threads') or 'default'}, "
-            f"git {str(env.get('git_sha') or '?')[:12]}, {env.get('timestamp', '')}_\n")
-    body = latency_markdown(result) if result.get("benchmark") == "latency" else quality_markdown(result)
-    return body + foot
+    git = env.get("git_sha")
+    return (f"\n_{env.get('cpu', '?')}, {env.get('cores', '?')} cores, threads {env.get('threads') or 'default'}, "
+            f"git {str(git)[:12] if git else 'unknown'}"
+            + (f" ({env['git_source']})" if git and env.get("git_source") not in (None, "checkout") else "")
+            + f", {env.get('timestamp', '')}_\n")
 
 
+def markdown(result: dict) -> str:
+    kind = result.get("benchmark")
+    if kind == "ablation":
+        from pauserec.bench.ablation import ablation_markdown
+
+        return ablation_markdown(result) + environment_line(result)
+    heads = headline_lines(result)
+    top = "".join(f"- {h}\n" for h in heads) + ("\n" if heads else "")
+    body = latency_markdown(result) if kind == "latency" else quality_markdown(result)
+    return top + body + environment_line(result)
+
+
+# -- plots -----------------------------------------------------------------------------------------
 def plot_latency(result: dict, path: Path) -> Path | None:
-    """Latency (p50) vs batch size, one line per system. None when matplotlib is not installed."""
+    """p50 latency vs batch size, one line per system, min–max band. None without matplotlib."""
     try:
         import matplotlib
 
@@ -88,17 +182,24 @@ def plot_latency(result: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.8, 4.2), dpi=120)
     for s in result["systems"]:
         bss = sorted(int(b) for b in s["by_batch"])
-        ax.plot(bss, [s["by_batch"][str(b)]["batch_latency_s"]["p50"] * 1000 for b in bss], marker="o", label=s["name"])
+        st = [s["by_batch"][str(b)]["batch_latency_s"] for b in bss]
+        line, = ax.plot(bss, [x["p50"] * 1000 for x in st], marker="o", label=s["name"])
+        ax.fill_between(bss, [x["min"] * 1000 for x in st], [x["max"] * 1000 for x in st], color=line.get_color(),
+                        alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size (users)")
-    ax.set_ylabel("p50 batch latency (ms)")
-    ax.set_title(f"pauserec latency, beams {result.get('config', {}).get('beams', '?')}")
+    sizes = sorted({int(b) for s in result["systems"] for b in s["by_batch"]})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlabel("batch size (users per call)")
+    ax.set_ylabel("batch latency (ms): p50, band min–max")
+    cfg = result.get("config", {})
+    ax.set_title(f"pauserec latency, beams {cfg.get('beams', '?')}, threads {cfg.get('threads') or 'default'}",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -111,9 +212,101 @@ def write_report(result: dict, out_dir: str | Path, stem: str) -> dict[str, str]
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
     files["json"].write_text(json.dumps(result, indent=2) + "\n")
-    files["md"].write_text(markdown(result))
+    title = quality_title(result) if result.get("benchmark") == "quality" else "Latency"
+    files["md"].write_text(f"# {title}\n\n" + markdown(result))
     if result.get("benchmark") == "latency":
         png = plot_latency(result, out / f"{stem}.png")
         if png:
             files["png"] = png
     return {k: str(v) for k, v in files.items()}
+
+
+# -- one page for a whole run ----------------------------------------------------------------------
+def collect_results(paths: list[Path]) -> list[tuple[Path, dict]]:
+    """Result JSON files, given directly or found in run folders (recursively), in a stable order."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            for f in sorted(p.rglob("*.json")):
+                try:
+                    if json.loads(f.read_text()).get("schema") == SCHEMA:
+                        found.append(f)
+                except (OSError, json.JSONDecodeError, AttributeError):
+                    continue
+        else:
+            found.append(p)
+    if not found:
+        raise PauserecError(f"no pauserec-bench result JSON found in {', '.join(map(str, paths))}")
+    return [(f, load_result(f)) for f in found]
+
+
+def _inline(md: str) -> str:
+    t = html.escape(md)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    t = re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+    return re.sub(r"(?<![\w/])_(.+?)_(?![\w/])", r"<i>\1</i>", t)
+
+
+def markdown_to_html(md: str) -> str:
+    """The Markdown these reports write (headings, bullets, pipe tables, paragraphs) as HTML."""
+    out, table = [], []
+
+    def flush() -> None:
+        if table:
+            cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table]
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in cells[2:])
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells[0]) + "</tr>" + body + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")) + 1, 6)
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _png_tag(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:.6em 0;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 7px;"
+       "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+       "li{margin:.2em 0}img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}")
+
+
+def compare_page(paths: list[Path], title: str = "pauserec benchmark run") -> str:
+    """One self-contained HTML page: every result's headlines, tables and plot (PNG inlined)."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    for f, result in collect_results(paths):
+        kind = result.get("benchmark", "?")
+        head = quality_title(result) if kind == "quality" else kind.capitalize()
+        parts.append(f"<h2>{html.escape(head)} <small>({html.escape(f.parent.name + '/' + f.name)})</small></h2>")
+        parts.append(markdown_to_html(markdown(result)))
+        png = f.with_suffix(".png")
+        if png.is_file():
+            parts.append(_png_tag(png))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def compare_markdown(paths: list[Path]) -> str:
+    """The same page as Markdown (plots linked by file name, not inlined)."""
+    parts = []
+    for f, result in collect_results(paths):
+        kind = result.get("benchmark", "?")
+        parts.append(f"## {quality_title(result) if kind == 'quality' else kind.capitalize()} ({f.parent.name}/{f.name})\n")
+        parts.append(markdown(result))
+        if f.with_suffix(".png").is_file():
+            parts.append(f"\n![{kind}]({f.with_suffix('.png').name})\n")
+    return "\n".join(parts)

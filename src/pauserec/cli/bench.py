@@ -61,8 +61,14 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @app.command()
 @handle_errors
 def latency(
-    engines: list[Path] = typer.Argument(None, help="Engine directories; ratios are against the first."),
+    engines: list[Path] = typer.Argument(None, help="Engine directories; speed-ups are against the first HF "
+                                         "baseline (else the first system)."),
     hf_baseline: list[Path] = typer.Option([], "--hf-baseline", help="Checkpoint(s) run through HF generate."),
+    optimum_baseline: list[Path] = typer.Option([], "--optimum-baseline", help="Checkpoint(s) exported with optimum "
+                                                "and run through ORTModelForCausalLM.generate (its own environment)."),
+    optimum_python: Path = typer.Option(None, "--optimum-python", help="Python of the optimum environment "
+                                        "(`pauserec-bench optimum-env DIR` makes one; default $PAUSEREC_OPTIMUM_PYTHON)."),
+    optimum_cache: Path = typer.Option(None, "--optimum-cache", help="Where optimum's exports are kept between runs."),
     data: Path = typer.Option(None, "--data", help="Take users from this dataset's test split."),
     index: str = typer.Option(None, "--index", help="SID index of --data."),
     batch_sizes: str = typer.Option("1,16,64", "--batch-sizes", help="Comma-separated batch sizes."),
@@ -83,7 +89,9 @@ def latency(
 
     cfg = LatencyConfig(engines=tuple(engines or ()), hf_baselines=tuple(hf_baseline), data=data, index=index,
                         batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
-                        threads=threads, rss=not no_rss, prepack=prepack, history_len=history_len)
+                        threads=threads, rss=not no_rss, prepack=prepack, history_len=history_len,
+                        optimum_baselines=tuple(optimum_baseline), optimum_python=optimum_python,
+                        optimum_cache=optimum_cache)
     total = len(cfg.batch_sizes) * (cfg.warmup + cfg.iters)
     with console.status("measuring") as status:
         done = [0]
@@ -97,6 +105,50 @@ def latency(
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
+    for skip in result.get("skipped", []):
+        err_console.print(f"[yellow]skipped[/] {skip['system']} {skip['path']}: {skip['reason']}", highlight=False)
+    console.print(markdown(result), markup=False, soft_wrap=True)
+    console.print(f"wrote {', '.join(files.values())}", highlight=False)
+
+
+@app.command("optimum-env")
+@handle_errors
+def optimum_env(
+    env_dir: Path = typer.Argument(..., help="Folder for the virtual environment (created if missing)."),
+) -> None:
+    """Make the separate environment of the optimum baseline (transformers < 4.58, optimum-onnx, torch 2.13.0)."""
+    from pauserec.bench.optimum_baseline import create_env
+
+    py = create_env(env_dir, say=lambda m: console.print(m, highlight=False))
+    console.print(f"ready: pauserec-bench latency ... --optimum-baseline CKPT --optimum-python {py}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def ablation(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (direct or pause) the engines are exported from."),
+    out: Path = typer.Option(..., "--out", help="Folder for ablation.json/.md/.png (and engines/, unless --engines)."),
+    engines_dir: Path = typer.Option(None, "--engines", help="Where the sid / sid-recompute / full engines are "
+                                     "(exported there when missing; default OUT/engines)."),
+    data: Path = typer.Option(None, "--data", help="Take users from this dataset's test split."),
+    index: str = typer.Option(None, "--index", help="SID index of --data."),
+    batch_sizes: str = typer.Option("1,16", "--batch-sizes", help="Comma-separated batch sizes."),
+    beams: int = typer.Option(20, "--beams", min=1),
+    warmup: int = typer.Option(1, "--warmup", min=0),
+    iters: int = typer.Option(7, "--iters", min=1),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads for every variant."),
+    hf_baseline: bool = typer.Option(False, "--hf-baseline", help="Also time HF generate on the checkpoint."),
+) -> None:
+    """Where the speed comes from: the engine with each of its ideas switched off in turn, same users."""
+    from pauserec.bench.ablation import AblationConfig, run_ablation, write_ablation
+    from pauserec.bench.report import finish, markdown
+
+    cfg = AblationConfig(checkpoint=checkpoint, out=out, engines_dir=engines_dir, data=data, index=index,
+                         batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
+                         threads=threads, hf_baseline=hf_baseline)
+    result = finish(run_ablation(cfg, say=lambda m: console.print(f"[dim]{m}[/]", highlight=False)), "ablation",
+                    threads=threads)
+    files = write_ablation(result, out)
     console.print(markdown(result), markup=False, soft_wrap=True)
     console.print(f"wrote {', '.join(files.values())}", highlight=False)
 
@@ -104,7 +156,7 @@ def latency(
 @app.command()
 @handle_errors
 def quality(
-    engine: Path = typer.Argument(..., help="Engine directory."),
+    engines: list[Path] = typer.Argument(None, help="Engine directories (several per kind: seeds). Leave out with --train."),
     data: Path = typer.Option(..., "--data", help="Dataset folder the model was trained on."),
     index: str = typer.Option(None, "--index", help="SID index name."),
     split: str = typer.Option("test", "--split", help="test or valid."),
@@ -112,40 +164,92 @@ def quality(
     limit: int = typer.Option(None, "--limit", help="Only the first N users."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     threads: int = typer.Option(None, "--threads"),
-    out: Path = typer.Option(None, "--out", help="Folder for quality.json/.md."),
+    out: Path = typer.Option(None, "--out", help="Folder for quality.json/.md (and quality-seeds.json/.md); "
+                             "with --train also the runs/ it trains."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),
+    train: bool = typer.Option(False, "--train", help="Train --seeds seeds of every --kinds kind (best checkpoints), "
+                               "export and evaluate them all."),
+    kinds: str = typer.Option("direct,pause,cot", "--kinds", help="With --train: comma-separated kinds."),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="With --train: seeds per kind (0..N-1)."),
+    preset: str = typer.Option("small", "--preset", help="With --train: model preset."),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="With --train: ceiling per training run."),
+    resamples: int = typer.Option(1000, "--resamples", min=1, help="Paired bootstrap resamples."),
 ) -> None:
-    """Hit/NDCG@5/10 and invalid rate of an engine on a dataset split (runs the engine, not torch)."""
+    """Hit/NDCG@5/10 and invalid rate of engines on a dataset split (runs the engines, not torch).
+
+    With several engines of a kind (seeds) or --train: mean ± std over seeds per kind and a paired bootstrap
+    95 % interval of pause − direct and cot − direct (Hit@10, NDCG@10); "beats" only when it excludes 0.
+    """
     from rich.progress import Progress
 
-    from pauserec.bench.quality import run_quality
+    from pauserec.bench.quality import (SeedsConfig, evaluate_engine, run_quality_seeds, seeds_markdown,
+                                        summarize_runs, write_seeds_report)
     from pauserec.bench.report import finish, markdown, write_report
+    from pauserec.errors import PauserecError
 
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("evaluating", total=limit)
-        res = run_quality(engine, data, index, split=split, beams=beams, limit=limit, batch_size=batch_size,
-                          threads=threads, tick=lambda n: bar.advance(task, n))
-    result = finish({"systems": [res], "data": str(data), "index": index}, "quality", threads=threads,
-                    manifests=_manifests((engine,)))
+    if train:
+        if out is None:
+            raise PauserecError("--train needs --out DIR (checkpoints, engines and the report go there)")
+        cfg = SeedsConfig(data=data, out=out, index=index, kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                          seeds=seeds, preset=preset, max_minutes=max_minutes, split=split, beams=beams, limit=limit,
+                          batch_size=batch_size, threads=threads, resamples=resamples)
+        seeded = run_quality_seeds(cfg, say=lambda m: console.print(m, highlight=False))
+        runs, summary = seeded["systems"], seeded["summary"]
+        extra = {"training": seeded["training"]}
+        engines = [Path(r["path"]) for r in runs]
+    else:
+        if not engines:
+            raise PauserecError("give engine directories, or --train --out DIR to train and evaluate seeds per kind")
+        runs, vectors = [], []
+        with Progress(console=console, transient=True) as bar:
+            for engine in engines:
+                task = bar.add_task(f"evaluating {engine.name}", total=limit)
+                res, vec = evaluate_engine(engine, data, index, split=split, beams=beams, limit=limit,
+                                           batch_size=batch_size, threads=threads, tick=lambda n, t=task: bar.advance(t, n))
+                runs.append(res)
+                vectors.append(vec)
+        summary = summarize_runs(runs, vectors, resamples) if len(runs) > 1 else None
+        if summary:
+            summary["popularity"] = runs[0]["popularity"]
+        extra = {}
+    result = finish({"systems": runs, "data": str(data), "index": index, **({"seeds": summary} if summary else {}),
+                     **extra}, "quality", threads=threads, manifests=_manifests(engines))
     if out is not None:
         write_report(result, out, "quality")
+        if summary:
+            write_seeds_report({"summary": summary, **extra, "environment": result["environment"]}, out)
     if json_out:
         typer.echo(json.dumps(result, indent=2))
         return
     console.print(markdown(result), markup=False, soft_wrap=True)
-    pop = res["popularity"]
+    pop = runs[0]["popularity"]
     console.print(f"popularity baseline: Hit@10 {pop['hit@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}", highlight=False)
+    if summary:
+        console.print(seeds_markdown(summary), markup=False, soft_wrap=True)
 
 
 @app.command()
 @handle_errors
-def compare(results: list[Path] = typer.Argument(..., help="Result JSON files written by pauserec-bench.")) -> None:
-    """Render saved results side by side (one table per file, in the order given)."""
-    from pauserec.bench.report import load_result, markdown
+def compare(
+    results: list[Path] = typer.Argument(..., help="Result JSON files written by pauserec-bench, or run folders."),
+    html_out: Path = typer.Option(None, "--html", help="Write one self-contained HTML page (plots inlined)."),
+    md_out: Path = typer.Option(None, "--md", help="Write one Markdown page (plots linked)."),
+    title: str = typer.Option("pauserec benchmark run", "--title", help="Title of the page."),
+) -> None:
+    """Render saved results side by side (one table per file, in the order given); --html / --md: one page."""
+    from pauserec.bench.report import collect_results, compare_markdown, compare_page, markdown
 
-    for path in results:
-        console.print(f"[bold]{path}[/] ({load_result(path).get('benchmark')})")
-        console.print(markdown(load_result(path)), markup=False, soft_wrap=True)
+    if html_out is not None or md_out is not None:
+        for path, text in ((html_out, compare_page(results, title) if html_out else None),
+                           (md_out, f"# {title}\n\n" + compare_markdown(results) if md_out else None)):
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                console.print(f"wrote {path}", highlight=False)
+        return
+    for path, result in collect_results(results):
+        console.print(f"[bold]{path}[/] ({result.get('benchmark')})")
+        console.print(markdown(result), markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -21,6 +21,8 @@ def export(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (dynamic) | int4 (weight-only)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
+    recompute_prefix: bool = typer.Option(False, "--recompute-prefix", help="Ablation: do not fuse the instruction "
+                                          "prefix's KV into the graphs; every row recomputes it (same results)."),
     min_agreement: float = typer.Option(0.8, "--min-agreement", help="fp16/int8/int4: least top-10 overlap with "
                                         "the fp32 engine on the sample, else the export fails."),
     static: bool = typer.Option(False, "--static", help="Freeze batch, beams and history length (TensorRT)."),
@@ -46,7 +48,8 @@ def export(
     cfg = ExportConfig(checkpoint=checkpoint, out=out, precision=precision, backend=backend, static=static,
                        batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
-                       scoring=scoring, min_agreement=min_agreement, quant_sample=sample)
+                       scoring=scoring, min_agreement=min_agreement, quant_sample=sample,
+                       fuse_prefix=not recompute_prefix)
     t0 = time.perf_counter()
 
     def progress(stage: str, detail: str) -> None:

@@ -29,6 +29,7 @@ class ExportConfig:
     max_history: int | None = None  # default: the card's
     atol: float | None = None  # fp32 validation tolerance on log-probs (default 1e-4)
     scoring: str = "full"  # "full": log_softmax over the vocabulary (HF parity); "sid": over each level's codes
+    fuse_prefix: bool = True  # False (ablation): the prefill graph recomputes the instruction prefix per row
     min_agreement: float = 0.8  # reduced precisions: least top-10 overlap with the fp32 engine on the sample
     force: bool = False
     kind: str | None = None  # overrides of (or stand-ins for) the training card

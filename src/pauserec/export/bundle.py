@@ -232,8 +232,10 @@ def write_failure(out: Path, e: OSError) -> ExportError:
 
 
 def manifest_dict(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, static_env: dict | None, precision: str,
-                  backend: str, exporter: dict, source: Path, source_sha: str, validation: list, plans: dict) -> dict:
-    """The engine's manifest (without ``files``, which ``finish`` adds)."""
+                  backend: str, exporter: dict, source: Path, source_sha: str, validation: list, plans: dict,
+                  prefix: str = "fused") -> dict:
+    """The engine's manifest (without ``files``, which ``finish`` adds). ``prefix``: "fused" (the
+    instruction prefix's KV is a graph constant) or "recomputed" (an ablation engine)."""
     import pauserec
 
     kv = "float16" if precision == "fp16" else "float32"
@@ -252,7 +254,8 @@ def manifest_dict(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, stati
         "plans": plans,
         "shapes": {
             "static": static_env is not None, "max_history": spec.max_history,
-            "prefix_len": shape.prefix_len, "suffix_len": shape.suffix_len, "ctx_extra": shape.ctx_extra,
+            "prefix_len": shape.prefix_len, "prefix": prefix, "suffix_len": shape.suffix_len,
+            "ctx_extra": shape.ctx_extra,
             "beam_slots": shape.levels - 1, "first_width": shape.first_width, "next_width": shape.next_width,
             **({"batch": static_env["batch"], "beams": static_env["beams"], "hist": static_env["hist"]}
                if static_env else {}),

@@ -4,7 +4,8 @@ Three graphs share one ``Core`` (embedding, decoder layers, final norm, LM head,
 
 * ``PrefillGraph``: history ids + mask -> log-probs of the first SID level (full vocabulary for cot)
   + context KV. The instruction prefix's KV is a graph constant; the think suffix is a constant
-  appended after each row's last real history token.
+  appended after each row's last real history token. (``fuse_prefix=False``, an ablation of that
+  idea: each row runs the instruction tokens through the layers again; same outputs.)
 * ``DecodeGraph``: one SID token per beam -> log-probs over the next level's codes. It attends to the
   per-user context KV (never copied per beam) and to the beams' own short KV, with one joint softmax.
 * ``ThinkGraph`` (cot): one full-vocabulary step extending the per-user context.
@@ -272,9 +273,14 @@ class PrefillGraph(_Graph):
     """(history_ids (B,T), history_mask (B,T)) -> (logprobs (B,V1|vocab), ctx_key, ctx_value (layers,B,Hkv,T+S,D))."""
 
     def __init__(self, core: Core, instruction_ids, suffix_ids, first_ids: list[int] | None,
-                 scoring: str = "full") -> None:
+                 scoring: str = "full", fuse_prefix: bool = True) -> None:
         super().__init__(core, instruction_ids)
         self.register_buffer("think_suffix_ids", torch.tensor(list(suffix_ids), dtype=torch.long))
+        # fuse_prefix=False (an ablation): every row runs the instruction tokens through the layers again,
+        # as a plain prompt prefill does; the outputs are the same, the prefix KV just leaves the graph.
+        self.recompute_prefix = not fuse_prefix and self.prefix_len > 0
+        if self.recompute_prefix:
+            self.register_buffer("prefix_ids", torch.tensor(list(instruction_ids), dtype=torch.long))
         # None: full vocabulary (cot: the next token is a rationale token)
         self.first_ids = None if first_ids is None else torch.tensor(list(first_ids), dtype=torch.long)
         self.sid_head = scoring == "sid" and first_ids is not None
@@ -292,10 +298,17 @@ class PrefillGraph(_Graph):
         suf_pos = lens + torch.arange(s).unsqueeze(0)  # (B, S)
         pos = torch.cat([hist_pos, suf_pos], dim=1) + self.prefix_len  # (B, C)
         valid = torch.cat([history_mask > 0, torch.ones_like(suf_pos, dtype=torch.bool)], dim=1)  # (B, C)
+        skip = 0  # leading slots computed here but not part of the context KV (the recomputed prefix)
+        if self.recompute_prefix:  # (B, P + C): the instruction tokens at positions 0..P-1 of every row
+            skip = self.prefix_len
+            ids = torch.cat([self.prefix_ids.unsqueeze(0).expand(b, skip), ids], dim=1)
+            pos = torch.cat([torch.arange(skip).unsqueeze(0).expand(b, skip), pos], dim=1)
+            valid = torch.cat([torch.ones(b, skip, dtype=torch.bool), valid], dim=1)
+        fused = self.prefix_len > 0 and not self.recompute_prefix
         visible = valid.unsqueeze(1) & (pos.unsqueeze(1) <= pos.unsqueeze(2))  # (B, Cq, Ck)
         dtype = core.embed.weight.dtype
         bias = torch.where(visible, 0.0, NEG).to(dtype)  # (B, Cq, Ck)
-        if self.prefix_len:
+        if fused:
             bias = torch.cat([torch.zeros_like(bias[:, :, :1]).expand(b, ids.shape[1], self.prefix_len), bias], dim=2)
         bias = bias.unsqueeze(1).unsqueeze(1)  # (B, 1, 1, Cq, P+Ck): every query sees the whole prefix
         cos, sin = core.rope(pos)
@@ -306,9 +319,9 @@ class PrefillGraph(_Graph):
             q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, C, H*, D)
             q = q.transpose(1, 2).reshape(b, d.kv_heads, d.group * c, d.head_dim) * core.scale  # (B,Hkv,G*C,D)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, C, D)
-            keys.append(k)
-            values.append(v)
-            if self.prefix_len:  # (B, Hkv, P+C, D): one small copy of the prefix, one softmax
+            keys.append(k[:, :, skip:])
+            values.append(v[:, :, skip:])
+            if fused:  # (B, Hkv, P+C, D): one small copy of the prefix, one softmax
                 k = torch.cat([self.prefix_key[i].unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
                 v = torch.cat([self.prefix_value[i].unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
             scores = (q @ k.transpose(-1, -2)).view(b, d.kv_heads, d.group, c, -1) + bias  # (B,Hkv,G,C,P+C)

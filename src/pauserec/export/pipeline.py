@@ -8,7 +8,9 @@
 5. fp16 / int8 / int4: lower the fp32 graphs, then judge the engine by what ranking depends on:
    top-10 agreement with the fp32 engine (and the Hit@10 change on ``--data``'s test split), failing
    below ``min_agreement``;
-6. TensorRT plans (optional), catalog, manifest with checksums;
+6. TensorRT plans (optional): built from the graphs of the engine's precision, each checked against
+   its ONNX graph on the validation cases (every mismatch listed), then the plans' top-10 against
+   the ONNX engine's; catalog, manifest with checksums;
 7. load the staged engine with the runtime and recommend once; only then publish it atomically.
 """
 
@@ -116,7 +118,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
                               cfg.max_rationale)
     check_finite(src.model)
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
-    built = build_graphs(src.model, src.spec, cfg.scoring)
+    built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix)
     specs = graph_specs(built.shape)
     env = {n: resolve_dims(n, built.shape, cfg.batch, cfg.beams, src.spec.max_history) for n in specs} if cfg.static else None
     if env:
@@ -154,7 +156,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
 
     common = dict(spec=src.spec, catalog=src.catalog, dims=dims, shape=shape, graphs=specs,
                   static_env=static_env, exporter=onnx.exporter_info(cfg.exporter), source=Path(cfg.checkpoint),
-                  source_sha=source_sha)
+                  source_sha=source_sha, prefix="fused" if cfg.fuse_prefix else "recomputed")
     quantized = None
     if cfg.precision == "fp32":
         for path in (*files32.values(), fp32_dir / weights.WEIGHTS_FILE):
@@ -165,12 +167,11 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
         checks += lower
         clock[cfg.precision] = time.perf_counter() - t0
     plans: dict[str, str] = {}
+    plan_ranking = None
     if cfg.backend == "tensorrt":
-        from pauserec.export.trt import build_plans
-
         t0 = time.perf_counter()
-        say("tensorrt", "building .plan files")
-        plans = build_plans({n: stage / s.file for n, s in specs.items()}, specs, stage, fp16=cfg.precision == "fp16")
+        plans, plan_checks, plan_ranking = _tensorrt(cfg, src, specs, stage, common, validate_args, say)
+        checks += plan_checks
         clock["tensorrt"] = time.perf_counter() - t0
     shutil.rmtree(fp32_dir, ignore_errors=True)
 
@@ -178,6 +179,8 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     src.catalog.save(stage / bundle.CATALOG_FILE)
     validation = validate.summarize(checks) + ([{"graph": "engine", "case": "ranking sample", **quantized}]
                                                if quantized else [])
+    if plan_ranking:
+        validation.append({"graph": "engine", "case": "tensorrt vs onnx ranking sample", **plan_ranking})
     manifest = bundle.finish(stage, bundle.manifest_dict(**common, precision=cfg.precision, backend=cfg.backend,
                                                          validation=validation, plans=plans))
     t0 = time.perf_counter()
@@ -207,6 +210,31 @@ def smoke_test(engine_dir: Path, src, cfg: ExportConfig) -> None:
                           "checkpoint's config.json") from e
     if out.item_index[0, 0] < 0 or not np.isfinite(out.scores[0, 0]):
         raise ExportError("the exported engine recommends nothing valid for a catalog history; nothing was written")
+
+
+def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate_args: dict, say):
+    """Plans from the staged graphs of the engine's precision, each validated against its ONNX graph
+    (every mismatch listed), then the plan engine's top-10 against the ONNX engine's on a sample."""
+    from pauserec.export import bundle
+    from pauserec.export.trt import build_plans, validate_plans
+
+    onnx_files = {n: stage / s.file for n, s in specs.items()}  # fp16 engines: the fp16 graphs
+    say("tensorrt", f"building .plan files from the {cfg.precision} graphs")
+    plans = build_plans(onnx_files, specs, stage, fp16=cfg.precision == "fp16")
+    say("tensorrt", "plans vs the ONNX graphs on the validation cases")
+    checks = validate_plans({n: stage / f for n, f in plans.items()}, onnx_files, specs, cfg.precision, validate_args)
+    src.catalog.save(stage / bundle.CATALOG_FILE)
+    bundle.finish(stage, bundle.manifest_dict(**common, precision=cfg.precision, backend=cfg.backend, validation=[],
+                                              plans=plans))
+    say("tensorrt", f"top-10 agreement of the plans with the ONNX engine on {cfg.quant_sample} users")
+    ranking = _ranking_report(cfg, src, stage, stage, providers=("cpu", "tensorrt"))
+    floor = cfg.min_agreement if cfg.precision == "fp16" else max(cfg.min_agreement, 0.95)  # fp32: near-ties only
+    if ranking["top10_overlap"] < floor:
+        raise ExportError(
+            f"the TensorRT plans agree with the ONNX engine on only {ranking['top10_overlap']:.3f} of the top-10 "
+            f"(floor {floor:.3f}; top-1 {ranking['top1_agreement']:.3f}) on {ranking['sample']} users; nothing was "
+            "written. Export without --backend tensorrt, or report this with the TensorRT version and GPU")
+    return plans, checks, ranking
 
 
 def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common: dict, validate_args: dict, say):
@@ -243,7 +271,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     return checks, report
 
 
-def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path) -> dict:
+def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, providers=("cpu", "cpu")) -> dict:
     """Sample of the test split (``--data``), else of random catalog histories (no targets then)."""
     import numpy as np
 
@@ -264,7 +292,7 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path) -> dict
         rng = np.random.default_rng(cfg.seed)
         histories = [[ids[i] for i in rng.integers(0, len(ids), size=int(rng.integers(1, src.spec.max_history + 1)))]
                      for _ in range(n)]
-    return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20)
+    return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20, providers=providers)
 
 
 def embedded_tokens(spec) -> list[int]:
@@ -281,8 +309,9 @@ class BuiltGraphs:
     example: Callable
 
 
-def build_graphs(model, spec, scoring: str = "full") -> BuiltGraphs:
-    """The torch wrappers of one engine plus example inputs for the exporter."""
+def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True) -> BuiltGraphs:
+    """The torch wrappers of one engine plus example inputs for the exporter (``fuse_prefix=False``:
+    the prefill graph recomputes the instruction prefix for every row, an ablation)."""
     import torch
 
     from pauserec.export.graphs import Core, DecodeGraph, PrefillGraph, ThinkGraph
@@ -292,13 +321,13 @@ def build_graphs(model, spec, scoring: str = "full") -> BuiltGraphs:
     d = core.dims
     sid = [list(x) for x in spec.sid_token_ids]
     if spec.kind != "cot":  # history, suffix and SID tokens are all these graphs embed
-        core.restrict_embedding(embedded_tokens(spec))
+        core.restrict_embedding(embedded_tokens(spec) + ([] if fuse_prefix else list(spec.instruction_ids)))
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
                        codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.instruction_ids),
                        suffix_len=len(spec.think_suffix), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
                        scoring=scoring)
     modules = {"prefill": PrefillGraph(core, spec.instruction_ids, spec.think_suffix,
-                                       None if spec.kind == "cot" else sid[0], scoring)}
+                                       None if spec.kind == "cot" else sid[0], scoring, fuse_prefix)}
     if shape.levels > 1:
         modules["decode"] = DecodeGraph(core, spec.instruction_ids, sid, scoring)
     if spec.kind == "cot":

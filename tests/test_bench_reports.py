@@ -1,0 +1,211 @@
+"""Reports people can read at a glance: headlines, the named speed-up column, the answer check against HF
+generate, the optimum baseline's clean skip, the one-page compare, the git revision fallback, the ablation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("torch")
+
+from pauserec.cli.bench import app as bench_app  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def latency_run(trained_engines, tiny_checkpoints, synthetic_data, tmp_path_factory) -> Path:
+    """cot + pause engines, HF generate of the pause checkpoint, an optimum baseline whose environment is absent."""
+    out = tmp_path_factory.mktemp("latency_run")
+    args = ["latency", str(trained_engines["cot"]), str(trained_engines["pause"]), "--hf-baseline",
+            str(tiny_checkpoints["pause"]), "--optimum-baseline", str(tiny_checkpoints["pause"]), "--optimum-python",
+            str(out / "no-such-env" / "bin" / "python"), "--data", str(synthetic_data), "--batch-sizes", "1,2",
+            "--iters", "2", "--warmup", "0", "--threads", "1", "--no-rss", "--out", str(out)]
+    res = runner.invoke(bench_app, args)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_headlines_and_named_reference_column(latency_run):
+    result = json.loads((latency_run / "latency.json").read_text())
+    hf = next(s["name"] for s in result["systems"] if s["system"] == "hf-generate")
+    assert result["ratios"]["reference"] == hf  # not whichever system came first (cot here)
+    assert result["ratios"]["speedup_vs_reference"][hf] == {"1": pytest.approx(1.0), "2": pytest.approx(1.0)}
+    head = result["ratios"]["headline"]["engine_vs_hf"]
+    assert head["baseline"] == hf and head["engine"].startswith("pause") and set(head["by_batch"]) == {"1", "2"}
+    md = (latency_run / "latency.md").read_text()
+    first_lines = md.split("| system")[0]
+    assert "Engine vs HF generate: faster by" in first_lines and "Pause vs CoT latency" in first_lines
+    assert "Same answers:" in first_lines
+    assert f"speed-up vs {hf} |" in md and "vs first" not in md
+
+
+def test_every_latency_report_checks_answers_against_hf(latency_run):
+    result = json.loads((latency_run / "latency.json").read_text())
+    pause = next(s for s in result["systems"] if s["system"] == "engine" and s["kind"] == "pause")
+    a = pause["agreement"]
+    assert a["reference"].endswith("(HF generate)")
+    assert a["users"] == 2 * (1 + 2)  # every timed call of every batch size
+    assert a["identical_top10"] == a["users"] and a["top10_overlap"] == 1.0
+    assert 0 <= a["max_score_diff"] < 1e-3
+    cot = next(s for s in result["systems"] if s["kind"] == "cot")
+    assert cot["agreement"] is None  # no HF baseline of that checkpoint in the run
+    assert all(st["loadavg_1m"] for s in result["systems"] for st in s["by_batch"].values())
+    assert "| identical top-10 |" in (latency_run / "latency.md").read_text()
+
+
+def test_optimum_baseline_skips_cleanly_without_its_environment(latency_run):
+    result = json.loads((latency_run / "latency.json").read_text())
+    assert not any(s["system"] == "optimum-generate" for s in result["systems"])
+    (skip,) = result["skipped"]
+    assert skip["system"] == "optimum-generate" and "pauserec-bench optimum-env" in skip["reason"]
+    assert "Engine vs optimum: not measured" in (latency_run / "latency.md").read_text()
+
+
+def test_optimum_requirements_pin_torch():
+    from pauserec.bench.optimum_baseline import requirements
+
+    reqs = requirements()
+    assert "torch==2.13.0" in reqs and any(r.startswith("transformers") and "<4.58" in r for r in reqs)
+
+
+def test_optimum_worker_imports_no_pauserec():
+    """The worker runs in an environment without pauserec (transformers 4.x): it must stand alone."""
+    from pauserec.bench.optimum_baseline import WORKER
+
+    text = WORKER.read_text()
+    assert "import pauserec" not in text and "from pauserec" not in text
+
+
+@pytest.mark.skipif(not os.environ.get("PAUSEREC_OPTIMUM_PYTHON"), reason="no optimum environment "
+                    "(PAUSEREC_OPTIMUM_PYTHON); make one with `pauserec-bench optimum-env DIR`")
+def test_optimum_baseline_matches_hf(tiny_checkpoints, tmp_path):
+    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.bench.optimum_baseline import OptimumSystem
+
+    system = OptimumSystem(tiny_checkpoints["pause"], None, 1, tmp_path)
+    try:
+        assert system.facts["session_intra_op_threads"] == 1
+        rng = np.random.default_rng(0)
+        users = [rng.choice(len(system.catalog.item_ids), 6, replace=False) for _ in range(3)]
+        _, items, scores = system.run(users, 10, 8)
+    finally:
+        system.close()
+    hf = HFBaseline(tiny_checkpoints["pause"], threads=1).recommend(users, k=10, beams=8)
+    np.testing.assert_array_equal(items, hf.item_index)
+    np.testing.assert_allclose(scores, hf.scores, atol=1e-4)
+
+
+def test_compare_page_is_one_self_contained_file(latency_run, tmp_path):
+    page = tmp_path / "run.html"
+    res = runner.invoke(bench_app, ["compare", str(latency_run), "--html", str(page), "--md", str(tmp_path / "run.md")])
+    assert res.exit_code == 0, res.output
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "<table>" in text and "Engine vs HF generate" in text
+    srcs = [s.split('"')[0] for s in text.split('src="')[1:]]
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing to fetch beside it
+    assert "<link" not in text and "<script" not in text
+    if (latency_run / "latency.png").is_file():
+        assert len(srcs) == 1
+    assert "Engine vs HF generate" in (tmp_path / "run.md").read_text()
+    assert runner.invoke(bench_app, ["compare", str(tmp_path / "empty-dir-x"), "--html", str(page)]).exit_code == 2
+
+
+def test_git_revision_fallbacks(monkeypatch):
+    from pauserec.bench import env
+    from pauserec.bench.report import environment_line
+
+    monkeypatch.setattr(env, "_git", lambda cwd: None)  # not a checkout (an installed package)
+    monkeypatch.setattr(env, "_build_info", lambda: "0123456789abcdef0123")
+    assert env.git_revision() == ("0123456789abcdef0123", "recorded at build")
+    monkeypatch.setattr(env, "_build_info", lambda: None)
+
+    monkeypatch.setattr(env, "_direct_url_json", lambda: {"url": "https://example.invalid/pauserec.git",
+                                                          "vcs_info": {"vcs": "git", "commit_id": "feedbeef"}})
+    assert env.git_revision() == ("feedbeef", "pip VCS install")
+    monkeypatch.setattr(env, "_direct_url_json", lambda: {})  # a wheel from an index: no direct_url.json
+    assert env.git_revision() == (None, None)
+    e = env.environment(1)
+    assert e["git_sha"] is None and "git unknown" in environment_line({"environment": e})
+
+
+def test_git_revision_in_a_checkout():
+    from pauserec.bench.env import git_revision
+
+    sha, source = git_revision()
+    if sha is None:
+        pytest.skip("not running from a git checkout")
+    assert source == "checkout" and len(sha.split("-")[0]) == 40
+
+
+def test_quality_title_counts_the_users_evaluated():
+    from pauserec.bench.report import quality_title
+
+    result = {"systems": [{"metrics": {"users": 400}}, {"metrics": {"users": 400}}]}
+    assert quality_title(result) == "Quality (test split, 400 users)"
+
+
+def test_recompute_prefix_engine_gives_the_same_answers(tiny_checkpoints, trained_engines, tmp_path):
+    from pauserec.export import ExportConfig, export_engine
+    from pauserec.runtime import Engine, Recommender
+
+    rep = export_engine(ExportConfig(checkpoint=tiny_checkpoints["pause"], out=tmp_path / "recompute",
+                                     fuse_prefix=False, threads=1))
+    assert rep.manifest["shapes"]["prefix"] == "recomputed"
+    assert json.loads((trained_engines["pause"] / "manifest.json").read_text())["shapes"]["prefix"] == "fused"
+    fused, unfused = Engine.load(trained_engines["pause"]), Engine.load(rep.out)
+    ids = fused.catalog.item_ids
+    histories = [[ids[i] for i in range(j, j + 4)] for j in range(5)]
+    a = Recommender(fused).recommend(histories, k=10, beams=8)
+    b = Recommender(unfused).recommend(histories, k=10, beams=8)
+    np.testing.assert_array_equal(a.item_index, b.item_index)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+
+
+def test_ablation_variants_on_a_tiny_model(tiny_checkpoints, tmp_path):
+    from pauserec.bench.ablation import VARIANTS, AblationConfig, run_ablation, write_ablation
+    from pauserec.bench.report import finish, markdown
+
+    cfg = AblationConfig(checkpoint=tiny_checkpoints["pause"], out=tmp_path, batch_sizes=(1, 2), beams=6, iters=1,
+                         warmup=0, threads=1, history_len=5)
+    result = finish(run_ablation(cfg, say=lambda m: None), "ablation", threads=1)
+    names = [v["name"] for v in result["variants"]]
+    assert names == [v.name for v in VARIANTS]
+    for v in result["variants"]:
+        assert set(v["by_batch"]) == {"1", "2"} and v["agreement"]["users"] == 3
+        if v["scoring"] == "sid":  # the same engine math, reorganised: the same answers
+            assert v["agreement"]["identical_top10"] == 3, v["name"]
+            assert v["agreement"]["max_score_diff"] < 1e-4, v["name"]
+    assert result["variants"][0]["slowdown_vs_all_on"] == {"1": 1.0, "2": 1.0}
+    files = write_ablation(result, tmp_path)
+    md = Path(files["md"]).read_text()
+    assert "| idea switched off |" in md and "context KV per beam" in md and "git " in md
+    assert "idea switched off" in markdown(result)
+
+
+def test_optimum_worker_fixes_what_optimum_gets_wrong_for_qwen3(tmp_path):
+    """The worker's two corrections: RoPE theta for transformers 4.x configs, and the past-KV head size."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from pauserec.bench.optimum_baseline import WORKER
+
+    spec = importlib.util.spec_from_file_location("optimum_worker_under_test", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    model = SimpleNamespace(config=SimpleNamespace(head_dim=128), embed_size_per_head=64)  # Qwen3-0.6B: 1024 / 16
+    assert worker.fix_head_dim(model) and model.embed_size_per_head == 128
+    assert worker.fix_head_dim(model) == []
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}))
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    staged, notes = worker.staged_checkpoint(ckpt, tmp_path / "stage")
+    assert json.loads((staged / "config.json").read_text())["rope_theta"] == 1e6 and notes
+    assert (staged / "model.safetensors").read_bytes() == b"x"
+    assert worker.build_trie([[1, 2], [1, 3]]) == {1: {2: {}, 3: {}}}
