@@ -33,20 +33,10 @@ def _dedupe_rows(sid_ids: np.ndarray) -> np.ndarray:
     return out
 
 
-def run_quality(
-    engine_path: Path,
-    data: Path,
-    index: str | None = None,
-    split: str = "test",
-    beams: int = 20,
-    limit: int | None = None,
-    batch_size: int = 64,
-    threads: int | None = None,
-    tick: Callable[[int], None] | None = None,
-) -> dict:
-    """Evaluate one engine on a dataset split; returns {"name", "kind", "path", "metrics", "popularity"}."""
-    res, _ = evaluate_engine(engine_path, data, index, split, beams, limit, batch_size, threads, tick)
-    return res
+def run_quality(engine_path: Path, data: Path, *args, **kwargs) -> dict:
+    """Evaluate one engine on a dataset split (arguments of ``evaluate_engine``); returns
+    {"name", "kind", "path", "metrics", "popularity"}."""
+    return evaluate_engine(engine_path, data, *args, **kwargs)[0]
 
 
 def evaluate_engine(

@@ -450,12 +450,17 @@ def _job_failure(e: BaseException, first: int | None, cfg: BatchConfig) -> JobEr
                     "(when it exists); fix the cause and rerun with --resume")
 
 
-def _preflight(cfg: BatchConfig, recommender: RecommenderLike, opts: RowOptions) -> None:
+def check_sizes(cfg: BatchConfig) -> None:
+    """--k, --beams and --batch-size a job can run with (the local and the Ray job alike)."""
     if cfg.k < 1 or cfg.beams < 1 or cfg.batch_size < 1:
         raise PauserecError("--k, --beams and --batch-size must all be >= 1")
     if cfg.k > cfg.beams:
         raise PauserecError(f"--k {cfg.k} > --beams {cfg.beams}: a search with {cfg.beams} beams names at most "
                             f"{cfg.beams} SIDs, so rows would come out short; pass --beams >= --k")
+
+
+def _preflight(cfg: BatchConfig, recommender: RecommenderLike, opts: RowOptions) -> None:
+    check_sizes(cfg)
     format_of(cfg.output, "output")
     check_input(cfg)
     check = getattr(recommender, "check_request", None)

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from pauserec.errors import JobError, PauserecError
-from pauserec.runtime.batch import BatchConfig, BatchReport, check_input, count_rows, format_of, read_item_list
+from pauserec.runtime.batch import (BatchConfig, BatchReport, check_input, check_sizes, count_rows, format_of,
+                                    read_item_list)
 from pauserec.runtime.rows import RowOptions, parse_line, parse_record, reason_kind, recommend_rows
 
 TEXT_COLUMN = "text"  # what ray.data.read_text names a line
@@ -113,8 +114,7 @@ def _check(cfg: BatchConfig) -> None:
     if cfg.unique:
         raise PauserecError("--unique is not supported with --ray (duplicates are counted in the summary); "
                             "deduplicate the input first or run without --ray")
-    if cfg.k < 1 or cfg.beams < 1 or cfg.batch_size < 1 or cfg.k > cfg.beams:
-        raise PauserecError("--k, --beams and --batch-size must be >= 1, and --beams >= --k")
+    check_sizes(cfg)
     if "://" not in str(cfg.input):
         check_input(cfg)
     for path, what in ((cfg.output, "output"), (cfg.summary_path, "summary")):
