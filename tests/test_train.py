@@ -326,3 +326,12 @@ def test_bad_kind_and_budget(synthetic_data, tmp_path):
         _train_tiny(synthetic_data, tmp_path / "o", max_minutes=0)
     with pytest.raises(DataError):
         _train_tiny(tmp_path / "missing", tmp_path / "o")
+
+
+def test_layers_override_the_preset_depth_and_reach_the_saved_config(synthetic_data, tmp_path):
+    res = _train_tiny(synthetic_data, tmp_path / "deep", layers=3, max_steps=2)
+    ck = load_checkpoint(res.out)
+    assert ck.model.config.num_hidden_layers == 3 and len(ck.model.model.layers) == 3
+    assert ck.card.model_config["num_hidden_layers"] == 3
+    with pytest.raises(PauserecError, match="--layers"):
+        _train_tiny(synthetic_data, tmp_path / "o", layers=0)

@@ -106,6 +106,27 @@ def test_validation_off_saves_the_last_weights(synthetic_data, tmp_path):
     assert json.loads((res.out / "pauserec_card.json").read_text())["train"]["validation"] is None
 
 
+def test_snapshots_are_a_budget_sweep_a_shorter_run_ends_on_the_same_weights(synthetic_data, tmp_path):
+    """benchmarks/budget_sweep.py relies on this: past the decay horizon the schedule and the data order do
+    not depend on --epochs, and validation draws no random numbers, so a run capped at 1 epoch (validation
+    off, last weights) ends with exactly the epoch-1 snapshot of a longer run."""
+    sched = {"decay_epochs": 1.0, "warmup_steps": 2}  # budgets >= the decay horizon (shorter ones compress it)
+    long = train(_cfg(synthetic_data, tmp_path / "long", epochs=3, patience=10, snapshots=True, **sched))
+    snaps = sorted((long.out / val.SNAPSHOTS_DIR).glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    assert [int(p.stem.split("-")[1]) for p in snaps] == [q["step"] for q in long.validation["curve"]]
+    short = train(_cfg(synthetic_data, tmp_path / "short", epochs=1, val_users=0, **sched))
+    first = torch.load(snaps[0])
+    assert long.validation["curve"][0]["epoch"] == 1.0
+    assert all(torch.equal(first[k], v) for k, v in short.model.state_dict().items())
+    last = torch.load(snaps[-1])
+    assert not torch.equal(last["model.layers.0.mlp.up_proj.weight"], first["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_snapshots_need_validation(synthetic_data, tmp_path):
+    with pytest.raises(TrainError, match="--snapshots .* needs validation"):
+        train(_cfg(synthetic_data, tmp_path / "ck", val_users=0, max_steps=1, snapshots=True))
+
+
 @pytest.mark.parametrize("bad", [{"val_users": -1}, {"patience": 0}, {"val_metric": "mrr"}, {"val_every": 0}])
 def test_bad_validation_settings_say_what_to_pass(synthetic_data, tmp_path, bad):
     with pytest.raises(TrainError, match="--val-users|--patience|--val-metric|--val-every"):

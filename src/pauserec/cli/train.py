@@ -17,6 +17,8 @@ def train(
     kind: str = typer.Option(..., "--kind", help="direct | pause | cot"),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     preset: str = typer.Option("small", "--preset", help="Model size: tiny (tests) | small (default)."),
+    layers: int = typer.Option(None, "--layers", help="Transformer layers of a model trained from scratch "
+                               "(default: the preset's)."),
     pause_k: int = typer.Option(5, "--pause-k", help="Number of <pause> tokens (pause kind)."),
     max_minutes: float = typer.Option(
         None, "--max-minutes", help="Wall-clock ceiling for the whole run (validation picks the saved weights)."),
@@ -55,6 +57,10 @@ def train(
     patience: int = typer.Option(5, "--patience", help="Stop after this many evaluations without a gain."),
     val_metric: str = typer.Option("ndcg@10", "--val-metric", help="Selection metric: hit@5 | ndcg@5 | hit@10 | ndcg@10."),
     val_beams: int = typer.Option(20, "--val-beams", help="Beam width of the validation search."),
+    snapshots: bool = typer.Option(
+        False, "--snapshots", help="Also keep the weights of every evaluation in OUT/snapshots/step-N.pt (budget sweeps: "
+        "past --decay-epochs the lr schedule does not depend on --epochs, so a run capped at E epochs ends on the "
+        "epoch-E snapshot)."),
 ) -> None:
     """Train a direct, pause (PauseRec) or cot recommender and save its best checkpoint.
 
@@ -67,11 +73,12 @@ def train(
     from pauserec.train.sft import train as run
 
     cfg = TrainConfig(
-        data=data, index=index, kind=kind, out=out, preset=preset, pause_k=pause_k, max_minutes=max_minutes,
+        data=data, index=index, kind=kind, out=out, preset=preset, layers=layers, pause_k=pause_k, max_minutes=max_minutes,
         epochs=epochs, seed=seed, init_from=init_from, grounding=grounding, pause_pretrain=pause_pretrain,
         lr=lr, batch_size=batch_size, max_steps=max_steps, threads=threads, progress=True,
         weight_decay=weight_decay, dropout=dropout, warmup_steps=warmup_steps, decay_epochs=decay_epochs,
         val_users=val_users, val_every=val_every, val_share=val_share, patience=patience, val_metric=val_metric, val_beams=val_beams,
+        snapshots=snapshots,
     )
     res = run(cfg)
     console.print(

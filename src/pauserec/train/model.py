@@ -82,8 +82,8 @@ def quiet_hf() -> None:
     logging.set_verbosity_error()
 
 
-def build_model(preset: str, vocab_size: int, pad_id: int, eos_id: int, seed: int = 0):
-    """A freshly initialised Qwen3 causal LM of a preset's size (seeded)."""
+def build_model(preset: str, vocab_size: int, pad_id: int, eos_id: int, seed: int = 0, layers: int | None = None):
+    """A freshly initialised Qwen3 causal LM of a preset's size (seeded); ``layers`` overrides its depth."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -97,7 +97,7 @@ def build_model(preset: str, vocab_size: int, pad_id: int, eos_id: int, seed: in
         eos_token_id=eos_id,
         bos_token_id=eos_id,
         use_cache=True,
-        **get_preset(preset).config,
+        **{**get_preset(preset).config, **({"num_hidden_layers": layers} if layers else {})},
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(cfg)

@@ -68,7 +68,14 @@ from pauserec.train.samples import (  # noqa: F401  (re-exported: the samples us
     insert_pauses,
     length_batches,
 )
-from pauserec.train.validation import Validation, ValidationConfig, build_validation, validation_record, write_curve
+from pauserec.train.validation import (
+    SNAPSHOTS_DIR,
+    Validation,
+    ValidationConfig,
+    build_validation,
+    validation_record,
+    write_curve,
+)
 
 GROUNDING_SHARE, PAUSE_PRETRAIN_SHARE = 0.15, 0.05  # of the time budget
 PAUSE_LR = 1e-3
@@ -83,6 +90,7 @@ class TrainConfig:
     kind: str
     out: Path
     preset: str = "small"
+    layers: int | None = None  # transformer layers (None: the preset's); from scratch only
     pause_k: int = 5
     max_minutes: float | None = None
     epochs: int | None = None  # None: the preset's
@@ -108,6 +116,7 @@ class TrainConfig:
     val_metric: str = "ndcg@10"
     val_beams: int = 20
     plot: bool = True  # curve.png beside the checkpoint (needs matplotlib; never fails the run)
+    snapshots: bool = False  # also keep every evaluation's weights in out/snapshots/ (budget sweeps)
 
 
 @dataclass
@@ -390,7 +399,8 @@ def prepare(cfg: TrainConfig, dataset):
             model.resize_token_embeddings(vocab)
     else:
         tok, pad, eos = tk.train_tokenizer(dataset.items, dataset.catalog, preset.text_vocab), tk.PAD, tk.EOS
-        model = build_model(cfg.preset, tok.get_vocab_size(), tok.token_to_id(pad), tok.token_to_id(eos), cfg.seed)
+        model = build_model(cfg.preset, tok.get_vocab_size(), tok.token_to_id(pad), tok.token_to_id(eos), cfg.seed,
+                            cfg.layers)
     init_pause_embedding(model, tk.token_id(tok, tk.PAUSE))
     require_finite_weights(
         model, f"after adding the pauserec tokens ({tok.get_vocab_size()} in all) to the embeddings",
@@ -420,6 +430,9 @@ def train(cfg: TrainConfig, dataset=None) -> TrainResult:
         raise PauserecError(f"unknown kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise PauserecError(f"--max-minutes must be > 0, got {cfg.max_minutes}")
+    if cfg.layers is not None and (cfg.layers < 1 or cfg.init_from is not None):
+        raise PauserecError(f"--layers must be >= 1 and only sizes a model trained from scratch (not --init-from), "
+                            f"got {cfg.layers}")
     threads_before = torch.get_num_threads()
     threads = cfg.threads or get_preset(cfg.preset).threads
     if threads:
@@ -468,7 +481,8 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1.0)
         vcfg = ValidationConfig(users=_pick(cfg.val_users, preset.val_users), every=cfg.val_every,
                                 patience=cfg.patience, metric=cfg.val_metric, beams=cfg.val_beams, seed=cfg.seed)
-        validation = build_validation(vcfg, spec, dataset.catalog, splits.valid)
+        validation = build_validation(vcfg, spec, dataset.catalog, splits.valid,
+                                      Path(cfg.out) / SNAPSHOTS_DIR if cfg.snapshots else None)
         st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=len(spec.instruction_ids),
                    weight_decay=_pick(cfg.weight_decay, preset.weight_decay),
                    dropout=_pick(cfg.dropout, preset.dropout),

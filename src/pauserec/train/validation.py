@@ -158,14 +158,28 @@ class EarlyStopping:
         }
 
 
-class Validation:
-    """What a training stage calls at each evaluation point: evaluate, keep the best, say whether to stop."""
+SNAPSHOTS_DIR = "snapshots"
 
-    def __init__(self, validator: Validator, early: EarlyStopping):
-        self.validator, self.early = validator, early
+
+class Validation:
+    """What a training stage calls at each evaluation point: evaluate, keep the best, say whether to stop.
+
+    With ``snapshots`` (a folder) the weights of every evaluation are also saved there as
+    ``step-<N>.pt`` (a torch state dict): a budget sweep in one run. Past the decay horizon the schedule
+    does not depend on the epoch ceiling, so a run capped at E >= decay_epochs epochs ends with the weights
+    of the epoch-E snapshot (a shorter cap compresses the decay into its E epochs instead).
+    """
+
+    def __init__(self, validator: Validator, early: EarlyStopping, snapshots: Path | None = None):
+        self.validator, self.early, self.snapshots = validator, early, snapshots
 
     def __call__(self, model, point: dict, progress=None, task=None) -> bool:
         improved = self.early.update({**point, **self.validator(model)}, model)
+        if self.snapshots is not None:
+            import torch
+
+            self.snapshots.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), self.snapshots / f"step-{point['step']}.pt")
         if progress is not None:
             p, best, metric = self.early.curve[-1], self.early.best_point, self.early.metric
             progress.update(task, val=f"val {metric} {p[metric]:.4f} (best {best[metric]:.4f} @ ep {best['epoch']:g})")
@@ -185,13 +199,15 @@ class Validation:
         self.early.restore(model)
 
 
-def build_validation(cfg: ValidationConfig, spec, catalog, valid) -> Validation | None:
+def build_validation(cfg: ValidationConfig, spec, catalog, valid, snapshots: Path | None = None) -> Validation | None:
     """The stage's validation hook for a config (None when ``cfg.users == 0``); TrainError on bad settings."""
     cfg.check()
     if not cfg.enabled:
+        if snapshots is not None:
+            raise TrainError("--snapshots saves the weights at every validation; it needs validation (--val-users > 0)")
         return None
     early = EarlyStopping(metric=cfg.metric, patience=cfg.patience, min_delta=cfg.min_delta)
-    return Validation(Validator(spec, catalog, valid, cfg), early)
+    return Validation(Validator(spec, catalog, valid, cfg), early, snapshots)
 
 
 STOP_DETAIL = {
