@@ -56,7 +56,8 @@ PRESETS: dict[str, Preset] = {
     # Scientific (33.5k train samples): ~1.1-2 min per direct epoch on one shared CPU core. Under a
     # fixed CPU budget this small model beat a 192x3-layer one (more epochs beat more capacity).
     # Regularisation measured on Scientific (README "Training"): weight decay 0.1 + dropout 0.1 beat
-    # 0.01 + none on a 13.5k-sample subset (test NDCG@10 0.0388 vs 0.0331); epochs is a ceiling.
+    # 0.01 + none on a 13.5k-sample subset (test NDCG@10 0.0388 vs 0.0331) and for pause on the full data
+    # (0.0475 vs 0.0440, paired interval below 0); epochs is a ceiling (runs stop early at 14-28).
     "small": Preset(
         config=dict(
             hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=2,
