@@ -60,7 +60,7 @@ def train(
     snapshots: bool = typer.Option(
         False, "--snapshots", help="Also keep the weights of every evaluation in OUT/snapshots/step-N.pt (budget sweeps: "
         "past --decay-epochs the lr schedule does not depend on --epochs, so a run capped at E epochs ends on the "
-        "epoch-E snapshot)."),
+        "epoch-E snapshot). Each snapshot is as large as the fp32 weights (about 2.4 GB at Qwen3-0.6B size)."),
 ) -> None:
     """Train a direct, pause (PauseRec) or cot recommender and save its best checkpoint.
 
