@@ -24,25 +24,18 @@ from pathlib import Path
 import numpy as np
 
 
-LIMIT = None  # --limit: only the first N test users (smoke runs)
+LIMIT = None  # --limit: a seeded sample of N test users (smoke runs)
 
 
 def ranked_test_items(model, ck, dataset, beams: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(U, 10) ranked items of every test user (or the first LIMIT) and the (U,) targets."""
-    import torch
-
-    from pauserec.train.reference import ReferenceRecommender
+    """(U, 10) ranked items of every test user (or a seeded LIMIT of them) and the (U,) targets, in one fixed order
+    (the training validator's batched exact search, here over the test split)."""
+    from pauserec.train.validation import ValidationConfig, Validator
 
     test = dataset.splits(ck.spec.max_history).test
-    hists, targets = test.histories[:LIMIT], np.asarray(test.targets, np.int64)[:LIMIT]
-    order = np.argsort([len(h) for h in hists], kind="stable")
-    rec = ReferenceRecommender(model, ck.spec, ck.catalog, beams=beams, top_n=10)
-    items = np.full((len(hists), 10), -1, np.int64)
-    with torch.no_grad():
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo : lo + batch_size]
-            items[idx] = rec.recommend([hists[i] for i in idx]).items
-    return items, targets
+    cfg = ValidationConfig(users=LIMIT or len(test), beams=beams, batch_size=batch_size)
+    v = Validator(ck.spec, ck.catalog, test, cfg)
+    return v.ranked_items(model), v.targets
 
 
 def sweep(run: Path, fixed: list[Path], data: Path, index: str, epochs: list[float] | None, beams: int,
@@ -98,8 +91,7 @@ def sweep(run: Path, fixed: list[Path], data: Path, index: str, epochs: list[flo
     compare = {}
     for metric in ("hit@10", "ndcg@10"):
         compare[metric] = paired_bootstrap(per[chosen_step][metric], per[best["key"]][metric], resamples=resamples)
-    test = dataset.splits(ck.spec.max_history).test
-    pop = popularity_metrics(dataset.sequences, ck.catalog.n_items, np.asarray(test.targets)[:LIMIT], "test")
+    pop = popularity_metrics(dataset.sequences, ck.catalog.n_items, targets, "test")
     return {
         "run": run.name, "kind": ck.card.train["kind"], "seed": ck.card.seed, "users": len(targets),
         "stop_detail": val["stop_detail"], "chosen_step": chosen_step, "chosen_epoch": val["chosen_epoch"],
@@ -118,7 +110,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resamples", type=int, default=1000)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N test users (smoke runs)")
+    ap.add_argument("--limit", type=int, default=None, help="a seeded sample of N test users (smoke runs)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     import torch
