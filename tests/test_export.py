@@ -55,9 +55,11 @@ def tiny_spec(kind: str, pause_k: int = 3, max_history: int = 4, max_rationale: 
     for v in LEVEL_SIZES:
         sid_ids.append(tuple(range(start, start + v)))
         start += v
+    suffix = {"direct": (2, 3), "pause": (2, *[4] * pause_k, 3), "cot": (2,)}[kind]
     return PromptSpec(kind=kind, pause_k=pause_k if kind == "pause" else 0, max_history=max_history,
-                      instruction_ids=(6, 7, 8, 9, 10, 11), item_sep_id=5, think_id=2, think_end_id=3, pause_id=4,
-                      eos_id=1, pad_id=0, sid_token_ids=tuple(sid_ids), max_rationale=max_rationale)
+                      prefix_ids=(6, 7, 8, 9, 10, 11), suffix_ids=suffix, item_tail_ids=(5,), item_sep_id=5, think_id=2,
+                      think_end_id=3, pause_id=4 if kind == "pause" else -1, eos_id=1, pad_id=0,
+                      sid_token_ids=tuple(sid_ids), max_rationale=max_rationale)
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -126,7 +128,7 @@ def test_every_graph_validates_against_hf(engines, name):
 def test_manifest_describes_the_engine(engines):
     path = engines["qwen3-pause"]
     m = manifest(path)
-    assert m["format_version"] == 3 and m["kind"] == "pause" and m["pause_k"] == 3 and m["scoring"] == "full"
+    assert m["format_version"] == 4 and m["kind"] == "pause" and m["pause_k"] == 3 and m["scoring"] == "full"
     assert m["sid"] == {"levels": 3, "codebook_sizes": list(LEVEL_SIZES), "token_prefixes": ["a", "b", "c"]}
     assert PromptSpec.from_dict(m["prompt"]) == tiny_spec("pause")
     assert m["model"]["arch"] == "qwen3" and m["model"]["kv_heads"] == 2 and m["model"]["q_heads"] == 4
@@ -151,12 +153,12 @@ def test_pause_suffix_and_prefix_are_graph_constants(engines):
     spec = tiny_spec("pause")
     inputs, inits = graph_inputs_and_initializers(engines["qwen3-pause"] / "prefill.onnx")
     assert inputs == ["history_ids", "history_mask"]
-    suffix = list(spec.think_suffix)
+    suffix = list(spec.suffix_ids)
     assert suffix == [2, 4, 4, 4, 3]
     assert any(v.dtype == np.int64 and v.ravel().tolist() == suffix for v in inits.values())
     from pauserec.export.graphs import Core, prefix_kv
 
-    keys, values = prefix_kv(Core(tiny_model("qwen3")), list(spec.instruction_ids))  # (layers, Hkv, P, D)
+    keys, values = prefix_kv(Core(tiny_model("qwen3")), list(spec.prefix_ids))  # (layers, Hkv, P, D)
     for const in (keys, values):  # the prefix KV of every layer is stored as an initializer
         want = const.numpy()
         assert any(v.shape == want.shape and np.allclose(v, want, atol=1e-6) for v in inits.values())
@@ -220,7 +222,7 @@ def test_checkpoint_without_card_names_the_flags(tmp_path):
 
     ckpt = make_checkpoint(tmp_path, "qwen2", "direct", card=False)
     (ckpt / "catalog.npz").unlink()
-    with pytest.raises(CheckpointError, match="--kind.*--catalog"):
+    with pytest.raises(CheckpointError, match="--index INDEX.json.*--prompt"):
         export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
     assert not (tmp_path / "eng").exists()
 
@@ -246,40 +248,31 @@ def _word_tokenizer(path: Path, skip: str | None = None) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def test_overrides_stand_in_for_a_missing_card(tmp_path):
-    from pauserec.export.bundle import load_sources
-
-    ckpt = make_checkpoint(tmp_path, "qwen3", "direct", card=False)
-    _word_tokenizer(ckpt)
-    src = load_sources(ckpt, kind="pause", pause_k=2, catalog=ckpt / "catalog.npz", max_history=3)
-    assert src.spec.kind == "pause" and src.spec.pause_k == 2 and src.spec.max_history == 3
-    assert src.spec.think_suffix == (2, 4, 4, 3)
-    assert src.spec.sid_token_ids[1][0] > src.spec.sid_token_ids[0][-1]
-
-
 def test_sid_tokens_missing_from_tokenizer_or_vocab(tmp_path):
+    from pauserec.export import ExportConfig
     from pauserec.export.bundle import load_sources
 
     ckpt = make_checkpoint(tmp_path, "qwen3", "direct")
     _word_tokenizer(ckpt, skip="<b_2>")
     with pytest.raises(CheckpointError, match="<b_2>"):
-        load_sources(ckpt)
+        load_sources(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
     (ckpt / "tokenizer.json").unlink()
     spec = tiny_spec("direct").to_dict()
     spec["sid_token_ids"][2] = [VOCAB + i for i in range(LEVEL_SIZES[2])]  # ids beyond the embedding
     TrainingCard(prompt=PromptSpec.from_dict(spec)).save(ckpt)
     with pytest.raises(CheckpointError, match="6 SID tokens are missing.*<c_0>"):
-        load_sources(ckpt)
+        load_sources(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
 
 
 def test_unsupported_architecture(tmp_path):
+    from pauserec.export import ExportConfig
     from pauserec.export.bundle import load_sources
 
     ckpt = make_checkpoint(tmp_path, "qwen2", "direct")
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(CheckpointError, match="unsupported architecture 'gpt2'"):
-        load_sources(ckpt)
+        load_sources(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))
 
 
 def test_bad_config_combinations(tmp_path):
@@ -312,11 +305,11 @@ def test_rope_scaling_types_match_hf(rope):
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM(cfg).eval()
     spec = tiny_spec("pause")
-    graph = PrefillGraph(Core(model), spec.instruction_ids, spec.think_suffix, None)
+    graph = PrefillGraph(Core(model), spec.prefix_ids, spec.suffix_ids, None)
     hist = [12, 13, 14, 15, 16, 17, 18]
     with torch.no_grad():
         lp, _, _ = graph(torch.tensor([hist]), torch.ones(1, len(hist), dtype=torch.long))
-        ref = model(torch.tensor([[*spec.instruction_ids, *hist, *spec.think_suffix]])).logits[0, -1].log_softmax(-1)
+        ref = model(torch.tensor([[*spec.prefix_ids, *hist, *spec.suffix_ids]])).logits[0, -1].log_softmax(-1)
     assert float((lp[0] - ref).abs().max()) < 1e-5
 
 

@@ -29,9 +29,9 @@ TRT_REASON = unavailable_reason()
 # -- profiles ------------------------------------------------------------------------------------------
 def test_static_profiles_pin_every_input():
     specs = graph_specs(PAUSE)
-    pre = graph_profile(specs["prefill"], PAUSE, batch=16, beams=20, max_history=20)
+    pre = graph_profile(specs["prefill"], PAUSE, batch=16, beams=20, hist=80)
     assert pre == {"history_ids": ((16, 80),) * 3, "history_mask": ((16, 80),) * 3}
-    dec = graph_profile(specs["decode"], PAUSE, batch=16, beams=20, max_history=20)
+    dec = graph_profile(specs["decode"], PAUSE, batch=16, beams=20, hist=80)
     assert set(dec) == {"codes", "ctx_key", "ctx_value", "ctx_mask", "beam_key", "beam_value"}  # scalar step: none
     assert dec["codes"] == ((16, 20),) * 3
     assert dec["ctx_key"] == ((2, 16, 2, 85, 16),) * 3  # 20 items x 4 tokens + <think><pause>x3</think>
@@ -40,12 +40,12 @@ def test_static_profiles_pin_every_input():
 
 def test_prefill_and_decode_profiles_are_separate_regimes():
     specs = graph_specs(COT)
-    pre = graph_profile(specs["prefill"], COT, batch=8, beams=10, max_history=5, static=False)
-    assert pre["history_ids"] == ((1, 4), (8, 20), (8, 20))  # one item .. five items
-    dec = graph_profile(specs["decode"], COT, batch=8, beams=10, max_history=5, static=False)
+    pre = graph_profile(specs["prefill"], COT, batch=8, beams=10, hist=20, static=False)
+    assert pre["history_ids"] == ((1, 1), (8, 20), (8, 20))  # one slot .. five items of 4 tokens
+    dec = graph_profile(specs["decode"], COT, batch=8, beams=10, hist=20, static=False)
     assert dec["codes"] == ((1, 1), (8, 10), (8, 10))
-    assert dec["ctx_mask"] == ((1, 5), (8, 29), (8, 29))  # cot: + <think> + 7 rationale + </think>
-    think = graph_profile(specs["think"], COT, batch=8, beams=10, max_history=5, static=False)
+    assert dec["ctx_mask"] == ((1, 2), (8, 29), (8, 29))  # cot: + <think> + 7 rationale + </think>
+    think = graph_profile(specs["think"], COT, batch=8, beams=10, hist=20, static=False)
     assert think["token"] == ((1,), (8,), (8,)) and think["ctx_key"][2] == (3, 8, 1, 29, 8)
 
 
@@ -191,16 +191,16 @@ def _validation_args(path: Path, arch: str, batch: int, beams: int) -> dict:
     from test_export import tiny_model
 
     from pauserec.data import Catalog
-    from pauserec.data.prompts import PromptSpec
+    from pauserec.data.prompts import PromptEncoder, PromptSpec
     from pauserec.export.pipeline import build_graphs
     from pauserec.export.validate import References
 
     m = json.loads((path / "manifest.json").read_text())
     spec = PromptSpec.from_dict(m["prompt"])
     shape = build_graphs(tiny_model(arch), spec, m["scoring"]).shape
-    return dict(refs=References(tiny_model(arch), rows=shape.levels - 1), spec=spec,
-                catalog=Catalog.load(path / "catalog.npz"), shape=shape,
-                static_env=resolve_dims("decode", shape, batch, beams, spec.max_history), seed=0, threads=1)
+    return dict(refs=References(tiny_model(arch), rows=shape.levels - 1),
+                encoder=PromptEncoder(spec, Catalog.load(path / "catalog.npz")), shape=shape,
+                static_env=resolve_dims("decode", shape, batch, beams, spec.max_history_tokens), seed=0, threads=1)
 
 
 def test_validate_plans_lists_every_mismatch(tmp_path_factory):

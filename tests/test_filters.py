@@ -55,7 +55,7 @@ def _reference(engine, history: list[str], allowed: list[int], k: int, beams: in
     from pauserec.runtime import BeamSearch
 
     sub = _sub_engine(engine, allowed)
-    toks = _rec(engine).item_tokens[[engine.catalog.index_of(x) for x in history[-engine.max_history:]]].reshape(1, -1)
+    toks = engine.encoder(np.array([engine.catalog.index_of(x) for x in history])).reshape(1, -1)
     search = BeamSearch(sub, toks.astype(np.int64), np.ones_like(toks, dtype=np.int64), beams=beams, impl="numpy")
     while not search.done:
         search.step()

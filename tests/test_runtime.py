@@ -139,7 +139,7 @@ def test_top_beams_equal_hf_generate(engine_dirs, kind):
         hf_sids = [[spec.sid_token_ids[lv].index(t) for lv, t in enumerate(seq[len(prompt):].tolist())]
                    for seq in gen.sequences]
         dense = rec.encode([history])
-        ids = rec.item_tokens[dense[0]].reshape(1, -1)
+        ids = rec.encoder(dense[0]).reshape(1, -1)
         search = BeamSearch(rec.engine, ids, np.ones_like(ids), beams=beams)
         while not search.done:
             search.step()

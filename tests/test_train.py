@@ -58,7 +58,7 @@ def test_tokenizer_has_every_special_and_sid_token(synth, tok):
         assert tok.token_to_id(t) is not None
     spec = tk.build_prompt_spec(tok, cat, "pause", pause_k=5)
     assert spec.codebook_sizes == cat.codebook_sizes
-    assert tk.decode_ids(tok, spec.instruction_ids).startswith("Given the items")
+    assert tk.decode_ids(tok, spec.prefix_ids).startswith("Given the items")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -119,7 +119,7 @@ def test_shared_instruction_prefix_gives_the_same_loss_and_grads(synth, tok):
     ids, mask, labels = collate(encode_split(spec, synth, synth.splits().train, tok)[:12], spec.pad_id)
     model = build_model("tiny", tok.get_vocab_size(), spec.pad_id, spec.eos_id, seed=1)
     grads = []
-    for prefix in (0, len(spec.instruction_ids)):
+    for prefix in (0, len(spec.prefix_ids)):
         model.zero_grad()
         loss, n = masked_loss(model, ids, mask, labels, prefix_len=prefix)
         loss.backward()

@@ -57,7 +57,17 @@ class HFBaseline:
         if not catalog_path.is_file():
             raise CheckpointError(f"{catalog_path} not found; re-run `pauserec train` to write it")
         self.catalog = Catalog.load(catalog_path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.ckpt, dtype=torch.float32).eval()
+        self._setup(AutoModelForCausalLM.from_pretrained(self.ckpt, dtype=torch.float32).eval(), self.spec, self.catalog)
+
+    @classmethod
+    def from_parts(cls, model, spec: PromptSpec, catalog) -> HFBaseline:
+        """The same search over a loaded model (export's reference: prompts from the checkpoint's own tokenizer)."""
+        self = cls.__new__(cls)
+        self._setup(model, spec, catalog)
+        return self
+
+    def _setup(self, model, spec: PromptSpec, catalog) -> None:
+        self.model, self.spec, self.catalog = model, spec, catalog
         self.trie = build_token_trie(self.spec, self.catalog.sids)
         table = self.spec.sid_table()
         self._sid_of_tokens = {
@@ -97,10 +107,14 @@ class HFBaseline:
 
     def recommend(self, histories: list[np.ndarray], k: int = 10, beams: int = 20) -> HFResult:
         """Top-k items per history (dense item indices), via trie-constrained HF beam search."""
+        return self.recommend_prompts(self._prompts(histories), k, beams)
+
+    def recommend_prompts(self, prompts: list[np.ndarray], k: int = 10, beams: int = 20) -> HFResult:
+        """The same for prompts given as ids (up to the first SID token, or to the rationale for cot)."""
         import torch
 
         timings: dict[str, float] = {}
-        prompts = self._prompts(histories)
+        prompts = [np.asarray(p, np.int64) for p in prompts]
         with torch.inference_mode():
             if self.spec.kind == "cot":
                 t0 = time.perf_counter()
@@ -124,7 +138,7 @@ class HFBaseline:
                 return_dict_in_generate=True, pad_token_id=self.spec.pad_id, eos_token_id=None,
             )
             timings["generate"] = time.perf_counter() - t0
-        return self._to_items(out, len(histories), width, k, beams, timings)
+        return self._to_items(out, len(prompts), width, k, beams, timings)
 
     def _to_items(self, out, batch: int, width: int, k: int, beams: int, timings) -> HFResult:
         seqs = out.sequences[:, width:].reshape(batch, beams, -1).tolist()

@@ -26,13 +26,15 @@ def update(
                                                     "tokens) or a catalog .npz."),
     out: Path = typer.Option(None, "--out", help="Write the updated engine to this new directory instead of "
                                                  "updating ENGINE in place."),
+    items: Path = typer.Option(None, "--items", help="Item fields (titles) of new items, for engines whose prompt "
+                                                     "renders them: LC-Rec .item.json or MiniOneRec info .txt."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip checking the engine's file checksums first."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Replace the engine's catalog (items come and go, the SID codebooks stay); refuses other SID indexes."""
     from pauserec.runtime.catalog_update import update_catalog
 
-    report = update_catalog(engine, index, out=out, verify=not no_verify)
+    report = update_catalog(engine, index, out=out, verify=not no_verify, items=items)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return

@@ -16,8 +16,17 @@ app = typer.Typer(add_completion=False, help="Export a PauseRec checkpoint to an
 @app.command()
 @handle_errors
 def export(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint directory (HF model + tokenizer.json + card + catalog)."),
+    checkpoint: Path = typer.Argument(..., help="HF checkpoint directory (save_pretrained model + tokenizer), or a "
+                                      "PEFT adapter directory with --base."),
     out: Path = typer.Option(..., "--out", "-o", help="Engine directory to write."),
+    prompt: str = typer.Option(None, "--prompt", help="Prompt layout the model was trained with: a preset "
+                               "(pauserec, minionerec, lc-rec[:N], onerec-think) or a JSON layout file. Needed for "
+                               "checkpoints not trained by `pauserec train`."),
+    index: Path = typer.Option(None, "--index", help="Item -> SID index the model was trained with (LC-Rec / "
+                               "MiniOneRec NAME.index.json); item ids are its keys."),
+    items: Path = typer.Option(None, "--items", help="Item fields the prompt renders (titles): LC-Rec .item.json "
+                               "or MiniOneRec info .txt."),
+    base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (dynamic) | int4 (weight-only)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
@@ -32,12 +41,16 @@ def export(
     backend: str = typer.Option("onnx", "--backend", help="onnx | tensorrt (also builds .plan files)."),
     atol: float = typer.Option(None, "--atol", help="fp32 validation tolerance on log-probs (default 1e-4)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
-    kind: str = typer.Option(None, "--kind", help="Override the card's model kind: direct | pause | cot."),
-    pause_k: int = typer.Option(None, "--pause-k", help="Override the number of pause tokens."),
+    kind: str = typer.Option(None, "--kind", help="Model kind: direct | pause | cot (when the layout has several)."),
+    pause_k: int = typer.Option(None, "--pause-k", help="Pause tokens the model was trained with (pause models)."),
     catalog: Path = typer.Option(None, "--catalog", help="catalog.npz to use instead of the checkpoint's."),
     data: Path = typer.Option(None, "--data", help="Dataset folder: reduced precisions' Hit@10 change is measured "
                               "on its test split."),
     sample: int = typer.Option(64, "--sample", min=1, help="Users in the reduced-precision ranking comparison."),
+    check_users: int = typer.Option(8, "--check-users", min=0, help="Users whose top-10 must equal HF generate + "
+                                    "trie on prompts built by the checkpoint's own tokenizer (0: skip)."),
+    guard_users: int = typer.Option(500, "--guard-users", min=0, help="With --data: test users of the Hit@10 "
+                                    "against popularity guard."),
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (opset 18, fast) | dynamo (opset 23)."),
     threads: int = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: 1 / all)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
@@ -49,7 +62,8 @@ def export(
                        batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
                        scoring=scoring, min_agreement=min_agreement, quant_sample=sample,
-                       fuse_prefix=not recompute_prefix)
+                       fuse_prefix=not recompute_prefix, prompt=prompt, index=index, items=items, base=base,
+                       check_users=check_users, guard_users=guard_users)
     t0 = time.perf_counter()
 
     def progress(stage: str, detail: str) -> None:
@@ -69,6 +83,7 @@ def _report_dict(report) -> dict:
         "static": report.static, "files": report.files, "max_abs_err": report.max_abs_err,
         "checks": report.checks, "quantized": report.quantized, "seconds": report.seconds,
         "opset": report.manifest.get("opset"), "exporter": report.manifest.get("exporter"),
+        "prompt": report.prompt,
     }
 
 
@@ -79,6 +94,19 @@ def _print_summary(report) -> None:
     table = Table(title=f"engine {report.out}", show_header=False)
     table.add_row("kind", f"{report.kind}" + (f" (k={m['pause_k']})" if report.kind == "pause" else ""))
     table.add_row("SID levels", " x ".join(map(str, m["sid"]["codebook_sizes"])))
+    spec = m["prompt"]
+    table.add_row("prompt", f"{spec['layout']}: {len(spec['prefix_ids'])} prefix + {len(spec['suffix_ids'])} suffix "
+                  f"ids fused, history from {spec['assembly']} (<= {spec['max_history']} items, "
+                  f"{spec['max_history_tokens']} ids)")
+    p = report.prompt
+    table.add_row("prompt ids vs HF tokenizer", p.get("skipped") or f"identical for {p['identical']} users")
+    if "hf_generate" in p:
+        table.add_row("top-10 vs HF generate", f"identical for {p['hf_generate']['users']} users "
+                      f"(beam {p['hf_generate']['beams']})")
+    guard = p.get("popularity_guard")
+    if guard:
+        table.add_row("Hit@10 vs popularity", f"{guard['hit10']:.4f} vs {guard['popularity_hit10']:.4f} "
+                      f"({guard['users']} test users)")
     table.add_row("precision / backend", f"{report.precision} / {report.backend}")
     table.add_row("scoring", m["scoring"])
     shapes = m["shapes"]
@@ -94,6 +122,8 @@ def _print_summary(report) -> None:
         table.add_row(name, f"{size / 1e6:.2f} MB")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
     console.print(table)
+    if guard and "warning" in guard:
+        console.print(f"[bold red]WARNING:[/] {guard['warning']}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

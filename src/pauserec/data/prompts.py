@@ -1,37 +1,43 @@
-"""The one prompt template shared by training, export and the runtime (torch-free).
+"""The prompt at the token level, shared by training, export, the runtime, validation and baselines.
 
-Token layout of every sample::
+A ``PromptLayout`` (:mod:`pauserec.data.layout`: the text, declared as data) resolved against one
+tokenizer and catalog gives a ``PromptSpec``: the token ids of every prompt are
 
-    [instruction prefix][history: L SID tokens + item separator, per item][think block][target SID]
+    [prefix_ids][history ids][suffix_ids]        then the target SID (L tokens)
 
-* direct: think block = ``<think></think>``
-* pause:  think block = ``<think>`` + ``<pause>`` x k + ``</think>`` (constant: fused into the prefill graph)
-* cot:    think block = ``<think>`` + rationale tokens + ``</think>``; the rationale is generated at run time
+* ``prefix_ids``: the longest id prefix shared by every prompt (fused into the graphs as KV);
+* ``suffix_ids``: the constant ids right before the first SID token (pauses, ``<think>…</think>``,
+  ``"\n\n### Response:\n"``, a forced ``<|sid_begin|>``); also fused;
+* the history ids, assembled per user in one of two ways, chosen at resolution by checking:
+  ``ids``: each item is ``item_lead_ids + its SID tokens + item_tail_ids``, items joined by ``sep_ids``
+  (no text tokenizer needed: the catalog's SID codes are enough); ``text``: the layout's text is
+  rendered and tokenised with the checkpoint's tokenizer (``tokenizers``, no torch), for prompts whose
+  ids depend on neighbours (item titles, numbering), then the fused prefix and suffix are cut off.
+* the history budget: the ``max_history`` most recent items, then as many items as fit in
+  ``max_history_tokens`` ids (the prefill graph's history slots).
 
-Everything here works on token ids, so the runtime needs no text tokenizer: an item's history
-tokens come from the catalog's SID codes through ``sid_token_ids``. ``PromptSpec`` is saved as
-``pauserec_card.json`` inside a checkpoint (together with training facts) and copied into the
-engine manifest.
+``PromptSpec`` is saved in ``pauserec_card.json`` of a trained checkpoint and in every engine's manifest;
+``PromptEncoder`` is the one place that turns histories into ids.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pauserec.errors import CheckpointError
+from pauserec.data.layout import INSTRUCTION, ITEM_SEP, KINDS, PAUSE, THINK, THINK_END, PromptLayout
+from pauserec.errors import CheckpointError, DataError
 
-KINDS = ("direct", "pause", "cot")
 CARD_FILE = "pauserec_card.json"
 CARD_VERSION = 1
-
-# Special tokens every pauserec tokenizer carries (besides one token per SID code).
-THINK, THINK_END, PAUSE, ITEM_SEP = "<think>", "</think>", "<pause>", "<item_sep>"
-INSTRUCTION = "Given the items this user interacted with, in order, recommend the next item."
+ASSEMBLY = ("ids", "text")
+__all__ = ["CARD_FILE", "INSTRUCTION", "ITEM_SEP", "KINDS", "PAUSE", "THINK", "THINK_END", "PromptEncoder",
+           "PromptSpec", "TrainingCard"]
 
 
 @dataclass(frozen=True)
@@ -41,21 +47,38 @@ class PromptSpec:
     kind: str
     pause_k: int
     max_history: int
-    instruction_ids: tuple[int, ...]
-    item_sep_id: int
-    think_id: int
-    think_end_id: int
-    pause_id: int
+    prefix_ids: tuple[int, ...]
+    suffix_ids: tuple[int, ...]
+    sid_token_ids: tuple[tuple[int, ...], ...]  # [level][code] -> token id
     eos_id: int
     pad_id: int
-    sid_token_ids: tuple[tuple[int, ...], ...]  # [level][code] -> token id
+    max_history_tokens: int = 0  # history slots; 0: max_history full items
+    assembly: str = "ids"
+    item_lead_ids: tuple[int, ...] = ()
+    item_tail_ids: tuple[int, ...] = ()
+    sep_ids: tuple[int, ...] = ()
+    text: dict[str, Any] | None = None  # text assembly: the resolved layout (PromptLayout.to_dict)
+    think_end_id: int = -1  # cot: closes the rationale
+    pause_id: int = -1
+    item_sep_id: int = -1  # pauserec training: the grounding samples' separator
+    think_id: int = -1
     max_rationale: int = 64  # cot only: cap on generated rationale tokens
+    layout: str = "pauserec"
+    fields: tuple[str, ...] = field(default=())  # item-file fields the text rendering reads
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise CheckpointError(f"unknown model kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.kind == "pause" and self.pause_k < 1:
             raise CheckpointError(f"a pause model needs pause_k >= 1, got {self.pause_k}")
+        if self.kind == "cot" and self.think_end_id < 0:
+            raise CheckpointError("a cot model needs the token that ends its rationale (think_end)")
+        if self.assembly not in ASSEMBLY:
+            raise CheckpointError(f"unknown history assembly {self.assembly!r}; re-export the engine")
+        if self.assembly == "text" and not self.text:
+            raise CheckpointError("a text-assembled prompt needs its layout text; re-export the engine")
+        if self.max_history_tokens <= 0:
+            object.__setattr__(self, "max_history_tokens", self.max_history * self.item_width)
 
     # -- layout ---------------------------------------------------------------------------------
     @property
@@ -67,13 +90,14 @@ class PromptSpec:
         return tuple(len(level) for level in self.sid_token_ids)
 
     @property
-    def think_suffix(self) -> tuple[int, ...]:
-        """Constant tokens after the history. For cot only ``<think>``: the rationale follows."""
-        if self.kind == "direct":
-            return (self.think_id, self.think_end_id)
-        if self.kind == "pause":
-            return (self.think_id, *([self.pause_id] * self.pause_k), self.think_end_id)
-        return (self.think_id,)
+    def item_width(self) -> int:
+        """ids assembly: ids per item, its separator included (the last item's is not used)."""
+        return len(self.item_lead_ids) + self.levels + len(self.item_tail_ids) + len(self.sep_ids)
+
+    @property
+    def embeds_any_token(self) -> bool:
+        """Whether graphs may embed any vocabulary token (cot rationales, text-assembled histories)."""
+        return self.kind == "cot" or self.assembly == "text"
 
     def sid_table(self) -> np.ndarray:
         """(L, max V) int64 table: token id of code c at level l (-1 beyond that level's size)."""
@@ -82,51 +106,176 @@ class PromptSpec:
             table[level, : len(ids)] = ids
         return table
 
-    def history_ids(self, history_codes: np.ndarray) -> np.ndarray:
-        """SID codes of the (already truncated) history items, (n, L) -> token ids (n * (L + 1),)."""
-        codes = np.asarray(history_codes, dtype=np.int64).reshape(-1, self.levels)
-        table = self.sid_table()
-        tokens = table[np.arange(self.levels)[None, :], codes]  # (n, L)
-        sep = np.full((len(codes), 1), self.item_sep_id, dtype=np.int64)
-        return np.concatenate([tokens, sep], axis=1).reshape(-1)
-
-    def prompt_ids(self, history_codes: np.ndarray) -> np.ndarray:
-        """Full prompt up to (and including) the constant think suffix."""
-        codes = np.asarray(history_codes, dtype=np.int64).reshape(-1, self.levels)[-self.max_history :]
-        return np.concatenate(
-            [np.asarray(self.instruction_ids, np.int64), self.history_ids(codes), np.asarray(self.think_suffix, np.int64)]
-        )
-
     def target_ids(self, codes: np.ndarray) -> np.ndarray:
         """The L token ids of one target SID."""
         return self.sid_table()[np.arange(self.levels), np.asarray(codes, dtype=np.int64)]
 
+    def item_rows(self, codes: np.ndarray) -> np.ndarray:
+        """ids assembly: SID codes (n, L) -> each item's ids with its separator after it, (n, item_width)."""
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.levels)
+        tokens = self.sid_table()[np.arange(self.levels)[None, :], codes]  # (n, L)
+        n = len(codes)
+        parts = [np.broadcast_to(np.asarray(self.item_lead_ids, np.int64), (n, len(self.item_lead_ids))), tokens,
+                 np.broadcast_to(np.asarray(self.item_tail_ids, np.int64), (n, len(self.item_tail_ids))),
+                 np.broadcast_to(np.asarray(self.sep_ids, np.int64), (n, len(self.sep_ids)))]
+        return np.concatenate(parts, axis=1)
+
+    def join_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Item rows (n, item_width) -> the history ids: every row, the last one without its separator."""
+        flat = np.asarray(rows, np.int64).reshape(-1)
+        return flat[: len(flat) - len(self.sep_ids)] if len(flat) else flat
+
+    def items_that_fit(self, n: int) -> int:
+        """ids assembly: how many of ``n`` history items the item and token budgets keep."""
+        per = self.item_width
+        fit = (self.max_history_tokens + len(self.sep_ids)) // per if per else n
+        return max(1, min(n, self.max_history, fit))
+
+    def history_ids(self, history_codes: np.ndarray) -> np.ndarray:
+        """ids assembly: SID codes of the history items (n, L) -> the history ids, truncated to the budget."""
+        codes = np.asarray(history_codes, dtype=np.int64).reshape(-1, self.levels)
+        codes = codes[len(codes) - self.items_that_fit(len(codes)):]
+        return self.join_rows(self.item_rows(codes))
+
+    def prompt_ids(self, history_codes: np.ndarray) -> np.ndarray:
+        """ids assembly: the full prompt up to (and including) the constant suffix."""
+        if self.assembly != "ids":
+            raise DataError(f"the {self.layout!r} prompt is assembled from text; use PromptEncoder with the items")
+        return np.concatenate([np.asarray(self.prefix_ids, np.int64), self.history_ids(history_codes),
+                               np.asarray(self.suffix_ids, np.int64)])
+
+    def text_layout(self) -> PromptLayout:
+        """text assembly: the resolved layout (one kind, pauses expanded) the runtime renders."""
+        layout = {k: v for k, v in self.text.items() if k != "bos_id"}
+        return PromptLayout.from_dict(layout, source="the engine's prompt layout")
+
     # -- (de)serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["instruction_ids"] = list(self.instruction_ids)
-        d["sid_token_ids"] = [list(level) for level in self.sid_token_ids]
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = [list(x) if isinstance(x, tuple) else x for x in v]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PromptSpec:
+        if "prefix_ids" not in d and "instruction_ids" in d:
+            d = _from_v1(d)
         try:
+            ints = lambda key: tuple(int(x) for x in d.get(key, ()))  # noqa: E731
             return cls(
-                kind=d["kind"],
-                pause_k=int(d["pause_k"]),
-                max_history=int(d["max_history"]),
-                instruction_ids=tuple(int(x) for x in d["instruction_ids"]),
-                item_sep_id=int(d["item_sep_id"]),
-                think_id=int(d["think_id"]),
-                think_end_id=int(d["think_end_id"]),
-                pause_id=int(d["pause_id"]),
-                eos_id=int(d["eos_id"]),
-                pad_id=int(d["pad_id"]),
+                kind=d["kind"], pause_k=int(d["pause_k"]), max_history=int(d["max_history"]),
+                prefix_ids=ints("prefix_ids"), suffix_ids=ints("suffix_ids"),
                 sid_token_ids=tuple(tuple(int(x) for x in level) for level in d["sid_token_ids"]),
-                max_rationale=int(d.get("max_rationale", 64)),
+                eos_id=int(d["eos_id"]), pad_id=int(d["pad_id"]),
+                max_history_tokens=int(d.get("max_history_tokens", 0)), assembly=d.get("assembly", "ids"),
+                item_lead_ids=ints("item_lead_ids"), item_tail_ids=ints("item_tail_ids"), sep_ids=ints("sep_ids"),
+                text=d.get("text"), think_end_id=int(d.get("think_end_id", -1)), pause_id=int(d.get("pause_id", -1)),
+                item_sep_id=int(d.get("item_sep_id", -1)), think_id=int(d.get("think_id", -1)),
+                max_rationale=int(d.get("max_rationale", 64)), layout=str(d.get("layout", "pauserec")),
+                fields=tuple(d.get("fields", ())),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"prompt spec is incomplete or malformed ({e!r}); re-run `pauserec train`") from e
+            raise CheckpointError(f"prompt spec is incomplete or malformed ({e!r}); re-run `pauserec train` or "
+                                  "re-export the engine") from e
+
+    def replace(self, **changes: Any) -> PromptSpec:
+        d = self.to_dict()
+        d.update(changes)
+        if "max_history" in changes and "max_history_tokens" not in changes and self.assembly == "ids":
+            d["max_history_tokens"] = 0  # recomputed from the new item budget
+        return PromptSpec.from_dict(d)
+
+
+def _from_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """A card written before prompt layouts: pauserec's template with its ids named one by one."""
+    kind, k = d["kind"], int(d.get("pause_k", 0))
+    think, end, pause = int(d["think_id"]), int(d["think_end_id"]), int(d["pause_id"])
+    suffix = {"direct": [think, end], "pause": [think, *[pause] * k, end], "cot": [think]}[kind]
+    return {**d, "prefix_ids": d["instruction_ids"], "suffix_ids": suffix, "item_tail_ids": [d["item_sep_id"]],
+            "think_end_id": end, "layout": "pauserec"}
+
+
+class PromptEncoder:
+    """Histories (dense catalog indices, oldest first) -> the ids between the fused prefix and suffix.
+
+    ids assembly: a table of every catalog item's ids, gathered and joined. text assembly: the layout
+    rendered with the items' SIDs (and fields) and tokenised with ``tokenizer`` (a ``tokenizers.Tokenizer``);
+    a prompt that does not start with the fused prefix ids or end with the suffix ids raises DataError
+    (its user cannot be served by this engine), never a silently different prompt.
+    """
+
+    def __init__(self, spec: PromptSpec, catalog, tokenizer=None, item_fields: dict[str, Sequence[str]] | None = None):
+        self.spec, self.catalog = spec, catalog
+        if spec.assembly == "ids":
+            self.rows = spec.item_rows(catalog.sids)  # (n_items, item_width)
+            return
+        if tokenizer is None:
+            raise CheckpointError("this prompt is assembled from text and needs the checkpoint's tokenizer.json")
+        self.tok, self.layout = tokenizer, spec.text_layout()
+        self.segments = self.layout.segments(spec.kind)
+        self.bos = [int(spec.text["bos_id"])] if spec.text.get("bos_id") is not None else []
+        missing = [f for f in spec.fields if f not in (item_fields or {})]
+        if missing:
+            raise DataError(f"the prompt renders item field(s) {', '.join(missing)}: pass the items file (--items) "
+                            "that has them for every catalog item")
+        self.values = {f: list(item_fields[f]) for f in spec.fields}
+        for f, vals in self.values.items():
+            if len(vals) != catalog.n_items:
+                raise DataError(f"item field {f!r} has {len(vals)} values for {catalog.n_items} catalog items")
+        self.prefix, self.suffix = list(spec.prefix_ids), list(spec.suffix_ids)
+
+    def __call__(self, dense: np.ndarray) -> np.ndarray:
+        """One history -> its history ids (most recent items kept within the budget)."""
+        return self.many([dense])[0]
+
+    def many(self, histories: Sequence[np.ndarray]) -> list[np.ndarray]:
+        spec = self.spec
+        if spec.assembly == "ids":
+            out = []
+            for h in histories:
+                h = np.asarray(h, np.int64)
+                out.append(spec.join_rows(self.rows[h[len(h) - spec.items_that_fit(len(h)):]]))
+            return out
+        kept = [np.asarray(h, np.int64)[-spec.max_history:] for h in histories]
+        ids = self._text_ids(kept)
+        for i, h in enumerate(kept):  # drop the oldest items until the history fits its token budget
+            while len(ids[i]) > spec.max_history_tokens and len(h) > 1:
+                h = h[1:]
+                ids[i] = self._text_ids([h])[0]
+            if len(ids[i]) > spec.max_history_tokens:
+                raise DataError(f"the item {self.catalog.item_ids[int(h[0])]!r} alone needs {len(ids[i])} history "
+                                f"tokens, more than the engine's {spec.max_history_tokens}; re-export with a larger "
+                                "max_history_tokens")
+        return ids
+
+    def full(self, dense: np.ndarray) -> np.ndarray:
+        """The whole prompt of one history (fused prefix and suffix included)."""
+        return np.concatenate([np.asarray(self.spec.prefix_ids, np.int64), self(dense),
+                               np.asarray(self.spec.suffix_ids, np.int64)])
+
+    def text(self, dense: np.ndarray) -> list[str]:
+        """text assembly: the rendered text segments of one (already truncated) history."""
+        cat = self.catalog
+        items = [{"sid": self.layout.sid_text(cat.token_prefixes, cat.sids[int(i)]),
+                  **{f: str(v[int(i)]) for f, v in self.values.items()}} for i in dense]
+        return self.layout.render(self.segments, items)
+
+    def _text_ids(self, histories: list[np.ndarray]) -> list[np.ndarray]:
+        texts = [self.text(h) for h in histories]
+        add = bool(self.layout.add_special_tokens)
+        per_seg = [self.tok.encode_batch([t[s] for t in texts], add_special_tokens=add) for s in range(len(self.segments))]
+        out = []
+        p, s = len(self.prefix), len(self.suffix)
+        for i in range(len(texts)):
+            ids = self.bos + [t for seg in per_seg for t in seg[i].ids]
+            if ids[:p] != self.prefix or ids[len(ids) - s:] != self.suffix or len(ids) < p + s:
+                raise DataError(
+                    "this history's prompt does not tokenise to the engine's fused prefix/suffix (a tokenizer merge "
+                    f"across the history's edge): {texts[i]!r}. Report it with the prompt layout; the engine cannot "
+                    "serve it exactly")
+            out.append(np.asarray(ids[p: len(ids) - s], np.int64))
+        return out
 
 
 @dataclass

@@ -32,13 +32,20 @@ class ExportConfig:
     fuse_prefix: bool = True  # False (ablation): the prefill graph recomputes the instruction prefix per row
     min_agreement: float = 0.8  # reduced precisions: least top-10 overlap with the fp32 engine on the sample
     force: bool = False
-    kind: str | None = None  # overrides of (or stand-ins for) the training card
-    pause_k: int | None = None
+    prompt: str | None = None  # prompt layout: a preset name or a JSON file (checkpoints trained elsewhere)
+    index: Path | None = None  # item -> SID index (LC-Rec / MiniOneRec *.index.json): the catalog
+    items: Path | None = None  # item fields the prompt renders (LC-Rec .item.json, MiniOneRec info .txt)
+    base: Path | None = None  # the base checkpoint of a PEFT adapter directory (merged at export)
+    kind: str | None = None  # the model kind (a card's own when it has one)
+    pause_k: int | None = None  # pause models trained elsewhere: required
     catalog: Path | None = None
     max_rationale: int | None = None
     data: Path | None = None  # dataset folder: reduced precisions' Hit@10 change is measured on its test split
     quant_sample: int = 64  # users in the reduced-precision comparison sample
     exporter: str = "torchscript"
+    prompt_sample: int = 64  # users whose prompt ids are checked against the checkpoint's HF tokenizer
+    check_users: int = 8  # users whose top-10 is checked against HF generate + trie (fp32, full scoring)
+    guard_users: int = 500  # --data: test users of the Hit@10-against-popularity guard
     seed: int = 0
     threads: int | None = None
 
@@ -55,6 +62,7 @@ class ExportReport:
     quantized: dict | None  # fp16/int8/int4: top-10 agreement (and Hit@10 change) against the fp32 engine
     seconds: dict[str, float] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
+    prompt: dict = field(default_factory=dict)  # the prompt checks: HF tokenizer ids, HF generate top-10
 
     @property
     def max_abs_err(self) -> dict[str, float]:

@@ -23,24 +23,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pauserec.data.prompts import CARD_FILE, INSTRUCTION, ITEM_SEP, PAUSE, THINK, THINK_END, PromptSpec, TrainingCard
+from pauserec.data.layout import PromptLayout, read_item_fields
+from pauserec.data.prompts import CARD_FILE, PromptEncoder, PromptSpec, TrainingCard
 from pauserec.errors import CheckpointError, ExportError
 
 # The engine-directory contract is owned by the runtime, which reads it; export writes to it.
 from pauserec.runtime.engine import CATALOG_FILE, FORMAT_VERSION, MANIFEST_FILE, sha256_file  # noqa: F401
 
-TOKENIZER_FILE = "tokenizer.json"
+from pauserec.runtime.engine import ITEMS_FILE, TOKENIZER_FILE  # noqa: E402
 
 
 @dataclass
 class Sources:
-    """What an export reads from a checkpoint (after overrides)."""
+    """What an export reads: the model, the prompt (declared layout and its resolved ids), the catalog."""
 
     path: Path
     model: Any  # transformers causal LM, float32, eval
     spec: PromptSpec
     catalog: Any  # pauserec.data.Catalog
     card: TrainingCard | None
+    encoder: PromptEncoder  # the engine's history assembly
+    layout: PromptLayout | None = None  # as declared (chat layouts unrendered): the HF reference renders it
+    hf_tok: Any = None  # the checkpoint's transformers tokenizer (None: a card checkpoint without tokenizer)
+    tokenizer_file: Path | None = None
+    item_fields: dict[str, list[str]] | None = None
 
 
 def checkpoint_sha256(path: Path) -> str:
@@ -64,123 +70,204 @@ def _tokenizer(path: Path):
         raise CheckpointError(f"{f} is not a readable HF tokenizer ({e})") from e
 
 
-def _token_id(tok, token: str, what: str) -> int:
-    i = tok.token_to_id(token)
-    if i is None:
-        raise CheckpointError(f"the tokenizer has no {what} token {token!r}; add it (and train) before exporting")
-    return int(i)
-
-
-def _spec_without_card(path: Path, tok, catalog, model, kind: str, pause_k: int, max_history: int) -> PromptSpec:
-    """A PromptSpec from the tokenizer + catalog for a checkpoint that has no training card."""
-    if tok is None:
-        raise CheckpointError(f"{path} has neither {CARD_FILE} nor {TOKENIZER_FILE}: token ids cannot be known")
-    levels = [[f"<{p}_{c}>" for c in range(v)] for p, v in zip(catalog.token_prefixes, catalog.codebook_sizes)]
-    sid_ids = tuple(tuple(tok.token_to_id(t) if tok.token_to_id(t) is not None else -1 for t in lv) for lv in levels)
-    eos = model.config.eos_token_id
-    eos = int(eos[0] if isinstance(eos, list | tuple) else (eos if eos is not None else 0))
-    pad = model.config.pad_token_id
-    return PromptSpec(
-        kind=kind, pause_k=pause_k if kind == "pause" else 0, max_history=max_history,
-        instruction_ids=tuple(tok.encode(INSTRUCTION, add_special_tokens=False).ids),
-        item_sep_id=_token_id(tok, ITEM_SEP, "item separator"), think_id=_token_id(tok, THINK, "think"),
-        think_end_id=_token_id(tok, THINK_END, "think end"), pause_id=_token_id(tok, PAUSE, "pause"),
-        eos_id=eos, pad_id=int(pad) if pad is not None else eos, sid_token_ids=sid_ids,
-    )
-
-
 def check_sid_tokens(spec: PromptSpec, catalog, vocab: int, tok) -> None:
     """Every SID code of the catalog needs a token id inside the model's vocabulary (and tokenizer)."""
     if spec.levels != catalog.levels:
         raise CheckpointError(f"the prompt spec has {spec.levels} SID levels, the catalog {catalog.levels}; "
-                              "export with the catalog the checkpoint was trained on (--catalog)")
+                              "export with the catalog the checkpoint was trained on (--catalog / --index)")
     missing: list[str] = []
     for lv, (prefix, size) in enumerate(zip(catalog.token_prefixes, catalog.codebook_sizes)):
         ids = spec.sid_token_ids[lv]
         for c in range(size):
             want = f"<{prefix}_{c}>"
             i = ids[c] if c < len(ids) else -1
-            if not 0 <= i < vocab or (tok is not None and tok.id_to_token(i) != want):
+            if not 0 <= i < vocab or (tok is not None and spec.layout == "pauserec" and tok.id_to_token(i) != want):
                 missing.append(want)
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise CheckpointError(f"{len(missing)} SID tokens are missing from the model's vocabulary/tokenizer ({shown}); "
                               "use the SID index the checkpoint was trained on, or train a checkpoint for this index")
-    others = {"item_sep": spec.item_sep_id, "<think>": spec.think_id, "</think>": spec.think_end_id,
-              "<pause>": spec.pause_id, "pad": spec.pad_id, "eos": spec.eos_id}
-    bad = [f"{k}={v}" for k, v in others.items() if not 0 <= v < vocab]
-    bad += [f"instruction id {i}" for i in spec.instruction_ids if not 0 <= i < vocab]
+    named = {"pad": spec.pad_id, "eos": spec.eos_id, "think_end": spec.think_end_id, "pause": spec.pause_id}
+    bad = [f"{k}={v}" for k, v in named.items() if v >= vocab or (k in ("pad", "eos") and v < 0)]
+    bad += [f"prompt id {i}" for i in (*spec.prefix_ids, *spec.suffix_ids, *spec.item_lead_ids, *spec.item_tail_ids,
+                                       *spec.sep_ids) if not 0 <= i < vocab]
     if bad:
         raise CheckpointError(f"token ids outside the model's vocabulary of {vocab}: {', '.join(bad[:6])}")
 
 
-def load_sources(path: Path, kind: str | None = None, pause_k: int | None = None, catalog: Path | None = None,
-                 max_history: int | None = None, max_rationale: int | None = None) -> Sources:
-    """Model, PromptSpec and catalog of a checkpoint, with command-line overrides applied."""
+def read_catalog_source(path: Path, index: Path | None, catalog: Path | None, has_card: bool):
+    """The item -> SID catalog: an LC-Rec / MiniOneRec index file, a catalog .npz, or the card checkpoint's own."""
     from pauserec.data import Catalog
+    from pauserec.data.datasets import catalog_from_index
     from pauserec.errors import PauserecError
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} is not an HF checkpoint directory (no config.json); pass a save_pretrained folder")
-    has_card = (path / CARD_FILE).is_file()
-    cat_path = Path(catalog) if catalog else path / CATALOG_FILE
-    if not has_card and (kind is None or not cat_path.is_file()):
-        raise CheckpointError(
-            f"{path} has no {CARD_FILE} (pauserec training card): pass --kind direct|pause|cot, --catalog CATALOG.npz"
-            " (and --pause-k K for pause models), or train the checkpoint with `pauserec train`"
-        )
+    if index is not None and catalog is not None:
+        raise CheckpointError("pass either --index INDEX.json or --catalog CATALOG.npz, not both")
     try:
-        cat = Catalog.load(cat_path)
+        if index is not None:
+            if not Path(index).is_file():
+                raise CheckpointError(f"--index {index} not found; pass the item -> SID index file the model was "
+                                      "trained with (LC-Rec / MiniOneRec *.index.json)")
+            return catalog_from_index(Path(index), Path(index).name.split(".")[0])
+        if catalog is not None or has_card:
+            return Catalog.load(Path(catalog) if catalog else path / CATALOG_FILE)
     except PauserecError as e:
-        raise CheckpointError(f"cannot read the catalog of {path}: {e}; pass --catalog CATALOG.npz") from e
-    model = _load_model(path)
-    tok = _tokenizer(path)
-    card = TrainingCard.load(path) if has_card else None
-    if card is not None:
-        spec = card.prompt
-    else:
-        spec = _spec_without_card(path, tok, cat, model, kind, pause_k or 5, max_history or 20)
-    spec = _override(spec, kind, pause_k, max_history, max_rationale)
+        raise CheckpointError(f"cannot read the catalog for {path}: {e}") from e
+    raise CheckpointError(f"{path} has no pauserec training card: pass --index INDEX.json (the item -> SID index "
+                          "the model was trained with) and --prompt PRESET|FILE (its prompt layout)")
+
+
+def load_sources(cfg) -> Sources:
+    """Model, prompt and catalog of the checkpoint ``cfg.checkpoint`` (an ``ExportConfig``), every input
+    checked before any graph is built."""
+    from pauserec.data.layout import load_layout, preset
+    from pauserec.data.resolve import resolve_layout
+    from pauserec.export import hf_prompt
+
+    path = Path(cfg.checkpoint)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path} is not an HF checkpoint directory (no config.json); pass a save_pretrained folder")
+    check_architecture(path, cfg.base)
+    has_card = (path / CARD_FILE).is_file() and cfg.prompt is None
+    cat = read_catalog_source(path, cfg.index, cfg.catalog, has_card)
+    tok = _tokenizer(path) or (_tokenizer(Path(cfg.base)) if cfg.base else None)
+    if not has_card and tok is None:
+        raise CheckpointError(f"{path} has no {TOKENIZER_FILE}: the prompt's ids come from the checkpoint's own "
+                              "tokenizer. Save it with tokenizer.save_pretrained (a slow tokenizer: "
+                              "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...))")
+    hf_tok = None
+    if tok is not None:
+        try:
+            hf_tok = hf_prompt.hf_tokenizer(path if (path / TOKENIZER_FILE).is_file() else Path(cfg.base))
+        except CheckpointError:
+            if not has_card:
+                raise  # a pauserec card's ids stand without it; a foreign prompt needs its tokenizer
+    model = _load_model(path, cfg.base, tok)
     vocab = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
-    check_sid_tokens(spec, cat, vocab, tok)
-    return Sources(path=path, model=model, spec=spec, catalog=cat, card=card)
+    card = TrainingCard.load(path) if has_card else None
+    fields = None
+    if card is not None:
+        spec = _override(card.prompt, cfg.kind, cfg.pause_k, cfg.max_history, cfg.max_rationale)
+        layout = PromptLayout.from_dict({**preset("pauserec").to_dict(), "max_history": spec.max_history})
+        if spec.layout != "pauserec" or spec.max_history_tokens != spec.max_history * spec.item_width:
+            layout = None  # not pauserec's own text: nothing to render the HF reference from
+        check_sid_tokens(spec, cat, vocab, tok)
+    else:
+        if cfg.prompt is None:
+            raise CheckpointError(f"{path} was not trained by pauserec: pass --prompt PRESET|FILE, the prompt layout "
+                                  "it was trained with (presets: pauserec, minionerec, lc-rec[:N], onerec-think)")
+        layout = load_layout(cfg.prompt, max_history=cfg.max_history)
+        kind = cfg.kind or (layout.kinds[0] if len(layout.kinds) == 1 else None)
+        if kind is None:
+            raise CheckpointError(f"prompt layout {layout.name!r} has templates for {', '.join(layout.kinds)} "
+                                  "models: pass --kind to say which this checkpoint is")
+        plain = hf_prompt.render_chat(layout, hf_tok)
+        hf_prompt.check_token_names(plain, kind, tok)
+        fields = read_item_fields(cfg.items, cat, plain.item_fields())
+        eos = hf_tok.eos_token_id if hf_tok.eos_token_id is not None else _config_id(model.config.eos_token_id)
+        if eos is None:
+            raise CheckpointError(f"{path}: neither the tokenizer nor config.json names an eos token")
+        pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos
+        spec = resolve_layout(plain, tok, cat, kind, eos_id=eos, pad_id=pad, pause_k=cfg.pause_k,
+                              bos_id=hf_tok.bos_token_id, item_fields=fields, vocab=vocab,
+                              max_rationale=cfg.max_rationale or 64, seed=cfg.seed)
+        check_sid_tokens(spec, cat, vocab, None)
+    has_tok_file = (path / TOKENIZER_FILE).is_file()
+    encoder = PromptEncoder(spec, cat, tok, fields)
+    return Sources(path=path, model=model, spec=spec, catalog=cat, card=card, encoder=encoder, layout=layout,
+                   hf_tok=hf_tok, tokenizer_file=(path if has_tok_file else Path(cfg.base)) / TOKENIZER_FILE
+                   if tok is not None else None, item_fields=fields)
+
+
+def _config_id(value) -> int | None:
+    if isinstance(value, list | tuple):
+        value = value[0] if value else None
+    return None if value is None else int(value)
 
 
 def _override(spec: PromptSpec, kind, pause_k, max_history, max_rationale) -> PromptSpec:
-    d = spec.to_dict()
-    if kind is not None:
-        d["kind"] = kind
-    if pause_k is not None:
-        d["pause_k"] = pause_k
-    if d["kind"] == "pause" and d["pause_k"] < 1:
-        d["pause_k"] = 5
+    """A pauserec card's spec with command-line overrides (a pause model keeps its own pause count)."""
+    changes: dict[str, Any] = {}
+    if kind is not None and kind != spec.kind:
+        raise CheckpointError(f"the checkpoint's card says it is a {spec.kind} model; --kind {kind} cannot change "
+                              "what it was trained as")
+    if pause_k is not None and pause_k != spec.pause_k:
+        if spec.kind != "pause":
+            raise CheckpointError(f"--pause-k is for pause models; this checkpoint is a {spec.kind} model")
+        think = [t for t in spec.suffix_ids if t != spec.pause_id]
+        changes.update(pause_k=pause_k, suffix_ids=[think[0], *[spec.pause_id] * pause_k, *think[1:]])
     if max_history is not None:
-        d["max_history"] = max_history
+        changes["max_history"] = max_history
     if max_rationale is not None:
-        d["max_rationale"] = max_rationale
-    return PromptSpec.from_dict(d)
+        changes["max_rationale"] = max_rationale
+    return spec.replace(**changes) if changes else spec
 
 
-def _load_model(path: Path):
+ENCODER_DECODER = ("t5", "mt5", "bart", "mbart", "pegasus", "marian", "umt5", "longt5", "switch_transformers")
+
+
+def check_architecture(path: Path, base: Path | None = None) -> str:
+    """The checkpoint's model_type when pauserec can export it; CheckpointError saying why not, before loading."""
     from pauserec.export.graphs import SUPPORTED_ARCHS
 
+    cfg_dir = path if (path / "config.json").is_file() else Path(base) if base else None
+    if cfg_dir is None:
+        adapter = json.loads((path / "adapter_config.json").read_text())
+        raise CheckpointError(f"{path} is a PEFT adapter of {adapter.get('base_model_name_or_path')!r}: pass --base "
+                              "BASE_DIR, the local base checkpoint it was trained on (it is merged at export)")
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+        config = json.loads((cfg_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_dir / 'config.json'} is not readable JSON ({e})") from e
+    model_type = config.get("model_type")
+    if config.get("is_encoder_decoder") or model_type in ENCODER_DECODER:
+        raise CheckpointError(f"{path} is an encoder-decoder model ({model_type}; TIGER / GRID style): pauserec "
+                              "exports decoder-only causal LMs (Qwen2/2.5, Qwen3, Llama) whose SIDs follow the prompt")
     if model_type not in SUPPORTED_ARCHS:
         raise CheckpointError(f"{path}: unsupported architecture {model_type!r}; pauserec exports "
-                              f"{', '.join(SUPPORTED_ARCHS)} causal LMs")
+                              f"{', '.join(SUPPORTED_ARCHS)} causal LMs. Models whose thoughts are computed from "
+                              "hidden states (LatentR3, Coconut) cannot be expressed as a prompt either")
+    return model_type
+
+
+def _load_model(path: Path, base: Path | None, tok):
+    """The causal LM in float32; a PEFT adapter directory is loaded onto ``base`` and merged."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    adapter = (path / "adapter_config.json").is_file()
+    source = Path(base) if adapter else path
+    if adapter and base is None:
+        check_architecture(path, None)  # raises: a base is needed
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype="float32")
+        model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True, dtype="float32")
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the model in {path} ({e}); is it a complete save_pretrained folder?") from e
-    return model.eval()
+        raise CheckpointError(f"cannot load the model in {source} ({e}); is it a complete save_pretrained folder?") from e
+    if adapter:
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise CheckpointError("merging a LoRA adapter needs peft: pip install peft") from e
+        if tok is not None and tok.get_vocab_size() > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(tok.get_vocab_size())  # the adapter saved the grown embeddings
+        try:
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False).merge_and_unload()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot merge the adapter {path} into {base} ({e}); is --base the model it was "
+                                  "trained on?") from e
+    return model.float().eval()
+
+
+def write_prompt_files(stage: Path, src: Sources) -> None:
+    """What a text-assembled prompt needs at run time: the tokenizer and the item fields it renders."""
+    if src.spec.assembly != "text":
+        return
+    shutil.copyfile(src.tokenizer_file, stage / TOKENIZER_FILE)
+    if src.spec.fields:
+        ids = [str(i) for i in src.catalog.item_ids]
+        table = {i: {f: src.item_fields[f][n] for f in src.spec.fields} for n, i in enumerate(ids)}
+        write_json(stage / ITEMS_FILE, table)
 
 
 # -- output directory -----------------------------------------------------------------------------

@@ -114,13 +114,17 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     clock: dict[str, float] = {}
     t0 = time.perf_counter()
     say("load", str(cfg.checkpoint))
-    src = bundle.load_sources(Path(cfg.checkpoint), cfg.kind, cfg.pause_k, cfg.catalog, cfg.max_history,
-                              cfg.max_rationale)
+    src = bundle.load_sources(cfg)
+    spec = src.spec
+    say("prompt", f"{spec.layout} ({spec.kind}" + (f", k={spec.pause_k}" if spec.kind == "pause" else "") +
+        f"): {len(spec.prefix_ids)} prefix + {len(spec.suffix_ids)} suffix ids fused, history assembled from "
+        f"{spec.assembly}, at most {spec.max_history} items / {spec.max_history_tokens} ids")
     check_finite(src.model)
+    prompt_check = check_prompts(cfg, src)
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
     built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix)
     specs = graph_specs(built.shape)
-    env = {n: resolve_dims(n, built.shape, cfg.batch, cfg.beams, src.spec.max_history) for n in specs} if cfg.static else None
+    env = {n: resolve_dims(n, built.shape, cfg.batch, cfg.beams, src.spec.max_history_tokens) for n in specs} if cfg.static else None
     if env:
         specs = {n: freeze(s, env[n]) for n, s in specs.items()}
     clock["load"] = time.perf_counter() - t0
@@ -141,13 +145,14 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     t0 = time.perf_counter()
     say("validate", "HF references, then the fp32 graphs against them")
     static_env = env["decode" if "decode" in specs else "prefill"] if env else None
-    refs = validate.collect_references(src.model, src.spec, src.catalog, built.shape, list(specs), static_env,
+    refs = validate.collect_references(src.model, src.encoder, built.shape, list(specs), static_env,
                                        cfg.seed, cfg.threads)
+    hf_top = hf_reference_topk(cfg, src, prompt_check, say)
     dims, shape = built.dims, built.shape
     refs.release_model()  # the HF weights go before the engine's are mapped: never both resident
     src.model, built = None, None
     release_memory()
-    validate_args = dict(refs=refs, spec=src.spec, catalog=src.catalog, shape=shape, static_env=static_env,
+    validate_args = dict(refs=refs, encoder=src.encoder, shape=shape, static_env=static_env,
                          seed=cfg.seed, threads=cfg.threads)
     atol = cfg.atol if cfg.atol is not None else validate.ATOL["fp32"]
     checks = validate.validate_graphs(files=files32, atol=atol, **validate_args)
@@ -177,6 +182,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
 
     say("write", "catalog.npz + manifest.json")
     src.catalog.save(stage / bundle.CATALOG_FILE)
+    bundle.write_prompt_files(stage, src)
     validation = validate.summarize(checks) + ([{"graph": "engine", "case": "ranking sample", **quantized}]
                                                if quantized else [])
     if plan_ranking:
@@ -186,11 +192,95 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     t0 = time.perf_counter()
     say("check", "load the engine with the runtime and recommend once")
     smoke_test(stage, src, cfg)
+    if hf_top is not None:
+        say("check", f"the engine's top-10 against HF generate + trie on {len(hf_top['histories'])} HF-built prompts")
+        prompt_check["hf_generate"] = compare_with_hf(stage, cfg, hf_top)
+    guard = popularity_guard(stage, cfg, src, say)
+    if guard is not None:
+        prompt_check["popularity_guard"] = guard
     clock["check"] = time.perf_counter() - t0
     files = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
     return ExportReport(out=Path(cfg.out), kind=src.spec.kind, precision=cfg.precision, backend=cfg.backend,
                         static=cfg.static, files=files, checks=validate.summarize(checks), quantized=quantized,
-                        seconds=clock, manifest=manifest)
+                        seconds=clock, manifest=manifest,
+                        prompt={k: v for k, v in prompt_check.items() if k not in ("histories", "prompts")})
+
+
+def check_histories(cfg: ExportConfig, src, n: int) -> list:
+    """``n`` seeded histories of 1..max_history catalog items (dense indices), the longest first."""
+    import numpy as np
+
+    rng = np.random.default_rng(cfg.seed + 1)
+    items, most = src.catalog.n_items, src.spec.max_history + 2  # longer than kept: truncation is checked too
+    lengths = [most, 1] + [int(x) for x in rng.integers(1, most + 1, size=max(0, n - 2))]
+    return [rng.integers(0, items, size=k) for k in lengths[:n]]
+
+
+def check_prompts(cfg: ExportConfig, src) -> dict:
+    """The engine's prompt ids against the checkpoint's HF tokenizer on a sample (ExportError at a difference)."""
+    from pauserec.export import hf_prompt
+
+    histories = check_histories(cfg, src, cfg.prompt_sample)
+    if src.layout is None or src.hf_tok is None:
+        why = "the checkpoint has no tokenizer" if src.hf_tok is None else "its card's prompt has no text layout"
+        return {"users": 0, "skipped": f"prompt ids not checked against an HF tokenizer: {why}",
+                "histories": histories, "prompts": [src.encoder.full(h) for h in histories]}
+    prompts = hf_prompt.check_prompts(src.encoder, src.layout, src.hf_tok, src.catalog, histories, src.item_fields)
+    return {"users": len(histories), "identical": len(histories), "histories": histories, "prompts": prompts}
+
+
+def hf_reference_topk(cfg: ExportConfig, src, prompt_check: dict, say) -> dict | None:
+    """HF ``generate`` + trie top-10 on the HF-built prompts of the first ``check_users`` histories (None when
+    the engine cannot be compared: reduced precisions, the ``sid`` scoring rule, or no users asked for)."""
+    if cfg.check_users < 1 or cfg.precision != "fp32" or cfg.scoring != "full":
+        return None
+    from pauserec.bench.baseline_hf import HFBaseline
+
+    n = min(cfg.check_users, len(prompt_check["histories"]))
+    beams = cfg.beams or 20
+    say("reference", f"HF generate + trie on {n} users (beam {beams})")
+    res = HFBaseline.from_parts(src.model, src.spec, src.catalog).recommend_prompts(prompt_check["prompts"][:n], 10, beams)
+    return {"histories": prompt_check["histories"][:n], "items": res.item_index, "scores": res.scores, "beams": beams}
+
+
+def compare_with_hf(engine_dir: Path, cfg: ExportConfig, ref: dict, atol: float = 1e-3) -> dict:
+    """The engine's top-10 must equal HF's, up to the order of items whose scores tie within ``atol``."""
+    import numpy as np
+
+    from pauserec.runtime import Engine, Recommender
+
+    engine = Engine.load(engine_dir, provider="cpu", threads=cfg.threads)
+    ids = engine.catalog.item_ids
+    out = Recommender(engine).recommend([[ids[int(i)] for i in h] for h in ref["histories"]], k=10, beams=ref["beams"])
+    for u in range(len(ref["histories"])):
+        if not same_top(out.item_index[u], out.scores[u], ref["items"][u], ref["scores"][u], atol):
+            show = lambda items, scores: ", ".join(f"{ids[int(i)]}:{s:.4f}" for i, s in zip(items, scores) if i >= 0)  # noqa: E731
+            raise ExportError(f"the engine's top-10 differs from HF generate + trie for user {u}:\n  engine: "
+                              f"{show(out.item_index[u], out.scores[u])}\n  HF:     "
+                              f"{show(ref['items'][u], ref['scores'][u])}\nnothing was written; report this with the "
+                              "checkpoint's config.json and the prompt layout")
+    return {"users": len(ref["histories"]), "identical_top10": True, "beams": ref["beams"],
+            "max_score_diff": float(np.max(np.abs(np.where(np.isfinite(out.scores), out.scores, 0) -
+                                                  np.where(np.isfinite(ref["scores"]), ref["scores"], 0))))}
+
+
+def same_top(a_items, a_scores, b_items, b_scores, atol: float) -> bool:
+    """Two best-first top-k lists agree: same scores position by position (within ``atol``), and any item in only
+    one of them scores within ``atol`` of the other list's last score (a tie at the cut)."""
+    import numpy as np
+
+    a_scores, b_scores = np.asarray(a_scores, np.float64), np.asarray(b_scores, np.float64)
+    if (a_items >= 0).sum() != (b_items >= 0).sum():
+        return False
+    valid = a_items >= 0
+    if not np.allclose(a_scores[valid], b_scores[valid], atol=atol, rtol=0):
+        return False
+    sa, sb = dict(zip(a_items[valid].tolist(), a_scores[valid])), dict(zip(b_items[valid].tolist(), b_scores[valid]))
+    for item in set(sa) ^ set(sb):
+        score, other = (sa[item], b_scores[valid][-1]) if item in sa else (sb[item], a_scores[valid][-1])
+        if abs(score - other) > atol:
+            return False
+    return all(abs(sa[i] - sb[i]) <= atol for i in set(sa) & set(sb))
 
 
 def smoke_test(engine_dir: Path, src, cfg: ExportConfig) -> None:
@@ -281,13 +371,7 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, provide
     ids = src.catalog.item_ids
     targets = None
     if cfg.data is not None:
-        from pauserec.data import load_dataset
-
-        test = load_dataset(cfg.data, src.card.index if src.card and src.card.index else None).splits(
-            src.spec.max_history).test
-        pick = np.random.default_rng(cfg.seed).permutation(len(test))[:n]
-        histories = [[ids[i] for i in test.histories[p]] for p in pick]
-        targets = [ids[int(test.targets[p])] for p in pick]
+        histories, targets, _ = test_sample(cfg, src, n)
     else:
         rng = np.random.default_rng(cfg.seed)
         histories = [[ids[i] for i in rng.integers(0, len(ids), size=int(rng.integers(1, src.spec.max_history + 1)))]
@@ -295,10 +379,55 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, provide
     return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20, providers=providers)
 
 
+def test_sample(cfg: ExportConfig, src, n: int) -> tuple[list[list[str]], list[str], object]:
+    """``n`` seeded users of ``--data``'s test split: histories and targets as item ids, and the dataset."""
+    import numpy as np
+
+    from pauserec.data import load_dataset
+
+    index = str(cfg.index) if cfg.index else (src.card.index if src.card and src.card.index else None)
+    ds = load_dataset(cfg.data, index)
+    test = ds.splits(src.spec.max_history).test
+    ids = ds.catalog.item_ids
+    missing = sorted({str(x) for x in ids} - {str(x) for x in src.catalog.item_ids})
+    if missing:
+        raise ExportError(f"--data {cfg.data} has {len(missing)} items the engine's index lacks (e.g. "
+                          f"{', '.join(missing[:3])}); pass the dataset the index was built for")
+    pick = np.random.default_rng(cfg.seed).permutation(len(test))[:n]
+    return [[ids[i] for i in test.histories[p]] for p in pick], [ids[int(test.targets[p])] for p in pick], ds
+
+
+def popularity_guard(engine_dir: Path, cfg: ExportConfig, src, say) -> dict | None:
+    """With ``--data``: the engine's Hit@10 on a test sample against the most popular items', a warning when the
+    model is no better (a prompt that is not the one it was trained with, say). None without ``--data``."""
+    if cfg.data is None or cfg.guard_users < 1:
+        return None
+    import numpy as np
+
+    from pauserec.metrics import popularity_ranking
+    from pauserec.runtime import Engine, Recommender
+
+    histories, targets, ds = test_sample(cfg, src, cfg.guard_users)
+    say("guard", f"Hit@10 against popularity on {len(targets)} test users of {cfg.data}")
+    popular = {ds.catalog.item_ids[i] for i in popularity_ranking(ds.sequences, ds.catalog.n_items, "test", 10)}
+    engine = Engine.load(engine_dir, provider="cpu", threads=cfg.threads, verify=False)
+    got = Recommender(engine).recommend(histories, k=10, beams=cfg.beams or 20)
+    hit = float(np.mean([t in set(row) for t, row in zip(targets, got.items.tolist())]))
+    pop = float(np.mean([t in popular for t in targets]))
+    out = {"users": len(targets), "hit10": hit, "popularity_hit10": pop}
+    if hit <= pop:
+        out["warning"] = (f"the model does no better than popularity under the declared prompt (Hit@10 {hit:.4f} vs "
+                          f"{pop:.4f} on {len(targets)} test users): check --prompt (the template, separator, "
+                          "history length) and --index against what the model was trained with")
+        say("WARNING", out["warning"])
+    return out
+
+
 def embedded_tokens(spec) -> list[int]:
-    """Every token id a direct/pause engine's graphs embed: SID codes, separator, padding, think suffix."""
-    return sorted({*(t for level in spec.sid_token_ids for t in level), spec.item_sep_id, spec.pad_id,
-                   spec.eos_id, *spec.think_suffix})
+    """Every token id the graphs of an ids-assembled direct/pause engine embed: SID codes, the ids around
+    and between items, padding and the fused suffix."""
+    return sorted({*(t for level in spec.sid_token_ids for t in level), *spec.item_lead_ids, *spec.item_tail_ids,
+                   *spec.sep_ids, spec.pad_id, spec.eos_id, *spec.suffix_ids})
 
 
 @dataclass
@@ -320,22 +449,23 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True) -
     core = Core(model)
     d = core.dims
     sid = [list(x) for x in spec.sid_token_ids]
-    if spec.kind != "cot":  # history, suffix and SID tokens are all these graphs embed
-        core.restrict_embedding(embedded_tokens(spec) + ([] if fuse_prefix else list(spec.instruction_ids)))
+    if not spec.embeds_any_token:  # history, suffix and SID tokens are all these graphs embed
+        core.restrict_embedding(embedded_tokens(spec) + ([] if fuse_prefix else list(spec.prefix_ids)))
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
-                       codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.instruction_ids),
-                       suffix_len=len(spec.think_suffix), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
+                       codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.prefix_ids),
+                       suffix_len=len(spec.suffix_ids), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
                        scoring=scoring)
-    modules = {"prefill": PrefillGraph(core, spec.instruction_ids, spec.think_suffix,
+    modules = {"prefill": PrefillGraph(core, spec.prefix_ids, spec.suffix_ids,
                                        None if spec.kind == "cot" else sid[0], scoring, fuse_prefix)}
     if shape.levels > 1:
-        modules["decode"] = DecodeGraph(core, spec.instruction_ids, sid, scoring)
+        modules["decode"] = DecodeGraph(core, spec.prefix_ids, sid, scoring)
     if spec.kind == "cot":
-        modules["think"] = ThinkGraph(core, spec.instruction_ids)
+        modules["think"] = ThinkGraph(core, spec.prefix_ids)
     dtype = core.embed.weight.dtype
 
     def example(name: str, env: dict | None) -> tuple:
         e = env or {"batch": 2, "beams": 3, "hist": 2 * (shape.levels + 1), "ctx": 2 * (shape.levels + 1) + shape.suffix_len}
+        # (example sizes only: the graphs are exported with dynamic batch, beams, hist and ctx)
         b, k, t, c = e["batch"], e["beams"], e["hist"], e["ctx"]
         kv = torch.zeros(d.layers, b, d.kv_heads, c, d.head_dim, dtype=dtype)
         cmask = torch.ones(b, c, dtype=torch.long)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pauserec.errors import BackendUnavailable, ExportError
-from pauserec.runtime.spec import GraphSpec, ModelShape, hist_len, resolve_dims
+from pauserec.runtime.spec import GraphSpec, ModelShape, resolve_dims
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]  # input -> (min, opt, max)
@@ -48,15 +48,15 @@ def plan_profile(spec: GraphSpec) -> Profile:
     return profile(spec, {}, {}, {})
 
 
-def graph_profile(spec: GraphSpec, shape: ModelShape, batch: int, beams: int, max_history: int,
+def graph_profile(spec: GraphSpec, shape: ModelShape, batch: int, beams: int, hist: int,
                   static: bool = True) -> Profile:
-    """The profile of one graph: fixed for static engines; else 1..batch users, 1..max_history items."""
-    top = resolve_dims(spec.name, shape, batch, beams, max_history)
+    """The profile of one graph: fixed for static engines; else 1..batch users, 1..hist history slots."""
+    top = resolve_dims(spec.name, shape, batch, beams, hist)
     if static:
         return profile(spec, top, top, top)
     low = resolve_dims(spec.name, shape, 1, 1, 1)
-    if spec.name != "prefill":  # decode/think contexts start at one item + the suffix
-        low["ctx"] = hist_len(1, shape.levels) + shape.suffix_len
+    if spec.name != "prefill":  # decode/think contexts start at one history slot + the suffix
+        low["ctx"] = 1 + shape.suffix_len
     return profile(spec, low, top, top)
 
 

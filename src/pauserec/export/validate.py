@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pauserec.data.prompts import PromptSpec
+from pauserec.data.prompts import PromptEncoder, PromptSpec
 from pauserec.errors import ExportError
 from pauserec.runtime.spec import ModelShape
 
@@ -213,7 +213,7 @@ class _Case:
         return level_logprobs(full, self.spec.sid_token_ids[level], self.shape.scoring)
 
     def prompt(self, b: int) -> list[int]:
-        return [*self.spec.instruction_ids, *self.histories[b], *self.spec.think_suffix]
+        return [*self.spec.prefix_ids, *self.histories[b], *self.spec.suffix_ids]
 
     def run(self) -> None:
         s, spec = self.shape, self.spec
@@ -287,29 +287,31 @@ def _grow(x: np.ndarray, cap: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def collect_references(model, spec: PromptSpec, catalog, shape: ModelShape, graphs, static_env: dict | None = None,
+def collect_references(model, encoder: PromptEncoder, shape: ModelShape, graphs, static_env: dict | None = None,
                        seed: int = 0, threads: int | None = None) -> References:
     """Every HF reference that ``validate_graphs`` (same seed and shapes) will compare against."""
     refs = References(model, rows=shape.levels - 1)
-    validate_graphs(refs, spec, catalog, shape, ShapeOnlyGraphs(shape, graphs, np.float32), atol=float("inf"),
+    validate_graphs(refs, encoder, shape, ShapeOnlyGraphs(shape, graphs, np.float32), atol=float("inf"),
                     static_env=static_env, seed=seed, threads=threads)
     return refs
 
 
-def validate_graphs(refs: References, spec: PromptSpec, catalog, shape: ModelShape,
+def validate_graphs(refs: References, encoder: PromptEncoder, shape: ModelShape,
                     files: dict[str, Path] | ShapeOnlyGraphs | PairedGraphs, atol: float, kv_dtype=np.float32,
                     static_env: dict | None = None, seed: int = 0, threads: int | None = None,
                     precision: str = "fp32", paired_atol: float = float("inf")) -> list[Check]:
     """All checks for ``files`` (graph name -> ONNX file, or a runner); the caller decides what a mismatch
-    means. With a ``PairedGraphs`` runner, also one ``against="onnx"`` check per (graph, case, output)."""
+    means. With a ``PairedGraphs`` runner, also one ``against="onnx"`` check per (graph, case, output).
+    ``encoder`` assembles the ``real`` case's histories (its spec and catalog are the engine's)."""
+    spec, catalog = encoder.spec, encoder.catalog
     rng = np.random.default_rng(seed)
     graphs = files if hasattr(files, "run") else OrtGraphs(files, threads)
     batch = static_env["batch"] if static_env else 3
     beams = static_env["beams"] if static_env else 2
     hist = static_env["hist"] if static_env else None
-    t_max = hist or spec.max_history * (shape.levels + 1)
+    t_max = hist or spec.max_history_tokens
     lens = [t_max, max(1, t_max // 3), 1]
-    if shape.kind == "cot":  # any token may be embedded
+    if spec.embeds_any_token:  # any token may be embedded
         random_h = [list(rng.integers(0, shape.vocab, size=n)) for n in lens]
     else:  # direct/pause graphs embed only these tokens (the runtime feeds nothing else)
         from pauserec.export.pipeline import embedded_tokens
@@ -317,7 +319,7 @@ def validate_graphs(refs: References, spec: PromptSpec, catalog, shape: ModelSha
         allowed = np.array(embedded_tokens(spec))
         random_h = [list(allowed[rng.integers(0, len(allowed), size=n)]) for n in lens]
     n_items = [spec.max_history, max(1, spec.max_history // 2), 1]
-    real_h = [list(spec.history_ids(catalog.sids[rng.integers(0, catalog.n_items, size=n)])) for n in n_items]
+    real_h = [list(encoder(rng.integers(0, catalog.n_items, size=n))) for n in n_items]
     checks: list[Check] = []
     for name, hists in (("random", random_h), ("real", real_h)):
         case = _Case(name, graphs, refs, spec, shape, hists, kv_dtype, batch, hist, beams, rng)

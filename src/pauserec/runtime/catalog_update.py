@@ -29,9 +29,10 @@ import numpy as np
 
 from pauserec.data import Catalog
 from pauserec.errors import DataError, EngineError
-from pauserec.runtime.engine import CATALOG_FILE, MANIFEST_FILE, read_manifest, sha256_file, verify_files
+from pauserec.data.layout import read_item_fields
+from pauserec.runtime.engine import CATALOG_FILE, ITEMS_FILE, MANIFEST_FILE, read_manifest, sha256_file, verify_files
 
-REEXPORT_HINT = "export a new engine for this SID index (pauserec-export CHECKPOINT --catalog CATALOG.npz --out DIR)"
+REEXPORT_HINT = "export a new engine for this SID index (pauserec-export CHECKPOINT --index NEW.index.json --out DIR)"
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,13 @@ def fit_catalog(catalog: Catalog, manifest: dict[str, Any], engine: str | Path) 
 
 
 def update_catalog(engine: str | Path, source: Catalog | str | Path, out: str | Path | None = None,
-                   verify: bool = True) -> CatalogUpdate:
+                   verify: bool = True, items: str | Path | None = None) -> CatalogUpdate:
     """Write ``source`` (a Catalog, SID index file or catalog .npz) as the catalog of the engine
     directory ``engine`` (in place, or into a new directory ``out``), its checksum in the manifest.
+
+    Engines whose prompt renders item fields (titles: ``items.json``) need them for every new item:
+    ``items`` (an LC-Rec ``.item.json`` or MiniOneRec info .txt) adds them; items the engine already
+    knows keep theirs.
 
     ``verify`` first checks every file of the engine against its recorded sha256 (seconds for GB-sized
     weights), so a damaged engine is not given a fresh manifest.
@@ -107,6 +112,7 @@ def update_catalog(engine: str | Path, source: Catalog | str | Path, out: str | 
     if verify:
         verify_files(path, manifest)
     new = fit_catalog(read_catalog(source), manifest, path)
+    fields = _item_fields(path, manifest, new, items)
     target = Path(out) if out is not None else path
     if target.resolve() != path.resolve() and target.exists():
         raise EngineError(f"{target} already exists: pass a new directory for the updated engine (or update in place)")
@@ -114,7 +120,7 @@ def update_catalog(engine: str | Path, source: Catalog | str | Path, out: str | 
     stage = target.parent / f".{target.name}.catalog-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
-        digest = _stage(path, stage, new, manifest, source)
+        digest = _stage(path, stage, new, manifest, source, fields)
         _publish(stage, target, in_place=target.resolve() == path.resolve())
     except OSError as e:
         raise EngineError(f"writing the updated engine failed ({e.strerror or e}); {path} is unchanged. Free space "
@@ -127,11 +133,28 @@ def update_catalog(engine: str | Path, source: Catalog | str | Path, out: str | 
                          unique_sids=new.trie.num_sids, catalog_sha256=digest)
 
 
-def _stage(path: Path, stage: Path, catalog: Catalog, manifest: dict[str, Any], source) -> str:
-    """The updated engine in ``stage``: links to every other file, the new catalog, then the manifest."""
+def _item_fields(path: Path, manifest: dict[str, Any], catalog: Catalog, items) -> dict[str, list[str]] | None:
+    """The item fields the engine's prompt renders, for every item of the new catalog (None: it renders none)."""
+    fields = tuple((manifest.get("prompt") or {}).get("fields") or ())
+    if not fields:
+        if items is not None:
+            raise DataError(f"engine {path}'s prompt renders no item fields; drop --items")
+        return None
+    try:
+        known = json.loads((path / ITEMS_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EngineError(f"{path / ITEMS_FILE} cannot be read ({e}); re-export the engine") from e
+    return read_item_fields(Path(items) if items is not None else None, catalog, fields, known=known)
+
+
+def _stage(path: Path, stage: Path, catalog: Catalog, manifest: dict[str, Any], source,
+           fields: dict[str, list[str]] | None = None) -> str:
+    """The updated engine in ``stage``: links to every other file, the new catalog (and item fields), then the
+    manifest."""
     stage.mkdir(parents=True)
+    replaced = {CATALOG_FILE, MANIFEST_FILE} | ({ITEMS_FILE} if fields else set())
     for f in sorted(path.iterdir()):
-        if f.name in (CATALOG_FILE, MANIFEST_FILE):
+        if f.name in replaced:
             continue
         if f.is_dir():
             shutil.copytree(f, stage / f.name, copy_function=_link_or_copy)
@@ -140,11 +163,16 @@ def _stage(path: Path, stage: Path, catalog: Catalog, manifest: dict[str, Any], 
     catalog.save(stage / CATALOG_FILE)
     Catalog.load(stage / CATALOG_FILE)  # reads back before anything is published
     digest = sha256_file(stage / CATALOG_FILE)
+    extra = {}
+    if fields:
+        table = {str(i): {f: v[n] for f, v in fields.items()} for n, i in enumerate(catalog.item_ids)}
+        (stage / ITEMS_FILE).write_text(json.dumps(table, indent=1) + "\n")
+        extra[ITEMS_FILE] = sha256_file(stage / ITEMS_FILE)
     origin = Path(source).name if isinstance(source, str | Path) else (catalog.name or "Catalog object")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise EngineError(f"{path / MANIFEST_FILE} lists no file checksums; re-export the engine")
-    updated = {**manifest, "files": {**files, CATALOG_FILE: digest},
+    updated = {**manifest, "files": {**files, CATALOG_FILE: digest, **extra},
                "catalog": {"items": catalog.n_items, "unique_sids": catalog.trie.num_sids, "source": origin}}
     with open(stage / MANIFEST_FILE, "w") as f:
         f.write(json.dumps(updated, indent=2) + "\n")

@@ -10,14 +10,19 @@ from typing import Any
 import numpy as np
 
 from pauserec.data import Catalog
-from pauserec.data.prompts import PromptSpec
-from pauserec.errors import EngineError, PauserecError
+from pauserec.data.layout import read_item_fields
+from pauserec.data.prompts import PromptEncoder, PromptSpec
+from pauserec.errors import DataError, EngineError, PauserecError
 from pauserec.runtime.backends import open_sessions
 from pauserec.runtime.spec import DTYPES, GraphSpec
 
-FORMAT_VERSION = 3  # 2: one weights.bin shared by the graphs, scoring rule; 3: decode returns the new beam-KV slot
+# 2: one weights.bin shared by the graphs, scoring rule; 3: decode returns the new beam-KV slot;
+# 4: the prompt as data (fused prefix/suffix ids, ids or text history assembly, token budget)
+FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 CATALOG_FILE = "catalog.npz"
+TOKENIZER_FILE = "tokenizer.json"  # text-assembled prompts only
+ITEMS_FILE = "items.json"  # item fields a text-assembled prompt renders ({item_id: {field: value}})
 REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
 
 
@@ -63,6 +68,26 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
                               f"re-export with `{REEXPORT.format(path=path)}`")
 
 
+def prompt_encoder(path: Path, spec: PromptSpec, catalog: Catalog) -> PromptEncoder:
+    """The engine's history assembly; text-assembled prompts read the engine's tokenizer and item fields."""
+    if spec.assembly == "ids":
+        return PromptEncoder(spec, catalog)
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path / TOKENIZER_FILE))
+        table = json.loads((path / ITEMS_FILE).read_text()) if spec.fields else {}
+    except Exception as e:  # tokenizers raises plain Exceptions
+        raise EngineError(f"{path}: the prompt's {TOKENIZER_FILE} / {ITEMS_FILE} cannot be read ({e}); re-export with "
+                          f"`{REEXPORT.format(path=path)}`") from e
+    try:
+        fields = read_item_fields(None, catalog, spec.fields, known=table)
+    except DataError as e:
+        raise DataError(f"{e}. The engine's prompt renders {', '.join(spec.fields)} per item: serve new items "
+                        "through `pauserec catalog update ENGINE --index NEW.index.json --items ITEMS.json`") from e
+    return PromptEncoder(spec, catalog, tok, fields)
+
+
 class Engine:
     """A loaded engine: prompt spec, catalog, shapes and the graphs on one backend."""
 
@@ -89,6 +114,7 @@ class Engine:
         if self.scoring not in ("full", "sid"):
             raise EngineError(f"{path}: unknown scoring rule {self.scoring!r}; re-export with `{REEXPORT.format(path=path)}`")
         self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
+        self.encoder = prompt_encoder(path, self.prompt, catalog)
         self.ops = None  # device steps override (see device_ops)
 
     @classmethod

@@ -49,12 +49,7 @@ class Recommender:
         self.engine, self.impl = engine, impl
         self.catalog = engine.catalog
         self.batch_size = int(engine.static_batch or batch_size or DEFAULT_BATCH)
-        spec = engine.prompt
-        table = spec.sid_table()  # (L, maxV)
-        codes = self.catalog.sids.astype(np.int64)  # (n_items, L)
-        tokens = table[np.arange(spec.levels)[None, :], codes]  # (n_items, L)
-        sep = np.full((len(codes), 1), spec.item_sep_id, np.int64)
-        self.item_tokens = np.concatenate([tokens, sep], axis=1)  # (n_items, L + 1)
+        self.encoder = engine.encoder  # histories -> the history ids of the engine's prompt
         self.id_dtype = np.array(self.catalog.item_ids).dtype  # fixed-width unicode of the longest id
 
     # -- input checks ---------------------------------------------------------------------------
@@ -197,12 +192,12 @@ class Recommender:
         e = self.engine
         rows = len(dense)
         batch = e.static_batch or rows
-        width = self.item_tokens.shape[1]
-        t = e.static_hist or width * max(len(d) for d in dense)
+        hist = self.encoder.many(dense)  # each user's history ids, within the engine's budget
+        t = e.static_hist or max(len(h) for h in hist)
         ids = np.full((batch, t), e.prompt.pad_id, np.int64)
         mask = np.zeros((batch, t), np.int64)
         for b in range(batch):
-            toks = self.item_tokens[dense[b % rows]].reshape(-1)  # padding rows repeat real ones
+            toks = hist[b % rows]  # padding rows repeat real ones
             ids[b, : len(toks)], mask[b, : len(toks)] = toks, 1
         if mask_row is not None and batch > rows:  # padding rows repeat real ones, filters included
             mask_row = mask_row[np.arange(batch) % rows]

@@ -174,17 +174,12 @@ def graph_specs(shape: ModelShape) -> dict[str, GraphSpec]:
     return specs
 
 
-def hist_len(max_history: int, levels: int) -> int:
-    """History slots for ``max_history`` items: L SID tokens + one separator each."""
-    return max_history * (levels + 1)
-
-
-def resolve_dims(graph: str, shape: ModelShape, batch: int, beams: int, max_history: int) -> dict[str, int]:
-    """Symbol sizes of ``graph`` for a batch of ``batch`` users, ``beams`` beams, ``max_history`` items.
+def resolve_dims(graph: str, shape: ModelShape, batch: int, beams: int, hist: int) -> dict[str, int]:
+    """Symbol sizes of ``graph`` for a batch of ``batch`` users, ``beams`` beams, ``hist`` history slots
+    (the prompt's history token budget, ``PromptSpec.max_history_tokens``).
 
     Prefill's ``ctx`` is what it outputs (hist + suffix); decode and think see the cot rationale too.
     """
-    hist = hist_len(max_history, shape.levels)
     ctx = hist + shape.suffix_len + (0 if graph == "prefill" else shape.ctx_extra)
     return {"batch": batch, "beams": beams, "hist": hist, "ctx": ctx}
 

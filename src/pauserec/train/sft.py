@@ -483,7 +483,7 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
                                 patience=cfg.patience, metric=cfg.val_metric, beams=cfg.val_beams, seed=cfg.seed)
         validation = build_validation(vcfg, spec, dataset.catalog, splits.valid,
                                       Path(cfg.out) / SNAPSHOTS_DIR if cfg.snapshots else None)
-        st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=len(spec.instruction_ids),
+        st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=len(spec.prefix_ids),
                    weight_decay=_pick(cfg.weight_decay, preset.weight_decay),
                    dropout=_pick(cfg.dropout, preset.dropout),
                    warmup_steps=_pick(cfg.warmup_steps, preset.warmup_steps),

@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from pauserec.data.prompts import INSTRUCTION, ITEM_SEP, PAUSE, THINK, THINK_END, PromptSpec
+from pauserec.data.layout import INSTRUCTION, ITEM_SEP, PAUSE, THINK, THINK_END, PromptLayout
+from pauserec.data.prompts import PromptSpec
 from pauserec.errors import CheckpointError
 from pauserec.train.rationale import TEMPLATE_TEXTS, category_path
 
@@ -153,21 +154,13 @@ def build_prompt_spec(
     pad: str = PAD,
     eos: str = EOS,
 ) -> PromptSpec:
-    """The one prompt template, with ids of this tokenizer."""
-    return PromptSpec(
-        kind=kind,
-        pause_k=pause_k if kind == "pause" else 0,
-        max_history=max_history,
-        instruction_ids=tuple(tok.encode(INSTRUCTION, add_special_tokens=False).ids),
-        item_sep_id=token_id(tok, ITEM_SEP),
-        think_id=token_id(tok, THINK),
-        think_end_id=token_id(tok, THINK_END),
-        pause_id=token_id(tok, PAUSE),
-        eos_id=token_id(tok, eos),
-        pad_id=token_id(tok, pad),
-        sid_token_ids=check_sid_tokens(tok, catalog),
-        max_rationale=max_rationale,
-    )
+    """pauserec's own prompt layout (the ``pauserec`` preset), resolved with this tokenizer."""
+    from pauserec.data.layout import preset
+    from pauserec.data.resolve import resolve_layout
+
+    layout = PromptLayout.from_dict({**preset("pauserec").to_dict(), "max_history": max_history})
+    return resolve_layout(layout, tok, catalog, kind, eos_id=token_id(tok, eos), pad_id=token_id(tok, pad),
+                          pause_k=pause_k if kind == "pause" else None, max_rationale=max_rationale)
 
 
 def encode_text(tok, text: str) -> list[int]:

@@ -1,0 +1,359 @@
+"""The prompt as data: how a pipeline turns a user's history into the text its model reads (torch-free).
+
+A ``PromptLayout`` declares, once, everything that decides a model's input ids:
+
+* ``template``: the prompt text with one ``{history}`` placeholder; after it, ``{pauses}`` may stand for
+  ``pause_token`` x k (pause models). A list of strings is a prompt tokenised *per segment* (each
+  string on its own, ids concatenated: MiniOneRec); a mapping ``{kind: template}`` gives each model
+  kind its own text (pauserec's ``<think>…</think>`` block). Everything after ``{history}`` up to the
+  end is the suffix right before the first SID token: pauses, ``<think>\\n\\n</think>\\n``, a forced
+  ``<|sid_begin|>``, ``"\\n\\n### Response:\\n"``.
+* ``chat``: instead of ``template``, the checkpoint's own chat template rendered with a pinned system
+  prompt and a user message holding ``{history}`` (plus ``assistant``: text forced after the
+  generation prompt). Rendered once at export into a plain template (``pauserec.export.hf_prompt``).
+* ``item``: one history item: ``{sid}`` (its SID tokens, each spelt by ``sid_token``), ``{n}`` (its
+  1-based position in the kept history) and any field of the items file (``{title}``); items are
+  joined by ``separator``.
+* tokenisation: ``tokenize`` ("whole" or "segments"), ``add_special_tokens`` (as passed to the
+  tokenizer for every segment: a Llama tokenizer's post-processor adds its BOS) and ``bos`` (put the
+  tokenizer's BOS token first once, as MiniOneRec's ``encode(bos=True)``).
+* the history budget: the ``max_history`` most recent items, then (``max_history_tokens``) the oldest
+  items dropped until the history's tokens fit.
+
+Presets reproduce the evaluation prompts of known pipelines (``PRESETS``; ``pauserec`` is this
+toolkit's own); any other prompt is a JSON file with the same fields (``load_layout``).
+``resolve_layout`` (in :mod:`pauserec.data.prompts`) turns a layout, a tokenizer and a catalog into the
+token-level ``PromptSpec`` that training, export and the runtime use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pauserec.errors import DataError
+
+KINDS = ("direct", "pause", "cot")
+HISTORY, PAUSES = "{history}", "{pauses}"
+TOKENIZE = ("whole", "segments")
+FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+BUILTIN_FIELDS = ("sid", "n")
+
+# -- pauserec's own template --------------------------------------------------------------------------
+THINK, THINK_END, PAUSE, ITEM_SEP = "<think>", "</think>", "<pause>", "<item_sep>"
+INSTRUCTION = "Given the items this user interacted with, in order, recommend the next item."
+
+# -- MiniOneRec (data.py, EvalSidDataset.pre / generate_prompt) ------------------------------------------
+MINIONEREC_INSTRUCTION = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n\n"
+    "### Instruction:\nCan you predict the next possible item that the user may expect?\n\n"
+)
+MINIONEREC_INPUT = (
+    "### User Input: \nCan you predict the next possible item the user may expect, given the following "
+    "chronological interaction history: {history}\n\n### Response:\n"
+)
+
+# -- LC-Rec (prompt.py: sft_prompt and the 17 "seqrec" instructions; {inters} is the history) --------------
+LCREC_WRAPPER = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+LCREC_SEQREC = (
+    "The user has interacted with items {inters} in chronological order. Can you predict the next possible item "
+    "that the user may expect?",
+    "I find the user's historical interactive items: {inters}, and I want to know what next item the user needs. "
+    "Can you help me decide?",
+    "Here are the user's historical interactions: {inters}, try to recommend another item to the user. Note that "
+    "the historical interactions are arranged in chronological order.",
+    "Based on the items that the user has interacted with: {inters}, can you determine what item would be "
+    "recommended to him next?",
+    "The user has interacted with the following items in order: {inters}. What else do you think the user need?",
+    "Here is the item interaction history of the user: {inters}, what to recommend to the user next?",
+    "Which item would the user be likely to interact with next after interacting with items {inters}?",
+    "By analyzing the user's historical interactions with items {inters}, what is the next expected interaction "
+    "item?",
+    "After interacting with items {inters}, what is the next item that could be recommended for the user?",
+    "Given the user's historical interactive items arranged in chronological order: {inters}, can you recommend a "
+    "suitable item for the user?",
+    "Considering the user has interacted with items {inters}. What is the next recommendation for the user?",
+    "What is the top recommended item for the user who has previously interacted with items {inters} in order?",
+    "The user has interacted with the following items in the past in order: {inters}. Please predict the next "
+    "item that the user most desires based on the given interaction records.",
+    "Using the user's historical interactions as input data, suggest the next item that the user is highly likely "
+    "to enjoy. The historical interactions are provided as follows: {inters}.",
+    "You can access the user's historical item interaction records: {inters}. Now your task is to recommend the "
+    "next potential item to him, considering his past interactions.",
+    "You have observed that the user has interacted with the following items: {inters}, please recommend a next "
+    "item that you think would be suitable for the user.",
+    "You have obtained the ordered list of user historical interaction items, which is as follows: {inters}. "
+    "Using this history as a reference, please select the next item to recommend to the user.",
+)
+
+# -- OneRec-Think (test_model_hitrate.py: format_chat_prompt; ChatML written by hand) ----------------------
+ONERECTHINK_SYSTEM = (
+    "You are a professional recommendation expert who needs to recommend the next possible purchase for users "
+    "based on their purchase history. Please predict the most likely next product that the user will purchase "
+    "based on the user's historical purchase information."
+)
+_ONERECTHINK_HEAD = (f"<|im_start|>system\n{ONERECTHINK_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+                     "The user has purchased the following items: {history};<|im_end|>\n<|im_start|>assistant\n")
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """The text layout of a model's prompt (see the module docstring for every field)."""
+
+    name: str = "custom"
+    template: Any = None  # str | list[str] | {kind: str | list[str]}
+    chat: dict[str, Any] | None = None  # {"system", "user", "assistant", "template_kwargs"}
+    tokenize: str = "whole"
+    add_special_tokens: bool = False
+    bos: bool = False
+    item: str = "{sid}"
+    separator: str = ""
+    sid_token: str = "<{prefix}_{code}>"
+    pause_token: str | None = None
+    think_end: str | None = None  # cot: the token that closes the rationale
+    max_history: int | None = None
+    max_history_tokens: int | None = None
+    description: str = ""
+    kinds: tuple[str, ...] = ()  # the model kinds it has a prompt for; () derives them from the template
+
+    def __post_init__(self) -> None:
+        where = f"prompt layout {self.name!r}"
+        if not self.kinds:
+            object.__setattr__(self, "kinds", self._derived_kinds())
+        if any(k not in KINDS for k in self.kinds):
+            raise DataError(f"{where}: kinds {list(self.kinds)} must be among {', '.join(KINDS)}")
+        if (self.template is None) == (self.chat is None):
+            raise DataError(f"{where}: give exactly one of 'template' (the prompt text) or 'chat' (the checkpoint's "
+                            "chat template with a pinned system prompt)")
+        if self.tokenize not in TOKENIZE:
+            raise DataError(f"{where}: tokenize is {self.tokenize!r}; use 'whole' or 'segments'")
+        if self.chat is not None:
+            if not isinstance(self.chat, dict) or not isinstance(self.chat.get("user"), str):
+                raise DataError(f"{where}: 'chat' needs a 'user' message text holding {HISTORY}")
+            if self.chat["user"].count(HISTORY) != 1:
+                raise DataError(f"{where}: the chat user message must hold {HISTORY} exactly once")
+        else:
+            for kind in self.kinds:
+                self.segments(kind)  # validates every kind's template
+        if self.item.count("{sid}") != 1:
+            raise DataError(f"{where}: item {self.item!r} must hold {{sid}} exactly once")
+        unknown_sid = set(FIELD_RE.findall(self.sid_token)) - {"prefix", "code"}
+        if unknown_sid or "{code}" not in self.sid_token:
+            raise DataError(f"{where}: sid_token {self.sid_token!r} must use {{code}} and may use {{prefix}} only")
+        if self.max_history is None or int(self.max_history) < 1:
+            raise DataError(f"{where}: max_history (the most recent items kept) must be >= 1; the preset or file "
+                            "must say how many items the model was trained to read")
+        if self.max_history_tokens is not None and int(self.max_history_tokens) < 1:
+            raise DataError(f"{where}: max_history_tokens must be >= 1 (or absent)")
+
+    def _derived_kinds(self) -> tuple[str, ...]:
+        """A mapping template names its kinds; one text serves a pause model when it holds {pauses}, else a
+        direct model (and a cot model when it names the ``think_end`` that closes the rationale)."""
+        if isinstance(self.template, dict):
+            return tuple(k for k in KINDS if k in self.template)
+        text = json.dumps(self.template if self.template is not None else self.chat)
+        if PAUSES in text:
+            return ("pause",)
+        return ("direct", "cot") if self.think_end else ("direct",)
+
+    # -- text ---------------------------------------------------------------------------------------
+    def segments(self, kind: str) -> tuple[str, ...]:
+        """The template of ``kind`` as segments (one unless tokenised per segment), placeholders intact."""
+        where = f"prompt layout {self.name!r}"
+        if self.chat is not None:
+            raise DataError(f"{where} is a chat layout: render it with the checkpoint's tokenizer first "
+                            "(pauserec.export.hf_prompt.render_chat)")
+        t = self.template
+        if isinstance(t, dict):
+            if kind not in t:
+                raise DataError(f"{where} has no template for {kind} models (it has {', '.join(t)})")
+            t = t[kind]
+        segs = (t,) if isinstance(t, str) else tuple(t) if isinstance(t, list | tuple) else None
+        if not segs or not all(isinstance(s, str) for s in segs):
+            raise DataError(f"{where}: template must be a string, a list of strings or {{kind: ...}}")
+        if len(segs) > 1 and self.tokenize != "segments":
+            raise DataError(f"{where}: a template of several segments needs tokenize='segments'")
+        joined = "\x00".join(segs)
+        if joined.count(HISTORY) != 1:
+            raise DataError(f"{where}: the {kind} template must hold {HISTORY} exactly once")
+        if PAUSES in joined:
+            if joined.index(PAUSES) < joined.index(HISTORY):
+                raise DataError(f"{where}: {PAUSES} must come after {HISTORY} (the pauses precede the answer)")
+            if not self.pause_token:
+                raise DataError(f"{where}: the template uses {PAUSES} but names no pause_token")
+        return segs
+
+    def item_fields(self) -> tuple[str, ...]:
+        """Item-file fields the item rendering needs (besides the built-in ``sid`` and ``n``)."""
+        names = FIELD_RE.findall(self.item)
+        return tuple(dict.fromkeys(n for n in names if n not in BUILTIN_FIELDS))
+
+    def sid_text(self, prefixes, codes) -> str:
+        return "".join(fill(self.sid_token, {"prefix": p, "code": str(int(c))}) for p, c in zip(prefixes, codes))
+
+    def render(self, segments: tuple[str, ...], items: list[dict[str, str]], pause_k: int = 0) -> list[str]:
+        """Text segments of one prompt: ``items`` are the kept history items' fields (``sid`` + file fields)."""
+        rendered = [fill(self.item, {**it, "n": str(i + 1)}) for i, it in enumerate(items)]
+        history = self.separator.join(rendered)
+        pauses = (self.pause_token or "") * int(pause_k)
+        return [s.replace(HISTORY, history).replace(PAUSES, pauses) for s in segments]
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "prompt layout") -> PromptLayout:
+        if not isinstance(d, dict):
+            raise DataError(f"{source}: expected a JSON object with the prompt layout fields")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DataError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        d["kinds"] = tuple(d.get("kinds") or ())
+        return cls(**d)
+
+
+def fill(text: str, values: dict[str, str]) -> str:
+    """``{name}`` placeholders of ``text`` replaced by ``values`` (other braces left as they are)."""
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in values:
+            raise DataError(f"the prompt's item text uses {{{name}}}, which this item does not have; pass an items "
+                            "file (--items) with that field, or change the layout's 'item'")
+        return values[name]
+
+    return FIELD_RE.sub(sub, text)
+
+
+# -- presets ---------------------------------------------------------------------------------------------
+def _pauserec() -> PromptLayout:
+    return PromptLayout(
+        name="pauserec",
+        template={"direct": INSTRUCTION + HISTORY + THINK + THINK_END,
+                  "pause": INSTRUCTION + HISTORY + THINK + PAUSES + THINK_END,
+                  "cot": INSTRUCTION + HISTORY + THINK},
+        item="{sid}" + ITEM_SEP, pause_token=PAUSE, think_end=THINK_END, max_history=20,
+        description="pauserec train's own template: instruction, SID + <item_sep> per item, <think> block",
+    )
+
+
+def _minionerec() -> PromptLayout:
+    return PromptLayout(
+        name="minionerec", template=[MINIONEREC_INSTRUCTION, MINIONEREC_INPUT], tokenize="segments",
+        bos=True, add_special_tokens=False, item="{sid}", separator=", ", max_history=10, kinds=("direct",),
+        description="MiniOneRec EvalSidDataset: instruction block and user block tokenised separately; SIDs "
+                    "joined by ', '; the last 10 items (its data keeps 10)",
+    )
+
+
+def _lcrec(arg: str | None) -> PromptLayout:
+    try:
+        idx = int(arg) if arg not in (None, "") else 0
+        instruction = LCREC_SEQREC[idx]
+    except (ValueError, IndexError):
+        raise DataError(f"preset lc-rec:{arg}: LC-Rec has seqrec templates 0..{len(LCREC_SEQREC) - 1}; "
+                        "write lc-rec:N (default 0)") from None
+    return PromptLayout(
+        name=f"lc-rec:{idx}", template=LCREC_WRAPPER.replace("{instruction}", instruction.replace("{inters}", HISTORY)),
+        add_special_tokens=True, item="{sid}", separator=", ", max_history=20, kinds=("direct",),
+        description=f"LC-Rec seqrec template {idx} in its sft_prompt, empty response; SIDs joined by ', '; "
+                    "the last 20 items; whole string with the tokenizer's special tokens (BOS)",
+    )
+
+
+def _onerec_think() -> PromptLayout:
+    return PromptLayout(
+        name="onerec-think",
+        template={"direct": _ONERECTHINK_HEAD + "<think>\n\n</think>\n<|sid_begin|>",
+                  "pause": _ONERECTHINK_HEAD + PAUSES + "\n<|sid_begin|>"},
+        add_special_tokens=True, item="<|sid_begin|>{sid}<|sid_end|>", separator="; ", pause_token="<|thought|>",
+        max_history=20, kinds=("direct", "pause"),
+        description="OneRec-Think test prompt (ChatML by hand, fixed system prompt, '; '-joined SIDs and a "
+                    "trailing ';'); <|sid_begin|> forced before the first SID token. pause: the <|thought|> fork's "
+                    "training layout (<|thought|> x k + newline instead of the think block)",
+    )
+
+
+PRESETS = {"pauserec": _pauserec, "minionerec": _minionerec, "lc-rec": _lcrec, "onerec-think": _onerec_think}
+
+
+def preset(name: str) -> PromptLayout:
+    """A preset by name (``lc-rec:N`` picks LC-Rec's seqrec template N)."""
+    base, _, arg = name.partition(":")
+    if base not in PRESETS:
+        raise DataError(f"unknown prompt preset {name!r}; presets: {', '.join(PRESETS)} (lc-rec:N for LC-Rec's "
+                        "template N), or give a JSON layout file")
+    if base == "lc-rec":
+        return _lcrec(arg)
+    if arg:
+        raise DataError(f"preset {base!r} takes no ':{arg}'")
+    return PRESETS[base]()
+
+
+def load_layout(spec: str | Path, **overrides: Any) -> PromptLayout:
+    """A preset name or a JSON layout file; ``overrides`` (None values ignored) replace fields."""
+    path = Path(spec)
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path} is not a valid JSON prompt layout ({e})") from e
+        layout = PromptLayout.from_dict(raw, source=str(path))
+    elif str(spec).endswith(".json") or "/" in str(spec):
+        raise DataError(f"prompt layout file {spec} not found")
+    else:
+        layout = preset(str(spec))
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return PromptLayout.from_dict({**layout.to_dict(), **changes}, source=layout.name) if changes else layout
+
+
+def read_item_fields(items: Path | None, catalog, fields: tuple[str, ...],
+                     known: dict[str, dict[str, str]] | None = None) -> dict[str, list[str]] | None:
+    """Fields the prompt renders per item, in catalog order, from an LC-Rec ``.item.json``
+    (``{item_id: {field: value}}``) or a MiniOneRec ``info`` file (``SID\ttitle\titem_id`` lines: ``title``);
+    ``known``: rows already held (an engine's items.json), used for the items the file does not have."""
+    if not fields:
+        return None
+    if items is None and known is None:
+        raise DataError(f"the prompt renders item field(s) {', '.join(fields)}: pass --items ITEMS.json "
+                        "(LC-Rec .item.json) or the MiniOneRec info .txt")
+    table = _read_items_file(Path(items)) if items is not None else {}
+    out: dict[str, list[str]] = {f: [] for f in fields}
+    for item in catalog.item_ids:
+        row = table.get(str(item), (known or {}).get(str(item)))
+        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise DataError(f"{items or 'the engine'}: item {item!r} has no {', '.join(missing)}; every catalog item "
+                            "needs the fields the prompt renders (pass --items with them)")
+        for f in fields:
+            out[f].append(str(row[f]))
+    return out
+
+
+def _read_items_file(items: Path) -> dict:
+    if not items.is_file():
+        raise DataError(f"--items {items} not found")
+    if items.suffix == ".txt":
+        table = {}
+        for n, line in enumerate(items.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split("\t")
+            if len(parts) < 3:
+                raise DataError(f"{items}:{n}: expected 'SID<TAB>title<TAB>item_id', got {line[:80]!r}")
+            table[parts[2].strip()] = {"title": parts[1]}
+    else:
+        try:
+            table = json.loads(items.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{items} is not valid JSON ({e})") from e
+        if not isinstance(table, dict):
+            raise DataError(f"{items}: expected {{item_id: {{field: value}}}}")
+    return table
