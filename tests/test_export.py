@@ -196,7 +196,7 @@ def test_disk_full_leaves_no_engine(tmp_path, engines, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(bundle, "write_json", full)
+    monkeypatch.setattr("pauserec.runtime.manifest.Manifest.write", full)
     ckpt = engines["qwen2-direct"].parent / "ckpt-qwen2-direct"
     with pytest.raises(ExportError, match="disk is full"):
         export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "eng"))

@@ -387,3 +387,23 @@ def test_a_prompt_difference_fails_and_names_the_part(tmp_path):
     a = np.array([3, 1, 2])
     assert same_top(a, np.array([-1.0, -2.0, -2.0]), np.array([3, 2, 1]), np.array([-1.0, -2.0, -2.0]), 1e-4)
     assert not same_top(a, np.array([-1.0, -2.0, -2.5]), np.array([3, 2, 1]), np.array([-1.0, -2.0, -2.5]), 1e-4)
+
+
+# -- the guard against the wrong template, on the real Scientific data ---------------------------------------------
+@pytest.mark.slow
+def test_popularity_guard_warns_when_the_model_is_no_better(scientific, tmp_path):
+    """A random-weight model under any prompt ranks worse than popularity: the export says so (and still writes)."""
+    index = scientific / "indexes" / "rkmeans_zcr" / "Scientific.index.json"
+    ckpt = tmp_path / "sci"
+    make_checkpoint(ckpt, arch="qwen3", sid_tokens=sid_vocab(("a", "b", "c", "d"), 256))
+    said = []
+    from pauserec.export import ExportConfig, export_engine
+
+    report = export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "engine", prompt="lc-rec", index=index,
+                                        data=scientific, guard_users=200, check_users=0, prompt_sample=8),
+                           progress=lambda stage, detail: said.append((stage, detail)))
+    guard = report.prompt["popularity_guard"]
+    assert guard["users"] == 200 and guard["popularity_hit10"] > guard["hit10"]
+    assert "no better than popularity" in guard["warning"]
+    assert any(stage == "WARNING" and "no better than popularity" in detail for stage, detail in said)
+    assert report.manifest["prompt"]["assembly"] == "ids" and report.manifest["sid"]["codebook_sizes"] == [256] * 4

@@ -137,9 +137,9 @@ def export_engines(cfg: AblationConfig, say: Callable[[str], None]) -> dict[str,
         if (path / "manifest.json").is_file():
             m = read_manifest(path)
             want_prefix = "fused" if opts.get("fuse_prefix", True) else "recomputed"
-            if m["scoring"] != opts["scoring"] or m["shapes"].get("prefix", "fused") != want_prefix:
-                raise PauserecError(f"{path} is not a {name} engine (scoring {m['scoring']}, prefix "
-                                    f"{m['shapes'].get('prefix', 'fused')}); remove it or pass another --engines")
+            if m.scoring != opts["scoring"] or m.shapes.prefix != want_prefix:
+                raise PauserecError(f"{path} is not a {name} engine (scoring {m.scoring}, prefix "
+                                    f"{m.shapes.prefix}); remove it or pass another --engines")
             say(f"reusing {path}")
         else:
             say(f"exporting {name} engine -> {path}")

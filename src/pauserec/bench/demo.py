@@ -120,8 +120,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
 
 
 def _manifests(engines: dict) -> dict:
+    from pauserec.runtime.engine import read_manifest
+
     out = {}
     for kind, path in engines.items():
-        m = json.loads((Path(path) / "manifest.json").read_text())
-        out[kind] = {k: m.get(k) for k in ("format_version", "kind", "pause_k", "precision", "source")}
+        m = read_manifest(Path(path))
+        out[kind] = {"format_version": m.format_version, "kind": m.kind, "pause_k": m.pause_k,
+                     "precision": m.precision, "source": m.source}
     return out

@@ -87,10 +87,10 @@ class _EngineSystem:
         self.system = {None: "engine", True: "engine+prepack", False: "engine-unpacked"}[prepack]
         self.engine = Engine.load(path, threads=threads, prepack=prepack)
         self.rec = Recommender(wrap(self.engine) if wrap else self.engine, impl=impl)
-        self.path, self.kind = path, self.engine.manifest["kind"]
+        self.path, self.kind = path, self.engine.manifest.kind
         self.catalog = self.engine.catalog
-        self.sha = (self.engine.manifest.get("source") or {}).get("sha256")
-        self.scoring = self.engine.manifest.get("scoring")
+        self.sha = self.engine.manifest.source.get("sha256")
+        self.scoring = self.engine.manifest.scoring
         self.label = label
 
     def run(self, histories_idx: list[np.ndarray], k: int, beams: int):

@@ -83,7 +83,7 @@ def evaluate_engine(
     m = metrics.summarize(ranked_items, targets, ranked_sids=ranked_sids, target_sids=item_sid[targets],
                           ranked_codes=ranked_codes, catalog_sids=cat.sids)
     pop = metrics.popularity_metrics(dataset.sequences, len(cat.item_ids), targets, split=split)
-    kind = engine.manifest["kind"]
+    kind = engine.manifest.kind
     res = {"name": system_name(kind, engine_path), "kind": kind, "path": str(engine_path),
            "split": split, "beams": beams, "metrics": m, "popularity": pop}
     return res, metrics.per_user(ranked_items, targets, 10)

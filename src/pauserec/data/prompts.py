@@ -99,6 +99,12 @@ class PromptSpec:
         """Whether graphs may embed any vocabulary token (cot rationales, text-assembled histories)."""
         return self.kind == "cot" or self.assembly == "text"
 
+    def embedded_ids(self) -> list[int]:
+        """Every token id the graphs of an ids-assembled direct/pause engine embed: SID codes, the ids around and
+        between items, padding and the fused suffix (the runtime feeds nothing else)."""
+        return sorted({*(t for level in self.sid_token_ids for t in level), *self.item_lead_ids, *self.item_tail_ids,
+                       *self.sep_ids, self.pad_id, self.eos_id, *self.suffix_ids})
+
     def sid_table(self) -> np.ndarray:
         """(L, max V) int64 table: token id of code c at level l (-1 beyond that level's size)."""
         table = np.full((self.levels, max(self.codebook_sizes)), -1, dtype=np.int64)

@@ -28,7 +28,8 @@ from pauserec.data.prompts import CARD_FILE, PromptEncoder, PromptSpec, Training
 from pauserec.errors import CheckpointError, ExportError
 
 # The engine-directory contract is owned by the runtime, which reads it; export writes to it.
-from pauserec.runtime.engine import CATALOG_FILE, FORMAT_VERSION, MANIFEST_FILE, sha256_file  # noqa: F401
+from pauserec.runtime.engine import CATALOG_FILE, MANIFEST_FILE, sha256_file
+from pauserec.runtime.manifest import Manifest, ModelInfo, Shapes, SidInfo
 
 from pauserec.runtime.engine import ITEMS_FILE, TOKENIZER_FILE  # noqa: E402
 
@@ -293,11 +294,11 @@ def write_json(path: Path, data: dict) -> None:
         os.fsync(f.fileno())
 
 
-def finish(stage: Path, manifest: dict) -> dict:
+def finish(stage: Path, manifest: Manifest) -> Manifest:
     """Checksums of every staged file go into the manifest, written last."""
     files = sorted(p for p in stage.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {**manifest, "files": {p.name: sha256_file(p) for p in files}}
-    write_json(stage / MANIFEST_FILE, manifest)
+    manifest = manifest.replace(files={p.name: sha256_file(p) for p in files})
+    manifest.write(stage)
     return manifest
 
 
@@ -318,40 +319,28 @@ def write_failure(out: Path, e: OSError) -> ExportError:
                        "the folder's permissions, then run pauserec-export again")
 
 
-def manifest_dict(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, static_env: dict | None, precision: str,
+def build_manifest(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, static_env: dict | None, precision: str,
                   backend: str, exporter: dict, source: Path, source_sha: str, validation: list, plans: dict,
-                  prefix: str = "fused") -> dict:
+                  prefix: str = "fused") -> Manifest:
     """The engine's manifest (without ``files``, which ``finish`` adds). ``prefix``: "fused" (the
     instruction prefix's KV is a graph constant) or "recomputed" (an ablation engine)."""
     import pauserec
 
-    kv = "float16" if precision == "fp16" else "float32"
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": spec.kind,
-        "pause_k": spec.pause_k if spec.kind == "pause" else 0,
-        "sid": {"levels": catalog.levels, "codebook_sizes": list(catalog.codebook_sizes),
-                "token_prefixes": list(catalog.token_prefixes)},
-        "prompt": spec.to_dict(),
-        "model": {"arch": dims.arch, "layers": dims.layers, "q_heads": dims.q_heads, "kv_heads": dims.kv_heads,
-                  "head_dim": dims.head_dim, "hidden": dims.hidden, "intermediate": dims.intermediate,
-                  "vocab": dims.vocab, "tied_embeddings": dims.tied},
-        "scoring": shape.scoring,
-        "graphs": {name: g.to_dict(kv) for name, g in graphs.items()},
-        "plans": plans,
-        "shapes": {
-            "static": static_env is not None, "max_history": spec.max_history,
-            "prefix_len": shape.prefix_len, "prefix": prefix, "suffix_len": shape.suffix_len,
-            "ctx_extra": shape.ctx_extra,
-            "beam_slots": shape.levels - 1, "first_width": shape.first_width, "next_width": shape.next_width,
-            **({"batch": static_env["batch"], "beams": static_env["beams"], "hist": static_env["hist"]}
-               if static_env else {}),
-        },
-        "precision": precision,
-        "kv_dtype": kv,
-        "backend": backend,
-        **exporter,
-        "source": {"checkpoint": source.name, "sha256": source_sha},
-        "validation": validation,
-        "pauserec_version": pauserec.__version__,
-    }
+    static = static_env or {}
+    return Manifest(
+        kind=spec.kind, pause_k=spec.pause_k if spec.kind == "pause" else 0,
+        sid=SidInfo(catalog.levels, tuple(catalog.codebook_sizes), tuple(catalog.token_prefixes)),
+        prompt=spec,
+        model=ModelInfo(arch=dims.arch, layers=dims.layers, q_heads=dims.q_heads, kv_heads=dims.kv_heads,
+                        head_dim=dims.head_dim, hidden=dims.hidden, intermediate=dims.intermediate, vocab=dims.vocab,
+                        tied_embeddings=dims.tied),
+        scoring=shape.scoring, graphs=dict(graphs), plans=dict(plans),
+        shapes=Shapes(static=static_env is not None, max_history=spec.max_history, prefix_len=shape.prefix_len,
+                      prefix=prefix, suffix_len=shape.suffix_len, ctx_extra=shape.ctx_extra, beam_slots=shape.levels - 1,
+                      first_width=shape.first_width, next_width=shape.next_width, batch=static.get("batch"),
+                      beams=static.get("beams"), hist=static.get("hist")),
+        precision=precision, kv_dtype="float16" if precision == "fp16" else "float32", backend=backend,
+        exporter=exporter["exporter"], opset=int(exporter["opset"]), torch=str(exporter["torch"]),
+        source={"checkpoint": source.name, "sha256": source_sha}, validation=list(validation),
+        pauserec_version=pauserec.__version__,
+    )

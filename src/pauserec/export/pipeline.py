@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.export import BACKENDS, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
+from pauserec.export.config import BACKENDS, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
 
 
 def _check_config(cfg: ExportConfig) -> None:
@@ -187,7 +187,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
                                                if quantized else [])
     if plan_ranking:
         validation.append({"graph": "engine", "case": "tensorrt vs onnx ranking sample", **plan_ranking})
-    manifest = bundle.finish(stage, bundle.manifest_dict(**common, precision=cfg.precision, backend=cfg.backend,
+    manifest = bundle.finish(stage, bundle.build_manifest(**common, precision=cfg.precision, backend=cfg.backend,
                                                          validation=validation, plans=plans))
     t0 = time.perf_counter()
     say("check", "load the engine with the runtime and recommend once")
@@ -202,7 +202,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     files = {p.name: p.stat().st_size for p in sorted(stage.iterdir()) if p.is_file()}
     return ExportReport(out=Path(cfg.out), kind=src.spec.kind, precision=cfg.precision, backend=cfg.backend,
                         static=cfg.static, files=files, checks=validate.summarize(checks), quantized=quantized,
-                        seconds=clock, manifest=manifest,
+                        seconds=clock, manifest=manifest.to_dict(),
                         prompt={k: v for k, v in prompt_check.items() if k not in ("histories", "prompts")})
 
 
@@ -314,7 +314,7 @@ def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate
     say("tensorrt", "plans vs the ONNX graphs on the validation cases")
     checks = validate_plans({n: stage / f for n, f in plans.items()}, onnx_files, specs, cfg.precision, validate_args)
     src.catalog.save(stage / bundle.CATALOG_FILE)
-    bundle.finish(stage, bundle.manifest_dict(**common, precision=cfg.precision, backend=cfg.backend, validation=[],
+    bundle.finish(stage, bundle.build_manifest(**common, precision=cfg.precision, backend=cfg.backend, validation=[],
                                               plans=plans))
     say("tensorrt", f"top-10 agreement of the plans with the ONNX engine on {cfg.quant_sample} users")
     ranking = _ranking_report(cfg, src, stage, stage, providers=("cpu", "tensorrt"))
@@ -348,7 +348,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     for folder, precision in ((fp32_dir, "fp32"), (stage, cfg.precision)):
         src.catalog.save(folder / bundle.CATALOG_FILE)
-        bundle.finish(folder, bundle.manifest_dict(**common, precision=precision, backend="onnx", validation=[],
+        bundle.finish(folder, bundle.build_manifest(**common, precision=precision, backend="onnx", validation=[],
                                                    plans={}))
     say(cfg.precision, f"top-10 agreement with fp32 on {cfg.quant_sample} users")
     report = _ranking_report(cfg, src, fp32_dir, stage)
@@ -423,13 +423,6 @@ def popularity_guard(engine_dir: Path, cfg: ExportConfig, src, say) -> dict | No
     return out
 
 
-def embedded_tokens(spec) -> list[int]:
-    """Every token id the graphs of an ids-assembled direct/pause engine embed: SID codes, the ids around
-    and between items, padding and the fused suffix."""
-    return sorted({*(t for level in spec.sid_token_ids for t in level), *spec.item_lead_ids, *spec.item_tail_ids,
-                   *spec.sep_ids, spec.pad_id, spec.eos_id, *spec.suffix_ids})
-
-
 @dataclass
 class BuiltGraphs:
     dims: object
@@ -450,7 +443,7 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True) -
     d = core.dims
     sid = [list(x) for x in spec.sid_token_ids]
     if not spec.embeds_any_token:  # history, suffix and SID tokens are all these graphs embed
-        core.restrict_embedding(embedded_tokens(spec) + ([] if fuse_prefix else list(spec.prefix_ids)))
+        core.restrict_embedding(spec.embedded_ids() + ([] if fuse_prefix else list(spec.prefix_ids)))
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
                        codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.prefix_ids),
                        suffix_len=len(spec.suffix_ids), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,

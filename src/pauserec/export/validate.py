@@ -314,9 +314,7 @@ def validate_graphs(refs: References, encoder: PromptEncoder, shape: ModelShape,
     if spec.embeds_any_token:  # any token may be embedded
         random_h = [list(rng.integers(0, shape.vocab, size=n)) for n in lens]
     else:  # direct/pause graphs embed only these tokens (the runtime feeds nothing else)
-        from pauserec.export.pipeline import embedded_tokens
-
-        allowed = np.array(embedded_tokens(spec))
+        allowed = np.array(spec.embedded_ids())
         random_h = [list(allowed[rng.integers(0, len(allowed), size=n)]) for n in lens]
     n_items = [spec.max_history, max(1, spec.max_history // 2), 1]
     real_h = [list(encoder(rng.integers(0, catalog.n_items, size=n))) for n in n_items]

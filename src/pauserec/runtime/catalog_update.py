@@ -31,6 +31,7 @@ from pauserec.data import Catalog
 from pauserec.errors import DataError, EngineError
 from pauserec.data.layout import read_item_fields
 from pauserec.runtime.engine import CATALOG_FILE, ITEMS_FILE, MANIFEST_FILE, read_manifest, sha256_file, verify_files
+from pauserec.runtime.manifest import Manifest
 
 REEXPORT_HINT = "export a new engine for this SID index (pauserec-export CHECKPOINT --index NEW.index.json --out DIR)"
 
@@ -67,14 +68,10 @@ def read_catalog(source: Catalog | str | Path) -> Catalog:
     return catalog_from_index(path, name)
 
 
-def fit_catalog(catalog: Catalog, manifest: dict[str, Any], engine: str | Path) -> Catalog:
+def fit_catalog(catalog: Catalog, manifest: Manifest, engine: str | Path) -> Catalog:
     """``catalog`` checked against what the engine's graphs were exported for (levels, token prefixes,
     codebook sizes), with the engine's codebook sizes; DataError saying what differs."""
-    sid = manifest.get("sid")
-    if not isinstance(sid, dict) or "codebook_sizes" not in sid:
-        raise EngineError(f"{engine}/{MANIFEST_FILE} has no 'sid' section (levels, codebook sizes); re-export it")
-    sizes = tuple(int(v) for v in sid["codebook_sizes"])
-    prefixes = tuple(sid.get("token_prefixes") or catalog.token_prefixes)
+    sizes, prefixes = manifest.sid.codebook_sizes, manifest.sid.token_prefixes
     what = f"catalog {catalog.name!r}" if catalog.name else "the new catalog"
     if catalog.levels != len(sizes):
         raise DataError(f"{what} has {catalog.levels} SID levels but engine {engine} was exported for {len(sizes)}; "
@@ -133,9 +130,9 @@ def update_catalog(engine: str | Path, source: Catalog | str | Path, out: str | 
                          unique_sids=new.trie.num_sids, catalog_sha256=digest)
 
 
-def _item_fields(path: Path, manifest: dict[str, Any], catalog: Catalog, items) -> dict[str, list[str]] | None:
+def _item_fields(path: Path, manifest: Manifest, catalog: Catalog, items) -> dict[str, list[str]] | None:
     """The item fields the engine's prompt renders, for every item of the new catalog (None: it renders none)."""
-    fields = tuple((manifest.get("prompt") or {}).get("fields") or ())
+    fields = manifest.prompt.fields
     if not fields:
         if items is not None:
             raise DataError(f"engine {path}'s prompt renders no item fields; drop --items")
@@ -147,7 +144,7 @@ def _item_fields(path: Path, manifest: dict[str, Any], catalog: Catalog, items) 
     return read_item_fields(Path(items) if items is not None else None, catalog, fields, known=known)
 
 
-def _stage(path: Path, stage: Path, catalog: Catalog, manifest: dict[str, Any], source,
+def _stage(path: Path, stage: Path, catalog: Catalog, manifest: Manifest, source,
            fields: dict[str, list[str]] | None = None) -> str:
     """The updated engine in ``stage``: links to every other file, the new catalog (and item fields), then the
     manifest."""
@@ -169,15 +166,9 @@ def _stage(path: Path, stage: Path, catalog: Catalog, manifest: dict[str, Any], 
         (stage / ITEMS_FILE).write_text(json.dumps(table, indent=1) + "\n")
         extra[ITEMS_FILE] = sha256_file(stage / ITEMS_FILE)
     origin = Path(source).name if isinstance(source, str | Path) else (catalog.name or "Catalog object")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise EngineError(f"{path / MANIFEST_FILE} lists no file checksums; re-export the engine")
-    updated = {**manifest, "files": {**files, CATALOG_FILE: digest, **extra},
-               "catalog": {"items": catalog.n_items, "unique_sids": catalog.trie.num_sids, "source": origin}}
-    with open(stage / MANIFEST_FILE, "w") as f:
-        f.write(json.dumps(updated, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    manifest.replace(files={**manifest.files, CATALOG_FILE: digest, **extra},
+                     catalog={"items": catalog.n_items, "unique_sids": catalog.trie.num_sids, "source": origin}
+                     ).write(stage)
     return digest
 
 

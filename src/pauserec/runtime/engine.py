@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -14,16 +13,12 @@ from pauserec.data.layout import read_item_fields
 from pauserec.data.prompts import PromptEncoder, PromptSpec
 from pauserec.errors import DataError, EngineError, PauserecError
 from pauserec.runtime.backends import open_sessions
-from pauserec.runtime.spec import DTYPES, GraphSpec
+from pauserec.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REEXPORT, Manifest  # noqa: F401
+from pauserec.runtime.spec import DTYPES
 
-# 2: one weights.bin shared by the graphs, scoring rule; 3: decode returns the new beam-KV slot;
-# 4: the prompt as data (fused prefix/suffix ids, ids or text history assembly, token budget)
-FORMAT_VERSION = 4
-MANIFEST_FILE = "manifest.json"
 CATALOG_FILE = "catalog.npz"
 TOKENIZER_FILE = "tokenizer.json"  # text-assembled prompts only
 ITEMS_FILE = "items.json"  # item fields a text-assembled prompt renders ({item_id: {field: value}})
-REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
 
 
 def sha256_file(path: Path) -> str:
@@ -34,30 +29,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """manifest.json of an engine directory, its version checked; EngineError naming the fix."""
-    redo = REEXPORT.format(path=path)
-    f = path / MANIFEST_FILE
-    if not path.is_dir():
-        raise EngineError(f"engine directory {path} not found; create it with `{redo}`")
-    if not f.is_file():
-        raise EngineError(f"{path} has no {MANIFEST_FILE}: not an engine directory (or an interrupted export); "
-                          f"create it with `{redo}`")
-    try:
-        manifest = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{f} is not valid JSON ({e}); re-export the engine with `{redo}`") from e
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise EngineError(f"{path} has engine format version {version!r}; this pauserec reads version "
-                          f"{FORMAT_VERSION}. Re-export it with `{redo}`")
-    return manifest
+def read_manifest(path: Path) -> Manifest:
+    """The typed manifest of an engine directory, its version checked; EngineError naming the fix."""
+    return Manifest.read(Path(path))
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+def verify_files(path: Path, manifest: Manifest) -> None:
     """Every file listed in the manifest exists and has its recorded sha256."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
+    files = manifest.files
+    if not files:
         raise EngineError(f"{path / MANIFEST_FILE} lists no file checksums; re-export with `{REEXPORT.format(path=path)}`")
     for name, digest in files.items():
         f = path / name
@@ -91,28 +71,22 @@ def prompt_encoder(path: Path, spec: PromptSpec, catalog: Catalog) -> PromptEnco
 class Engine:
     """A loaded engine: prompt spec, catalog, shapes and the graphs on one backend."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], catalog: Catalog, sessions: dict, provider: str) -> None:
+    def __init__(self, path: Path, manifest: Manifest, catalog: Catalog, sessions: dict, provider: str) -> None:
         self.path, self.manifest, self.catalog, self.sessions, self.provider = path, manifest, catalog, sessions, provider
-        try:
-            self.prompt = PromptSpec.from_dict(manifest["prompt"])
-            shapes, model = manifest["shapes"], manifest["model"]
-            self.kind: str = manifest["kind"]
-            self.scoring: str = manifest["scoring"]
-            self.kv_dtype = DTYPES[manifest["kv_dtype"]]
-            self.static: bool = bool(shapes["static"])
-            self.static_batch: int | None = shapes.get("batch")
-            self.static_beams: int | None = shapes.get("beams")
-            self.static_hist: int | None = shapes.get("hist")
-            self.suffix_len: int = int(shapes["suffix_len"])
-            self.ctx_extra: int = int(shapes["ctx_extra"])
-            self.layers, self.kv_heads, self.head_dim = int(model["layers"]), int(model["kv_heads"]), int(model["head_dim"])
-        except (KeyError, TypeError, ValueError, PauserecError) as e:
-            raise EngineError(f"{path / MANIFEST_FILE} is incomplete ({e!r}); re-export with "
-                              f"`{REEXPORT.format(path=path)}`") from e
+        shapes, model = manifest.shapes, manifest.model
+        self.prompt: PromptSpec = manifest.prompt
+        self.kind: str = manifest.kind
+        self.scoring: str = manifest.scoring
+        self.kv_dtype = DTYPES[manifest.kv_dtype]
+        self.static: bool = shapes.static
+        self.static_batch: int | None = shapes.batch
+        self.static_beams: int | None = shapes.beams
+        self.static_hist: int | None = shapes.hist
+        self.suffix_len: int = shapes.suffix_len
+        self.ctx_extra: int = shapes.ctx_extra
+        self.layers, self.kv_heads, self.head_dim = model.layers, model.kv_heads, model.head_dim
         if catalog.levels != self.levels:
             raise EngineError(f"{path}: catalog has {catalog.levels} SID levels, the manifest {self.levels}; re-export it")
-        if self.scoring not in ("full", "sid"):
-            raise EngineError(f"{path}: unknown scoring rule {self.scoring!r}; re-export with `{REEXPORT.format(path=path)}`")
         self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
         self.encoder = prompt_encoder(path, self.prompt, catalog)
         self.ops = None  # device steps override (see device_ops)
@@ -148,18 +122,15 @@ class Engine:
                 catalog = Catalog.load(path / CATALOG_FILE)
             except PauserecError as e:
                 raise EngineError(f"{path}: {e}") from e
-        graphs = {name: GraphSpec.from_manifest(name, d) for name, d in manifest.get("graphs", {}).items()}
-        if "prefill" not in graphs:
-            raise EngineError(f"{path / MANIFEST_FILE} declares no prefill graph; re-export with `{REEXPORT.format(path=path)}`")
         if prepack is None:
-            prepack = manifest.get("precision") == "int4"
-        used, sessions = open_sessions(path, graphs, manifest.get("plans") or {}, provider, threads, prepack)
+            prepack = manifest.precision == "int4"
+        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack)
         return cls(path, manifest, catalog, sessions, used)
 
     # -- shapes -----------------------------------------------------------------------------------
     @property
     def levels(self) -> int:
-        return int(self.manifest["sid"]["levels"])
+        return self.manifest.sid.levels
 
     @property
     def max_history(self) -> int:
@@ -208,5 +179,5 @@ class Engine:
 
     def __repr__(self) -> str:
         shape = f"static B={self.static_batch} K={self.static_beams}" if self.static else "dynamic"
-        return (f"Engine({str(self.path)!r}, kind={self.kind}, levels={self.levels}, {self.manifest.get('precision')}, "
+        return (f"Engine({str(self.path)!r}, kind={self.kind}, levels={self.levels}, {self.manifest.precision}, "
                 f"{shape}, provider={self.provider})")
