@@ -5,7 +5,7 @@ Implementations, each timed through the path a caller takes:
 - ``cpu``: the C++ kernel on host arrays (what ``impl="auto"`` runs for host arrays);
 - ``cuda-oneshot``: ``impl="cuda"`` on host arrays: trie, inputs and outputs copied every call;
 - ``cuda-resident``: ``DeviceTrie.topk`` on host arrays: the trie resident, inputs/outputs copied;
-- ``cuda-device``: ``DeviceTrie.topk_device`` on device buffers, what ``DeviceBeamSearch`` runs
+- ``cuda-device``: ``DeviceTrie.topk_device`` on device buffers, what the device search (``CudaOps``) runs
   between decode steps (launch + one 4-byte status read + stream sync; no other copy).
 
 Cells: level 2 of the bench's random catalogs (``typical`` 4,096 items, ``dense`` 65,536 items; 4 levels

@@ -3,7 +3,7 @@ against HF ``generate(prefix_allowed_tokens_fn=trie)`` on the same GPU, one run,
 
 Every system sees the same users (seeded random catalog histories) in the same batches, systems
 interleaved inside each iteration; the report gives p50/p95/p99 batch latency, per-user time,
-throughput, which search ran (``device``: DeviceBeamSearch, KV and log-probs on the GPU; ``host``:
+throughput, which search ran (``device``: the search with CudaOps, KV and log-probs on the GPU; ``host``:
 the host loop) and the pause vs cot reduction per provider and batch size (the paper: -71.3 %, A100,
 fp16, batch 16). A system that cannot run here (no CUDA EP, no TensorRT, no CUDA torch) is listed
 under ``skipped`` with the reason instead of failing the run.

@@ -5,11 +5,12 @@ Runtime ``OrtValue`` on "cuda" (IO-binding outputs), this package's ``DeviceArra
 (``pauserec._trie_topk_cuda``), a TensorRT output kept on the device, or any object with
 ``__cuda_array_interface__`` (CuPy, PyTorch, Numba). All must be C-contiguous.
 
-:class:`CudaOps` is what :class:`pauserec.runtime.device_search.DeviceBeamSearch` does between graph
-calls on the GPU: the trie-masked top-k against a resident trie, writing a new KV slot, reordering
-the beams' KV, turning tokens into the next codes. :class:`HostOps` does the same on host memory
-with the NumPy reference: a stand-in that lets CPU-only machines test the device search's control
-flow (which buffers stay where, shapes, dtypes) against the host search.
+:class:`CudaOps` is what :class:`pauserec.runtime.beam.BeamSearch` does between graph calls when the
+graphs run on the GPU: the trie-masked top-k against a resident trie, writing a new KV slot,
+reordering the beams' KV, turning tokens into the next codes (``ArrayOps`` in ``beam.py`` does them on
+host arrays). :class:`HostOps` does the device steps on host memory with the NumPy reference: a
+stand-in that lets CPU-only machines test the device path's control flow (which buffers stay where,
+shapes, dtypes) against the host search.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class CudaOps:
     """Beam-search steps on CUDA device memory (``pauserec._trie_topk_cuda``); every call synchronises."""
 
     device = "cuda"
+    resident = True  # the graphs keep their outputs on the device
+    slices = True  # think steps read device views of the written context prefix (no copy)
 
     def __init__(self, mod) -> None:
         self.mod = mod
@@ -110,6 +113,12 @@ class CudaOps:
 
     def download(self, value) -> np.ndarray:
         return download(value)
+
+    def shape(self, value) -> tuple[int, ...]:
+        return value_shape(value)
+
+    def own(self, value):
+        return value  # device values stay where they are
 
     # -- the trie --
     def trie(self, offsets, tokens, children):
@@ -233,6 +242,8 @@ class HostOps:
     Values are :class:`HostValue` or CPU OrtValues (what IO-bound CPU sessions return)."""
 
     device = "cpu"
+    resident = True
+    slices = True
 
     @staticmethod
     def _np(v) -> np.ndarray:
@@ -249,6 +260,12 @@ class HostOps:
 
     def download(self, value) -> np.ndarray:
         return self._np(value).copy()
+
+    def shape(self, value) -> tuple[int, ...]:
+        return value_shape(value)
+
+    def own(self, value):
+        return value  # device values stay where they are
 
     def trie(self, offsets, tokens, children):
         return (offsets, tokens, children)
@@ -275,3 +292,15 @@ class HostOps:
 
     def codes(self, tokens):
         return HostValue(np.maximum(self._np(tokens), 0).astype(np.int64))
+
+
+def value_shape(value) -> tuple[int, ...]:
+    """Shape of a device value (or a host array)."""
+    if isinstance(value, np.ndarray):
+        return value.shape
+    if isinstance(value, HostValue):
+        return value.array.shape
+    view = device_view(value)
+    if view is not None:
+        return view.shape
+    return tuple(value.shape())  # a CPU OrtValue

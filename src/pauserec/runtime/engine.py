@@ -161,7 +161,7 @@ class Engine:
         return out["logprobs"], out["new_key"], out["new_value"]
 
     def device_ops(self):
-        """The device steps for a GPU-resident search (``DeviceBeamSearch``), or None: the host loop.
+        """The device steps of a GPU-resident search (``BeamSearch`` with ``CudaOps``), or None: host arrays.
 
         Set when the graphs run on a GPU (cuda, tensorrt) and the CUDA top-k can use it; with a GPU
         backend but no usable CUDA top-k the host loop runs (context KV still on the device).

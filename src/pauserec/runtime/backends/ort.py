@@ -3,7 +3,7 @@
 CPU sessions run plain ``session.run`` on host arrays. CUDA sessions always use IO binding: feeds
 that are device values (OrtValues on "cuda", ``DeviceArray``, any ``__cuda_array_interface__``) are
 bound in place, host arrays are copied in, and the outputs named in ``keep`` stay on the GPU as
-OrtValues (the context KV always; with ``DeviceBeamSearch`` also log-probs and the new KV slots).
+OrtValues (the context KV always; with device steps (``CudaOps``) also log-probs and the new KV slots).
 A CUDA session whose ``get_providers()`` does not start with CUDAExecutionProvider is refused:
 onnxruntime-gpu falls back to the CPU silently otherwise.
 """

@@ -3,7 +3,7 @@
 Host feeds are copied to per-tensor device buffers (allocated once per tensor and reused); feeds
 that are already on the device (``TrtTensor``, ``DeviceArray``, ORT CUDA OrtValues, any
 ``__cuda_array_interface__``) are bound by address. Outputs named in ``keep`` stay on the device as
-a :class:`TrtTensor` that owns its buffer (the context KV, and with ``DeviceBeamSearch`` log-probs
+a :class:`TrtTensor` that owns its buffer (the context KV, and with device steps (``CudaOps``) log-probs
 and new KV slots); every other output comes back to the host. Loading checks each plan's tensor
 names, dtypes and fixed dims against the manifest.
 """
