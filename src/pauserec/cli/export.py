@@ -47,6 +47,8 @@ def export(
     data: Path = typer.Option(None, "--data", help="Dataset folder: reduced precisions' Hit@10 change is measured "
                               "on its test split."),
     sample: int = typer.Option(64, "--sample", min=1, help="Users in the reduced-precision ranking comparison."),
+    prompt_sample: int = typer.Option(64, "--prompt-sample", min=1, help="Users whose prompt ids must equal the "
+                                      "checkpoint's own HF tokenizer's."),
     check_users: int = typer.Option(8, "--check-users", min=0, help="Users whose top-10 must equal HF generate + "
                                     "trie on prompts built by the checkpoint's own tokenizer (0: skip)."),
     guard_users: int = typer.Option(500, "--guard-users", min=0, help="With --data: test users of the Hit@10 "
@@ -63,7 +65,7 @@ def export(
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
                        scoring=scoring, min_agreement=min_agreement, quant_sample=sample,
                        fuse_prefix=not recompute_prefix, prompt=prompt, index=index, items=items, base=base,
-                       check_users=check_users, guard_users=guard_users)
+                       check_users=check_users, guard_users=guard_users, prompt_sample=prompt_sample)
     t0 = time.perf_counter()
 
     def progress(stage: str, detail: str) -> None:

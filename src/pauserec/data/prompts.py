@@ -215,6 +215,8 @@ class PromptEncoder:
         self.spec, self.catalog = spec, catalog
         if spec.assembly == "ids":
             self.rows = spec.item_rows(catalog.sids)  # (n_items, item_width)
+            self.keep = spec.items_that_fit(spec.max_history)  # most recent items kept (item and token budgets)
+            self.cut = len(spec.sep_ids)  # the last item's separator is not part of the history
             return
         if tokenizer is None:
             raise CheckpointError("this prompt is assembled from text and needs the checkpoint's tokenizer.json")
@@ -237,12 +239,12 @@ class PromptEncoder:
 
     def many(self, histories: Sequence[np.ndarray]) -> list[np.ndarray]:
         spec = self.spec
-        if spec.assembly == "ids":
-            out = []
-            for h in histories:
-                h = np.asarray(h, np.int64)
-                out.append(spec.join_rows(self.rows[h[len(h) - spec.items_that_fit(len(h)):]]))
-            return out
+        if spec.assembly == "ids":  # the hot path: one gather per user
+            keep, cut, rows = self.keep, self.cut, self.rows
+            hs = [h if len(h) <= keep else h[-keep:] for h in map(np.asarray, histories)]
+            if cut:
+                return [rows[h].reshape(-1)[:-cut] for h in hs]
+            return [rows[h].reshape(-1) for h in hs]
         kept = [np.asarray(h, np.int64)[-spec.max_history:] for h in histories]
         ids = self._text_ids(kept)
         for i, h in enumerate(kept):  # drop the oldest items until the history fits its token budget
