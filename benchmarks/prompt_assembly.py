@@ -43,7 +43,6 @@ def stats(xs: list[float]) -> dict:
 def measure(a) -> dict:
     import numpy as np
 
-    import pauserec
     from pauserec.bench.env import environment
     from pauserec.export import ExportConfig, export_engine
     from pauserec.runtime import Engine, Recommender
@@ -70,7 +69,7 @@ def measure(a) -> dict:
         t0 = time.perf_counter()
         res = rec.recommend(histories, k=10, beams=a.beams)
         total.append((time.perf_counter() - t0) / len(histories) * 1e3)
-    return {"pauserec_version_src": str(Path(pauserec.__file__).parent), "engine": str(out),
+    return {"pauserec_version_src": "--src checkout" if a.src else "installed", "engine": out.name,
             "format_version": json.loads((out / "manifest.json").read_text())["format_version"],
             "users": a.users, "history_items": a.history, "batch": a.batch, "beams": a.beams, "threads": a.threads,
             "assembly_us_per_user": stats(assembly), "recommend_ms_per_user": stats(total),

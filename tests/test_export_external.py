@@ -407,3 +407,21 @@ def test_popularity_guard_warns_when_the_model_is_no_better(scientific, tmp_path
     assert "no better than popularity" in guard["warning"]
     assert any(stage == "WARNING" and "no better than popularity" in detail for stage, detail in said)
     assert report.manifest["prompt"]["assembly"] == "ids" and report.manifest["sid"]["codebook_sizes"] == [256] * 4
+
+
+def test_export_cli_with_a_preset(tmp_path):
+    """pauserec-export CKPT --prompt PRESET --index INDEX: the thin CLI over export_engine, with its report."""
+    from typer.testing import CliRunner
+
+    from pauserec.cli.export import app
+
+    ckpt, _, _ = _setup(tmp_path, "cli", ("a", "b", "c"), "llama")
+    out = tmp_path / "engine"
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(out), "--prompt", "lc-rec:3", "--index",
+                                   str(tmp_path / "cli.index.json"), "--check-users", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["prompt"]["hf_generate"]["identical_top10"] and report["prompt"]["identical"] == 64
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "e2"), "--prompt", "onerec-think", "--index",
+                                   str(tmp_path / "cli.index.json")])
+    assert res.exit_code == 2 and "--kind" in res.output
