@@ -91,14 +91,15 @@ class PerBeamContext:
         """None: the host beam loop, which calls this wrapper's prefill/decode (a device loop would not)."""
         return None
 
-    def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray):
+    def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray, device: bool = False):
+        # device: always False here (device_ops is None: the search runs on host arrays)
         if not self._expand:
             return self._e.prefill(history_ids, history_mask)
         k = self._k
         lp, key, value = self._e.prefill(np.repeat(history_ids, k, axis=0), np.repeat(history_mask, k, axis=0))
         return lp[::k], self._e.to_numpy(key), self._e.to_numpy(value)  # KV: (layers, B*K, Hkv, C, D)
 
-    def decode(self, codes, step, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
+    def decode(self, codes, step, ctx_key, ctx_value, ctx_mask, beam_key, beam_value, device: bool = False):
         b, k = codes.shape  # (B, K)
         key, value = self._e.to_numpy(ctx_key), self._e.to_numpy(ctx_value)
         if key.shape[1] == b:  # shared per user -> one copy per beam (copied again at every step)
