@@ -120,7 +120,9 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
         f"): {len(spec.prefix_ids)} prefix + {len(spec.suffix_ids)} suffix ids fused, history assembled from "
         f"{spec.assembly}, at most {spec.max_history} items / {spec.max_history_tokens} ids")
     check_finite(src.model)
+    t1 = time.perf_counter()
     prompt_check = check_prompts(cfg, src)
+    clock["prompt_check"] = time.perf_counter() - t1
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
     built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix)
     specs = graph_specs(built.shape)
@@ -147,7 +149,9 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     static_env = env["decode" if "decode" in specs else "prefill"] if env else None
     refs = validate.collect_references(src.model, src.encoder, built.shape, list(specs), static_env,
                                        cfg.seed, cfg.threads)
+    t1 = time.perf_counter()
     hf_top = hf_reference_topk(cfg, src, prompt_check, say)
+    clock["hf_generate"] = time.perf_counter() - t1
     dims, shape = built.dims, built.shape
     refs.release_model()  # the HF weights go before the engine's are mapped: never both resident
     src.model, built = None, None
@@ -195,7 +199,9 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     if hf_top is not None:
         say("check", f"the engine's top-10 against HF generate + trie on {len(hf_top['histories'])} HF-built prompts")
         prompt_check["hf_generate"] = compare_with_hf(stage, cfg, hf_top)
+    t1 = time.perf_counter()
     guard = popularity_guard(stage, cfg, src, say)
+    clock["guard"] = time.perf_counter() - t1
     if guard is not None:
         prompt_check["popularity_guard"] = guard
     clock["check"] = time.perf_counter() - t0
