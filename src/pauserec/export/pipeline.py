@@ -242,11 +242,17 @@ def hf_reference_topk(cfg: ExportConfig, src, prompt_check: dict, say) -> dict |
         return None
     from pauserec.bench.baseline_hf import HFBaseline
 
+    import numpy as np
+
     n = min(cfg.check_users, len(prompt_check["histories"]))
     beams = cfg.beams or 20
-    say("reference", f"HF generate + trie on {n} users (beam {beams})")
-    res = HFBaseline.from_parts(src.model, src.spec, src.catalog).recommend_prompts(prompt_check["prompts"][:n], 10, beams)
-    return {"histories": prompt_check["histories"][:n], "items": res.item_index, "scores": res.scores, "beams": beams}
+    say("reference", f"HF generate + trie on {n} users (beam {beams}), one user at a time")
+    hf = HFBaseline.from_parts(src.model, src.spec, src.catalog)
+    # One user per call: generate repeats each prompt per beam before its prefill, and holds full-vocabulary
+    # logits of every prompt position; batching users multiplies that memory (9 GB at Qwen3-0.6B for 8 users).
+    res = [hf.recommend_prompts([p], 10, beams) for p in prompt_check["prompts"][:n]]
+    return {"histories": prompt_check["histories"][:n], "items": np.concatenate([r.item_index for r in res]),
+            "scores": np.concatenate([r.scores for r in res]), "beams": beams}
 
 
 def compare_with_hf(engine_dir: Path, cfg: ExportConfig, ref: dict, atol: float = 1e-3) -> dict:
