@@ -196,10 +196,14 @@ class PromptLayout:
     def sid_text(self, prefixes, codes) -> str:
         return "".join(fill(self.sid_token, {"prefix": p, "code": str(int(c))}) for p, c in zip(prefixes, codes))
 
+    def history_text(self, items: list[dict[str, str]]) -> str:
+        """What ``{history}`` becomes: ``items`` (the kept history items' fields: ``sid`` + file fields), each
+        rendered by ``item`` with its 1-based position ``n``, joined by ``separator``."""
+        return self.separator.join(fill(self.item, {**it, "n": str(i + 1)}) for i, it in enumerate(items))
+
     def render(self, segments: tuple[str, ...], items: list[dict[str, str]], pause_k: int = 0) -> list[str]:
-        """Text segments of one prompt: ``items`` are the kept history items' fields (``sid`` + file fields)."""
-        rendered = [fill(self.item, {**it, "n": str(i + 1)}) for i, it in enumerate(items)]
-        history = self.separator.join(rendered)
+        """Text segments of one prompt (``items`` as for ``history_text``)."""
+        history = self.history_text(items)
         pauses = (self.pause_token or "") * int(pause_k)
         return [s.replace(HISTORY, history).replace(PAUSES, pauses) for s in segments]
 

@@ -131,17 +131,16 @@ class PromptSpec:
         flat = np.asarray(rows, np.int64).reshape(-1)
         return flat[: len(flat) - len(self.sep_ids)] if len(flat) else flat
 
-    def items_that_fit(self, n: int) -> int:
-        """ids assembly: how many of ``n`` history items the item and token budgets keep."""
-        per = self.item_width
-        fit = (self.max_history_tokens + len(self.sep_ids)) // per if per else n
-        return max(1, min(n, self.max_history, fit))
+    @property
+    def kept_items(self) -> int:
+        """ids assembly: the most recent history items the item and token budgets keep."""
+        fit = (self.max_history_tokens + len(self.sep_ids)) // self.item_width
+        return max(1, min(self.max_history, fit))
 
     def history_ids(self, history_codes: np.ndarray) -> np.ndarray:
         """ids assembly: SID codes of the history items (n, L) -> the history ids, truncated to the budget."""
         codes = np.asarray(history_codes, dtype=np.int64).reshape(-1, self.levels)
-        codes = codes[len(codes) - self.items_that_fit(len(codes)):]
-        return self.join_rows(self.item_rows(codes))
+        return self.join_rows(self.item_rows(codes[-self.kept_items:]))
 
     def prompt_ids(self, history_codes: np.ndarray) -> np.ndarray:
         """ids assembly: the full prompt up to (and including) the constant suffix."""
@@ -215,8 +214,7 @@ class PromptEncoder:
         self.spec, self.catalog = spec, catalog
         if spec.assembly == "ids":
             self.rows = spec.item_rows(catalog.sids)  # (n_items, item_width)
-            self.keep = spec.items_that_fit(spec.max_history)  # most recent items kept (item and token budgets)
-            self.cut = len(spec.sep_ids)  # the last item's separator is not part of the history
+            self.keep = spec.kept_items
             return
         if tokenizer is None:
             raise CheckpointError("this prompt is assembled from text and needs the checkpoint's tokenizer.json")
@@ -239,12 +237,9 @@ class PromptEncoder:
 
     def many(self, histories: Sequence[np.ndarray]) -> list[np.ndarray]:
         spec = self.spec
-        if spec.assembly == "ids":  # the hot path: one gather per user
-            keep, cut, rows = self.keep, self.cut, self.rows
-            hs = [h if len(h) <= keep else h[-keep:] for h in map(np.asarray, histories)]
-            if cut:
-                return [rows[h].reshape(-1)[:-cut] for h in hs]
-            return [rows[h].reshape(-1) for h in hs]
+        if spec.assembly == "ids":  # the hot path: one gather per user, the same join as history_ids
+            keep, rows = self.keep, self.rows
+            return [spec.join_rows(rows[h[-keep:]]) for h in map(np.asarray, histories)]
         kept = [np.asarray(h, np.int64)[-spec.max_history:] for h in histories]
         ids = self._text_ids(kept)
         for i, h in enumerate(kept):  # drop the oldest items until the history fits its token budget

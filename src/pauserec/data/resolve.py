@@ -143,9 +143,9 @@ def _try_ids(base, layout: PromptLayout, tok, prompts, probes, first, last, sid_
         sep = y[start: second - len(lead)] if second >= start + len(lead) else []
     spec = PromptSpec(**base, prefix_ids=tuple(prefix), suffix_ids=tuple(suffix), item_lead_ids=tuple(lead),
                       item_tail_ids=tuple(tail), sep_ids=tuple(sep), assembly="ids", max_history_tokens=1 << 30)
-    for x, h in zip(prompts, probes):
-        if spec.prompt_ids(catalog.sids[np.asarray(h, np.int64)]).tolist() != x:
-            return None
+    encoder = PromptEncoder(spec, catalog)  # what the runtime will assemble, against every probe
+    if any(encoder.full(h).tolist() != x for x, h in zip(prompts, probes)):
+        return None
     return spec
 
 

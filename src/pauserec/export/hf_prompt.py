@@ -86,20 +86,13 @@ def reference_ids(layout: PromptLayout, hf_tok, kind: str, pause_k: int, history
 
 def _hf_ids(layout, hf_tok, kind, pause_k, items) -> list[int]:
     if layout.chat is not None:
-        history = layout.separator.join(_item_texts(layout, items))
-        segments = [_chat_text(layout, hf_tok, history)]
+        segments = [_chat_text(layout, hf_tok, layout.history_text(items))]
     else:
         segments = layout.render(layout.segments(kind), items, pause_k)
     ids = [hf_tok.bos_token_id] if layout.bos and hf_tok.bos_token_id is not None else []
     for seg in segments:
         ids += list(hf_tok(seg, add_special_tokens=layout.add_special_tokens)["input_ids"])
     return ids
-
-
-def _item_texts(layout, items):
-    from pauserec.data.layout import fill
-
-    return [fill(layout.item, {**it, "n": str(i + 1)}) for i, it in enumerate(items)]
 
 
 def check_prompts(encoder, layout: PromptLayout, hf_tok, catalog, histories: list[np.ndarray],

@@ -195,12 +195,13 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
                                                          validation=validation, plans=plans))
     t0 = time.perf_counter()
     say("check", "load the engine with the runtime and recommend once")
-    smoke_test(stage, src, cfg)
+    rec = smoke_test(stage, src, cfg)  # the staged engine, loaded once for every check below
     if hf_top is not None:
         say("check", f"the engine's top-10 against HF generate + trie on {len(hf_top['histories'])} HF-built prompts")
-        prompt_check["hf_generate"] = compare_with_hf(stage, cfg, hf_top)
+        prompt_check["hf_generate"] = compare_with_hf(rec, hf_top)
     t1 = time.perf_counter()
-    guard = popularity_guard(stage, cfg, src, say)
+    guard = popularity_guard(rec, cfg, src, say)
+    del rec
     clock["guard"] = time.perf_counter() - t1
     if guard is not None:
         prompt_check["popularity_guard"] = guard
@@ -255,15 +256,13 @@ def hf_reference_topk(cfg: ExportConfig, src, prompt_check: dict, say) -> dict |
             "scores": np.concatenate([r.scores for r in res]), "beams": beams}
 
 
-def compare_with_hf(engine_dir: Path, cfg: ExportConfig, ref: dict, atol: float = 1e-3) -> dict:
-    """The engine's top-10 must equal HF's, up to the order of items whose scores tie within ``atol``."""
+def compare_with_hf(rec, ref: dict, atol: float = 1e-3) -> dict:
+    """The engine's (``rec``: a Recommender) top-10 must equal HF's, up to the order of items whose scores tie
+    within ``atol``."""
     import numpy as np
 
-    from pauserec.runtime import Engine, Recommender
-
-    engine = Engine.load(engine_dir, provider="cpu", threads=cfg.threads)
-    ids = engine.catalog.item_ids
-    out = Recommender(engine).recommend([[ids[int(i)] for i in h] for h in ref["histories"]], k=10, beams=ref["beams"])
+    ids = rec.catalog.item_ids
+    out = rec.recommend([[ids[int(i)] for i in h] for h in ref["histories"]], k=10, beams=ref["beams"])
     for u in range(len(ref["histories"])):
         if not same_top(out.item_index[u], out.scores[u], ref["items"][u], ref["scores"][u], atol):
             show = lambda items, scores: ", ".join(f"{ids[int(i)]}:{s:.4f}" for i, s in zip(items, scores) if i >= 0)  # noqa: E731
@@ -295,8 +294,9 @@ def same_top(a_items, a_scores, b_items, b_scores, atol: float) -> bool:
     return all(abs(sa[i] - sb[i]) <= atol for i in set(sa) & set(sb))
 
 
-def smoke_test(engine_dir: Path, src, cfg: ExportConfig) -> None:
-    """The staged engine loads with the runtime (checksums verified) and recommends valid items."""
+def smoke_test(engine_dir: Path, src, cfg: ExportConfig):
+    """The staged engine loads with the runtime (checksums verified) and recommends valid items; returns its
+    ``Recommender`` for the checks that follow."""
     import numpy as np
 
     from pauserec.errors import PauserecError
@@ -312,6 +312,7 @@ def smoke_test(engine_dir: Path, src, cfg: ExportConfig) -> None:
                           "checkpoint's config.json") from e
     if out.item_index[0, 0] < 0 or not np.isfinite(out.scores[0, 0]):
         raise ExportError("the exported engine recommends nothing valid for a catalog history; nothing was written")
+    return Recommender(engine)
 
 
 def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate_args: dict, say):
@@ -383,7 +384,7 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, provide
     ids = src.catalog.item_ids
     targets = None
     if cfg.data is not None:
-        histories, targets, _ = test_sample(cfg, src, n)
+        histories, targets, _ = test_split_sample(cfg, src, n)
     else:
         rng = np.random.default_rng(cfg.seed)
         histories = [[ids[i] for i in rng.integers(0, len(ids), size=int(rng.integers(1, src.spec.max_history + 1)))]
@@ -391,7 +392,7 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, provide
     return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20, providers=providers)
 
 
-def test_sample(cfg: ExportConfig, src, n: int) -> tuple[list[list[str]], list[str], object]:
+def test_split_sample(cfg: ExportConfig, src, n: int) -> tuple[list[list[str]], list[str], object]:
     """``n`` seeded users of ``--data``'s test split: histories and targets as item ids, and the dataset."""
     import numpy as np
 
@@ -409,7 +410,7 @@ def test_sample(cfg: ExportConfig, src, n: int) -> tuple[list[list[str]], list[s
     return [[ids[i] for i in test.histories[p]] for p in pick], [ids[int(test.targets[p])] for p in pick], ds
 
 
-def popularity_guard(engine_dir: Path, cfg: ExportConfig, src, say) -> dict | None:
+def popularity_guard(rec, cfg: ExportConfig, src, say) -> dict | None:
     """With ``--data``: the engine's Hit@10 on a test sample against the most popular items', a warning when the
     model is no better (a prompt that is not the one it was trained with, say). None without ``--data``."""
     if cfg.data is None or cfg.guard_users < 1:
@@ -417,13 +418,11 @@ def popularity_guard(engine_dir: Path, cfg: ExportConfig, src, say) -> dict | No
     import numpy as np
 
     from pauserec.metrics import popularity_ranking
-    from pauserec.runtime import Engine, Recommender
 
-    histories, targets, ds = test_sample(cfg, src, cfg.guard_users)
+    histories, targets, ds = test_split_sample(cfg, src, cfg.guard_users)
     say("guard", f"Hit@10 against popularity on {len(targets)} test users of {cfg.data}")
     popular = {ds.catalog.item_ids[i] for i in popularity_ranking(ds.sequences, ds.catalog.n_items, "test", 10)}
-    engine = Engine.load(engine_dir, provider="cpu", threads=cfg.threads, verify=False)
-    got = Recommender(engine).recommend(histories, k=10, beams=cfg.beams or 20)
+    got = rec.recommend(histories, k=10, beams=cfg.beams or 20)
     hit = float(np.mean([t in set(row) for t, row in zip(targets, got.items.tolist())]))
     pop = float(np.mean([t in popular for t in targets]))
     out = {"users": len(targets), "hit10": hit, "popularity_hit10": pop}
