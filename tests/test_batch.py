@@ -180,8 +180,80 @@ def test_a_full_disk_stops_the_job(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(batch, "_write_lines", full)
-    with pytest.raises(JobError, match="disk is full"):
+    with pytest.raises(JobError, match="stopped at input rows from 0: the disk is full"):
         run_batch(cfg_for(tmp_path, batch_size=4), FakeRecommender())
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_full_disk_while_merging_says_so_and_closes_the_output(tmp_path, monkeypatch, fmt):
+    import errno
+
+    from pauserec.runtime import batch
+
+    write_users(tmp_path / "users.jsonl", n=20)
+    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / f"recs.{fmt}", batch_size=4)
+    real = os.fsync
+
+    def fsync(fd):  # the merged files are fsynced before their rename: the disk fills up there
+        if ".recs." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(batch.os, "fsync", fsync)
+    with pytest.raises(JobError, match=r"while merging the parts into the output .*disk is full") as e:
+        run_batch(cfg, FakeRecommender())
+    assert "first row" not in str(e.value)  # was: "stopped before its first row" after 20 rows
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [f for f in open_files if ".recs." in f]  # the merge's writers were closed
+    assert not list(tmp_path.glob(".recs.*.tmp-*"))
+    monkeypatch.setattr(batch.os, "fsync", real)
+    assert run_batch(BatchConfig(input=cfg.input, output=cfg.output, batch_size=4, resume=True),
+                     FakeRecommender()).skipped_done == 20
+
+
+def test_one_writer_per_output(tmp_path):
+    import threading
+
+    write_users(tmp_path / "users.jsonl", n=60)
+    cfg = cfg_for(tmp_path, batch_size=4)
+    first = threading.Thread(target=run_batch, args=(cfg, FakeRecommender(delay=0.1)))
+    first.start()
+    while not cfg.parts_dir.exists():
+        time.sleep(0.01)
+    for second in (cfg, cfg_for(tmp_path, batch_size=4, resume=True), cfg_for(tmp_path, batch_size=4, overwrite=True)):
+        with pytest.raises(PauserecError, match=rf"output .*recs.jsonl is being written by another run: pid {os.getpid()} "):
+            run_batch(second, FakeRecommender())
+    first.join()
+    assert_exactly_once_in_order(cfg, 60)
+    assert not cfg.lock_path.exists()  # removed by its holder
+
+
+def test_two_runs_started_together_one_runs_one_is_refused(tmp_path):
+    write_users(tmp_path / "users.jsonl", n=60)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_batch import FakeRecommender
+        from pauserec.runtime.batch import BatchConfig, run_batch
+        from pauserec.errors import PauserecError
+        cfg = BatchConfig(input=Path({str(tmp_path / 'users.jsonl')!r}), output=Path({str(tmp_path / 'recs.jsonl')!r}),
+                          batch_size=4, resume=True)
+        try:
+            run_batch(cfg, FakeRecommender(delay=0.2))
+        except PauserecError as e:
+            print(e)
+            sys.exit(2)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    loser = outs[[p.returncode for p in procs].index(2)]
+    winner = procs[[p.returncode for p in procs].index(0)]
+    assert f"being written by another run: pid {winner.pid} " in loser
+    assert_exactly_once_in_order(cfg_for(tmp_path), 60)
 
 
 def test_a_job_that_fails_before_its_first_row_leaves_nothing(tmp_path):
@@ -306,6 +378,7 @@ def test_kill_9_at_any_point_then_resume_loses_and_duplicates_nothing(tmp_path, 
     else:
         _start_and_kill(tmp_path, out, patch=CRASH_POINTS[point])
     cfg = cfg_for(tmp_path, batch_size=4, resume=True)
+    assert cfg.lock_path.exists()  # the killed run's lock file is left behind, but the lock died with it
     report = run_batch(cfg, FakeRecommender())
     assert_exactly_once_in_order(cfg, 60)
     assert report.input_rows == 60 and report.ok + report.errors == 60
@@ -361,8 +434,34 @@ def test_recommend_cli_on_a_real_engine(trained_engines, tmp_path):
     assert all(len(r["items"]) == 5 and r["scores"] == sorted(r["scores"], reverse=True) for r in recs)
     assert all(r["sids"][0].startswith("<") for r in recs)
     assert "2 users recommended, 2 rejected" in res.output
+    summary = json.loads((tmp_path / "recs.summary.json").read_text())
+    assert summary["runner"] == {"kind": "local", "threads": 1} and summary["engine"]["provider"] == "cpu"
     res = CliRunner().invoke(app, ["recommend", str(tmp_path / "nope"), "-i", str(inp), "-o", str(out)])
     assert res.exit_code == 2 and "error" in res.output
+
+
+def test_batch_size_reaches_the_engine(trained_engines, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pauserec.cli.main import app
+    from pauserec.runtime import Engine
+
+    ids = Engine.load(trained_engines["direct"]).catalog.item_ids
+    (tmp_path / "users.jsonl").write_text("".join(json.dumps({"user_id": str(i), "history": [ids[i]]}) + "\n"
+                                                  for i in range(45)))
+    batches = []
+    real = Engine.prefill
+
+    def prefill(self, ids, mask, device=False):
+        batches.append(len(ids))
+        return real(self, ids, mask, device)
+
+    monkeypatch.setattr(Engine, "prefill", prefill)
+    res = CliRunner().invoke(app, ["recommend", str(trained_engines["direct"]), "-i", str(tmp_path / "users.jsonl"),
+                                   "-o", str(tmp_path / "recs.jsonl"), "--k", "5", "--beams", "8", "--threads", "1",
+                                   "--batch-size", "40"])
+    assert res.exit_code == 0, res.output
+    assert batches == [40, 5]  # was [32, 8, 5]: the Recommender kept its default batch
 
 
 def test_filters_in_the_batch_job_match_the_library(trained_engines, tmp_path):

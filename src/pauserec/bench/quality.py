@@ -72,9 +72,9 @@ def evaluate_engine(
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         hist = [[cat.item_ids[i] for i in samples.histories[u]] for u in range(start, stop)]
-        res = rec.recommend(hist, k=10, beams=beams)
-        ranked_items[start:stop] = res.item_index
-        ranked_codes[start:stop] = res.sids
+        res = rec.recommend(hist, k=min(10, beams), beams=beams)  # fewer beams than 10: the rest stays -1
+        ranked_items[start:stop, : res.item_index.shape[1]] = res.item_index
+        ranked_codes[start:stop, : res.item_index.shape[1]] = res.sids
         if tick:
             tick(stop - start)
     targets = np.asarray(samples.targets[:n], np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -11,7 +12,8 @@ from pauserec.cli.common import console, handle_errors
 
 @handle_errors
 def recommend(
-    engine: Path = typer.Argument(..., help="Engine directory made by pauserec-export."),
+    engine: str = typer.Argument(..., help="Engine directory made by pauserec-export, or its URI (s3://, gs://, "
+                                           "hdfs://, file://: copied once per machine into $PAUSEREC_CACHE)."),
     input: Path = typer.Option(..., "--input", "-i", help="users.jsonl or users.parquet (user_id, history)."),
     output: Path = typer.Option(..., "--output", "-o", help="recs.jsonl or recs.parquet."),
     errors: Path = typer.Option(None, "--errors", help="Rejected rows (default: <output>.errors.jsonl)."),
@@ -26,10 +28,13 @@ def recommend(
     user_field: str = typer.Option("user_id", "--user-field", help="Input field of the user id."),
     history_field: str = typer.Option("history", "--history-field", help="Input field of the history."),
     provider: str = typer.Option("auto", "--provider", help="auto|cpu|cuda|tensorrt"),
-    threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: all cores; with --ray: per actor)."),
-    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (pip install 'pauserec[ray]')."),
-    address: str = typer.Option(None, "--address", help="With --ray: a running cluster (default: start a local one)."),
-    concurrency: int = typer.Option(1, "--concurrency", help="With --ray: number of actors, one engine each."),
+    threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: the CPUs this process may use; "
+                                "with --ray: CPUs per actor)."),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'pauserec[ray]')."),
+    address: str = typer.Option(None, "--address", help="With --ray: a running cluster (default: RAY_ADDRESS, else "
+                                "a local one)."),
+    concurrency: int = typer.Option(None, "--concurrency", help="With --ray: actors, one engine each (default: as "
+                                    "many as the nodes hold)."),
 ) -> None:
     """Recommend items for every user of a JSONL/Parquet file; bad rows go to an errors file."""
     from pauserec.runtime.batch import BatchConfig
@@ -37,20 +42,20 @@ def recommend(
     cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams, batch_size=batch_size,
                       resume=resume, overwrite=overwrite, unique=unique, user_field=user_field,
                       history_field=history_field, exclude_history=exclude_history, exclude_file=exclude_file)
-    if ray:
-        report = _run_ray(cfg, engine, address, concurrency, threads, provider)
-    else:
-        report = _run_local(cfg, engine, provider, threads)
+    with _progress_bar(cfg) as progress:
+        if ray:
+            report = _run_ray(cfg, engine, address, concurrency, threads, provider, progress)
+        else:
+            report = _run_local(cfg, engine, provider, threads, progress)
     _print(report)
 
 
-def _run_local(cfg, engine: Path, provider: str, threads: int | None):
+@contextmanager
+def _progress_bar(cfg):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pauserec.runtime import Engine, Recommender
-    from pauserec.runtime.batch import count_rows, run_batch
+    from pauserec.runtime.batch import count_rows
 
-    rec = Recommender(Engine.load(engine, provider=provider, threads=threads))
     columns = (TextColumn("recommend"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} users/s"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
@@ -62,10 +67,19 @@ def _run_local(cfg, engine: Path, provider: str, threads: int | None):
             if t.elapsed:
                 bar.update(task, rate=f"{t.completed / t.elapsed:,.0f}")
 
-        return run_batch(cfg, rec, progress=progress)
+        yield progress
 
 
-def _run_ray(cfg, engine: Path, address: str | None, concurrency: int, threads: int | None, provider: str):
+def _run_local(cfg, engine: str, provider: str, threads: int | None, progress):
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime.batch import run_batch
+
+    rec = Recommender(Engine.load(engine, provider=provider, threads=threads), batch_size=cfg.batch_size)
+    return run_batch(cfg, rec, progress=progress)
+
+
+def _run_ray(cfg, engine: str, address: str | None, concurrency: int | None, threads: int | None, provider: str,
+             progress):
     from pauserec.errors import BackendUnavailable
 
     try:
@@ -75,7 +89,8 @@ def _run_ray(cfg, engine: Path, address: str | None, concurrency: int, threads: 
     from pauserec.runtime.ray_job import run_ray
 
     return run_ray(cfg, engine, address=address, concurrency=concurrency, threads=threads,
-                   provider="cpu" if provider == "auto" else provider)
+                   provider=provider, progress=progress,
+                   warn=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
 
 
 def _print(report) -> None:

@@ -262,7 +262,7 @@ def compare_with_hf(rec, ref: dict, atol: float = 1e-3) -> dict:
     import numpy as np
 
     ids = rec.catalog.item_ids
-    out = rec.recommend([[ids[int(i)] for i in h] for h in ref["histories"]], k=10, beams=ref["beams"])
+    out = rec.recommend([[ids[int(i)] for i in h] for h in ref["histories"]], k=min(10, ref["beams"]), beams=ref["beams"])
     for u in range(len(ref["histories"])):
         if not same_top(out.item_index[u], out.scores[u], ref["items"][u], ref["scores"][u], atol):
             show = lambda items, scores: ", ".join(f"{ids[int(i)]}:{s:.4f}" for i, s in zip(items, scores) if i >= 0)  # noqa: E731
@@ -422,7 +422,8 @@ def popularity_guard(rec, cfg: ExportConfig, src, say) -> dict | None:
     histories, targets, ds = test_split_sample(cfg, src, cfg.guard_users)
     say("guard", f"Hit@10 against popularity on {len(targets)} test users of {cfg.data}")
     popular = {ds.catalog.item_ids[i] for i in popularity_ranking(ds.sequences, ds.catalog.n_items, "test", 10)}
-    got = rec.recommend(histories, k=10, beams=cfg.beams or 20)
+    beams = cfg.beams or 20
+    got = rec.recommend(histories, k=min(10, beams), beams=beams)
     hit = float(np.mean([t in set(row) for t, row in zip(targets, got.items.tolist())]))
     pop = float(np.mean([t in popular for t in targets]))
     out = {"users": len(targets), "hit10": hit, "popularity_hit10": pop}

@@ -351,8 +351,9 @@ def compare_quantized(ref_dir: Path, q_dir: Path, histories: list[list[str]], ta
     against its fp32 twin (or of one engine on two ``providers``, e.g. its TensorRT plans against ONNX)."""
     from pauserec.runtime import Engine, Recommender
 
-    ref = Recommender(Engine.load(ref_dir, provider=providers[0])).recommend(histories, k=10, beams=beams)
-    q = Recommender(Engine.load(q_dir, provider=providers[1])).recommend(histories, k=10, beams=beams)
+    k = min(10, beams)
+    ref = Recommender(Engine.load(ref_dir, provider=providers[0])).recommend(histories, k=k, beams=beams)
+    q = Recommender(Engine.load(q_dir, provider=providers[1])).recommend(histories, k=k, beams=beams)
     overlap = float(np.mean([len(set(a[a != ""]) & set(b[b != ""])) / 10 for a, b in zip(ref.items, q.items)]))
     out = {"sample": len(histories), "top10_overlap": overlap, "top1_agreement": float(np.mean(ref.items[:, 0] == q.items[:, 0]))}
     if targets is not None:

@@ -42,7 +42,8 @@ import os
 import shutil
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from pauserec.errors import DataError, JobError, PauserecError
+from pauserec.runtime.lock import hold
 from pauserec.runtime.rows import (RecommenderLike, Row, RowOptions, default_sid_text, parse_line, parse_record,
                                    reason_kind, recommend_rows)
 
@@ -94,6 +96,10 @@ class BatchConfig:
     def parts_dir(self) -> Path:
         return self.output.with_name(self.output.name + PARTS_SUFFIX)
 
+    @property
+    def lock_path(self) -> Path:
+        return self.output.with_name(f".{self.output.name}.lock")
+
 
 @dataclass
 class BatchReport:
@@ -109,6 +115,39 @@ class BatchReport:
     summary_file: str = ""
     reasons: dict[str, int] = field(default_factory=dict)
     already_complete: bool = False  # --resume found the job finished: nothing was run
+
+
+class ChunkRunner:
+    """What turns chunks of parsed rows into their records (``pauserec.runtime.rows.recommend_rows``).
+
+    ``map`` yields one list of records per chunk, in the order of the chunks; it may work on several
+    chunks at once (the Ray job's actor pool) but must never reorder, drop or repeat them. Everything
+    else (numbering, parts, resume, merge, lock, summary) is the job's, the same for every runner.
+    """
+
+    def map(self, chunks: Iterable[list[Row]], opts: RowOptions) -> Iterator[list[dict]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What the summary records of how the rows were run."""
+        return {}
+
+
+class LocalRunner(ChunkRunner):
+    """One recommender in this process, one chunk at a time."""
+
+    def __init__(self, recommender: RecommenderLike, sid_text: Callable[[np.ndarray], str] | None = None) -> None:
+        self.recommender = recommender
+        self.sid_text = sid_text or getattr(recommender, "sid_text", default_sid_text)
+
+    def map(self, chunks: Iterable[list[Row]], opts: RowOptions) -> Iterator[list[dict]]:
+        for rows in chunks:
+            yield recommend_rows(self.recommender, rows, opts, self.sid_text)
+
+    def describe(self) -> dict[str, Any]:
+        engine = getattr(self.recommender, "engine", None)
+        threads = getattr(engine, "threads", None)
+        return {"kind": "local", **({"threads": threads} if threads else {})}
 
 
 # -- input ----------------------------------------------------------------------------------------
@@ -367,12 +406,20 @@ class _OutputWriter:
             self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
             self.buffer = []
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Close the file; ``flush=False`` (a failed merge) drops buffered rows and never raises."""
         if self.fmt == "jsonl":
             self.file.close()
-        else:
-            self._flush()
-            self.writer.close()
+            return
+        try:
+            if flush:
+                self._flush()
+        finally:
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - already failing: closing must not hide the first error
+                if flush:
+                    raise
 
 
 def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
@@ -381,6 +428,7 @@ def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
     dups = _duplicates(files)
     report.duplicates = len(dups)
     tmp = {p: p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (cfg.output, cfg.errors_path)}
+    out = None
     try:
         out = _OutputWriter(tmp[cfg.output], format_of(cfg.output, "output"))
         with open(tmp[cfg.errors_path], "w", encoding="utf-8") as ferr:
@@ -398,7 +446,8 @@ def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
                         report.truncated += r.pop("truncated", 0) > 0
                         out.write(r)
                         report.ok += 1
-        out.close()
+        out, closing = None, out
+        closing.close()
         if report.ok + report.errors != report.input_rows:
             raise JobError(f"row accounting failed: {report.input_rows:,} rows in, {report.ok:,} out + "
                            f"{report.errors:,} errors; {cfg.parts_dir} is kept: pass --overwrite to start over")
@@ -408,11 +457,14 @@ def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
         os.replace(tmp[cfg.errors_path], cfg.errors_path)
         os.replace(tmp[cfg.output], cfg.output)  # last: the output's presence means the job is done
     finally:
+        if out is not None:  # the merge failed: close the writer before its file is removed
+            out.close(flush=False)
         for t in tmp.values():
             t.unlink(missing_ok=True)
 
 
-def _summary(cfg: BatchConfig, identity: dict[str, Any], report: BatchReport, processed: int) -> dict[str, Any]:
+def _summary(cfg: BatchConfig, identity: dict[str, Any], report: BatchReport, processed: int,
+             runner: dict[str, Any]) -> dict[str, Any]:
     return {
         "input": str(cfg.input), "input_bytes": identity["input"]["bytes"], "input_sha256": identity["input"]["sha256"],
         "output": str(cfg.output), "errors": str(cfg.errors_path), "engine": identity["engine"],
@@ -423,7 +475,7 @@ def _summary(cfg: BatchConfig, identity: dict[str, Any], report: BatchReport, pr
         "rows_done_before_resume": report.skipped_done, "rows_this_run": processed,
         "seconds_this_run": round(report.seconds, 3),
         "users_per_second": round(processed / report.seconds, 2) if report.seconds > 0 else None,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "job": identity,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runner": runner, "job": identity,
     }
 
 
@@ -436,8 +488,7 @@ def _report_of(cfg: BatchConfig, summary: dict[str, Any]) -> BatchReport:
 
 
 # -- the job --------------------------------------------------------------------------------------
-def _job_failure(e: BaseException, first: int | None, cfg: BatchConfig) -> JobError:
-    where = f"at input rows from {first}" if first is not None else "before its first row"
+def _job_failure(e: BaseException, where: str, cfg: BatchConfig) -> JobError:
     if isinstance(e, MemoryError):
         why = "out of memory: lower --batch-size or --beams"
     elif isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -451,7 +502,7 @@ def _job_failure(e: BaseException, first: int | None, cfg: BatchConfig) -> JobEr
 
 
 def check_sizes(cfg: BatchConfig) -> None:
-    """--k, --beams and --batch-size a job can run with (the local and the Ray job alike)."""
+    """--k, --beams and --batch-size a job can run with."""
     if cfg.k < 1 or cfg.beams < 1 or cfg.batch_size < 1:
         raise PauserecError("--k, --beams and --batch-size must all be >= 1")
     if cfg.k > cfg.beams:
@@ -473,76 +524,102 @@ def _preflight(cfg: BatchConfig, recommender: RecommenderLike, opts: RowOptions)
 
 
 def run_batch(cfg: BatchConfig, recommender: RecommenderLike, progress: Callable[[int], None] | None = None,
-              sid_text: Callable[[np.ndarray], str] | None = None) -> BatchReport:
-    """Run (or resume) the whole job; ``progress(n)`` is called with the number of input rows just handled."""
+              sid_text: Callable[[np.ndarray], str] | None = None, runner: ChunkRunner | None = None) -> BatchReport:
+    """Run (or resume) the whole job; ``progress(n)`` is called with the number of input rows just handled.
+
+    ``recommender`` answers the checks made before the first row (k / beams, exclude ids) and
+    identifies the engine for resume; ``runner`` recommends the chunks (default: ``recommender``
+    itself, in this process; the Ray job passes its actor pool).
+    """
     t0 = time.perf_counter()
     exclude = read_item_list(cfg.exclude_file) if cfg.exclude_file else frozenset()
     opts = RowOptions(k=cfg.k, beams=cfg.beams, user_field=cfg.user_field, history_field=cfg.history_field,
                       exclude_history=cfg.exclude_history, exclude=exclude)
     _preflight(cfg, recommender, opts)
-    sid_text = sid_text or getattr(recommender, "sid_text", default_sid_text)
-    stat0 = _stat(cfg.input)
+    runner = runner or LocalRunner(recommender, sid_text)
     identity = job_identity(cfg, recommender)
-    try:
-        done = _prepare(cfg, identity)
-    except _Complete as c:  # nothing left to do: report the finished job
-        return _report_of(cfg, c.summary)
-    report = BatchReport(skipped_done=done)
+    with hold(cfg.lock_path, f"output {cfg.output}"):
+        try:
+            done = _prepare(cfg, identity)
+        except _Complete as c:  # nothing left to do: report the finished job
+            return _report_of(cfg, c.summary)
+        report = BatchReport(skipped_done=done)
+        processed = _run_chunks(cfg, runner, opts, identity, report, done, progress)
+        report.seconds = time.perf_counter() - t0
+        summary = _summary(cfg, identity, report, processed, runner.describe())
+        _atomic_write(cfg.summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+        trash = cfg.parts_dir.with_name(f".{cfg.parts_dir.name}.done-{os.getpid()}")
+        os.replace(cfg.parts_dir, trash)  # atomic: a crash from here on leaves a finished job
+        shutil.rmtree(trash, ignore_errors=True)
+    report.output, report.errors_file, report.summary_file = str(cfg.output), str(cfg.errors_path), str(cfg.summary_path)
+    return report
+
+
+def _run_chunks(cfg: BatchConfig, runner: ChunkRunner, opts: RowOptions, identity: dict[str, Any],
+                report: BatchReport, done: int, progress: Callable[[int], None] | None) -> int:
+    """Rows [done, n) -> parts (in order, each written once), then the merge; returns the rows run now."""
+    stat0 = _stat(cfg.input)
     if progress and done:
         progress(done)
-    chunk: list[Row] = []
-    first: int | None = None
-    processed = 0
+    spans: deque[tuple[int, int]] = deque()  # (first row, rows) of the chunks handed to the runner, not yet written
+    stage = "rows"
 
-    def flush() -> None:
-        nonlocal chunk, first, processed
-        records = recommend_rows(recommender, chunk, opts, sid_text)
-        for i, r in enumerate(records):
-            r["row"] = first + i
-        if not cfg.parts_dir.exists():  # the first part of this job: only now is anything created
-            cfg.parts_dir.mkdir(parents=True)
-            _atomic_write(cfg.parts_dir / JOB_FILE, lambda tmp: tmp.write_text(json.dumps(identity, indent=1)))
-        end = first + len(chunk)
-        _atomic_write(cfg.parts_dir / _part_name(first, end), lambda tmp: _write_lines(tmp, records))
-        processed += len(chunk)
-        if progress:
-            progress(len(chunk))
-        chunk, first = [], None
-
-    try:
+    def chunks() -> Iterator[list[Row]]:
+        chunk: list[Row] = []
         for index, row in enumerate(iter_rows(cfg, opts)):
             report.input_rows += 1
             if index < done:
                 continue
-            if first is None:
-                first = index
             chunk.append(row)
             if len(chunk) >= cfg.batch_size:
-                flush()
+                spans.append((index + 1 - len(chunk), len(chunk)))
+                yield chunk
+                chunk = []
         if chunk:
-            flush()
+            spans.append((report.input_rows - len(chunk), len(chunk)))
+            yield chunk
+
+    def start_parts() -> None:  # only when the first part is written is anything created
+        cfg.parts_dir.mkdir(parents=True)
+        _atomic_write(cfg.parts_dir / JOB_FILE, lambda tmp: tmp.write_text(json.dumps(identity, indent=1)))
+
+    processed = 0
+    try:
+        for records in runner.map(chunks(), opts):
+            first, n = spans[0]
+            if len(records) != n:
+                raise JobError(f"the runner returned {len(records)} records for the {n} rows from row {first}")
+            for i, r in enumerate(records):
+                r["row"] = first + i
+            if not cfg.parts_dir.exists():
+                start_parts()
+            _atomic_write(cfg.parts_dir / _part_name(first, first + n), lambda tmp: _write_lines(tmp, records))
+            spans.popleft()
+            processed += n
+            if progress:
+                progress(n)
+        stage = "end"
         if report.input_rows < done:
             raise JobError(f"{cfg.parts_dir} covers {done:,} rows but the input has only {report.input_rows:,}; "
                            "pass --overwrite to start over")
         if not cfg.parts_dir.exists():  # an empty input
-            cfg.parts_dir.mkdir(parents=True)
-            _atomic_write(cfg.parts_dir / JOB_FILE, lambda tmp: tmp.write_text(json.dumps(identity, indent=1)))
+            start_parts()
         if _stat(cfg.input) != stat0:
             raise JobError(f"{cfg.input} changed while the job ran; rerun with --overwrite on a file that stays put")
+        stage = "merge"
         files, _ = scan_parts(cfg.parts_dir)
         _merge(cfg, files, report)
     except JobError:
         raise
     except Exception as e:  # EngineError, MemoryError, OSError, an engine's own exception types
-        raise _job_failure(e, first, cfg) from e
-    report.seconds = time.perf_counter() - t0
-    summary = _summary(cfg, identity, report, processed)
-    _atomic_write(cfg.summary_path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
-    trash = cfg.parts_dir.with_name(f".{cfg.parts_dir.name}.done-{os.getpid()}")
-    os.replace(cfg.parts_dir, trash)  # atomic: a crash from here on leaves a finished job
-    shutil.rmtree(trash, ignore_errors=True)
-    report.output, report.errors_file, report.summary_file = str(cfg.output), str(cfg.errors_path), str(cfg.summary_path)
-    return report
+        if stage == "merge":
+            where = "while merging the parts into the output (every row was recommended)"
+        elif stage == "end":
+            where = "after its last row"
+        else:
+            where = f"at input rows from {spans[0][0] if spans else report.input_rows}"
+        raise _job_failure(e, where, cfg) from e
+    return processed
 
 
 def _stat(path: Path) -> tuple[int, int]:

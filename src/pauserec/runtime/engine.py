@@ -12,7 +12,7 @@ from pauserec.data import Catalog
 from pauserec.data.layout import read_item_fields
 from pauserec.data.prompts import PromptEncoder, PromptSpec
 from pauserec.errors import DataError, EngineError, PauserecError
-from pauserec.runtime.backends import open_sessions
+from pauserec.runtime.backends import available_cpus, open_sessions
 from pauserec.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REEXPORT, Manifest  # noqa: F401
 from pauserec.runtime.spec import DTYPES
 
@@ -71,8 +71,11 @@ def prompt_encoder(path: Path, spec: PromptSpec, catalog: Catalog) -> PromptEnco
 class Engine:
     """A loaded engine: prompt spec, catalog, shapes and the graphs on one backend."""
 
-    def __init__(self, path: Path, manifest: Manifest, catalog: Catalog, sessions: dict, provider: str) -> None:
+    def __init__(self, path: Path, manifest: Manifest, catalog: Catalog, sessions: dict, provider: str,
+                 threads: int | None = None, source: str | None = None) -> None:
         self.path, self.manifest, self.catalog, self.sessions, self.provider = path, manifest, catalog, sessions, provider
+        self.threads = threads  # intra-op threads of each graph's session (CPU backends)
+        self.source = source or str(path)  # what it was loaded from (a URI for a cached copy)
         shapes, model = manifest.shapes, manifest.model
         self.prompt: PromptSpec = manifest.prompt
         self.kind: str = manifest.kind
@@ -93,8 +96,19 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None, verify: bool = True,
-             prepack: bool | None = None, catalog: Catalog | str | Path | None = None) -> Engine:
+             prepack: bool | None = None, catalog: Catalog | str | Path | None = None, graphs: bool = True) -> Engine:
         """Open an engine directory; ``provider`` is auto, cpu, cuda or tensorrt.
+
+        ``path`` may also be a URI that pyarrow's filesystems read (``s3://``, ``gs://``, ``hdfs://``,
+        ``file://``): it is copied once into this machine's engine cache and verified there
+        (:mod:`pauserec.runtime.engine_cache`).
+
+        ``threads``: intra-op threads per graph session; None: the CPUs this process may use (its CPU
+        affinity and cgroup quota; ONNX Runtime's own default counts the host's cores). The graphs of
+        an engine run one after another, so one session's threads are busy at a time.
+
+        ``graphs=False`` opens the manifest and catalog only (checks, fingerprint): a driver that
+        hands the work to other processes; its graph calls raise EngineError.
 
         ``catalog``: serve another catalog than the engine's catalog.npz (a ``Catalog``, a SID index
         file ``*.index.json`` or a catalog .npz), e.g. today's items; it must keep the SID levels,
@@ -109,9 +123,12 @@ class Engine:
         Qwen3-0.6B shape, int4, batch 1: 6.1 s unpacked vs 1.4 s packed, peak RSS 1.8 vs 2.1 GB).
         ``verify`` checks every file's sha256 (seconds for GB-sized weights).
         """
-        path = Path(path)
+        from pauserec.runtime.engine_cache import local_engine
+
+        source = str(path)
+        path, verified = local_engine(path)
         manifest = read_manifest(path)
-        if verify:
+        if verify and not verified:
             verify_files(path, manifest)
         if catalog is not None:
             from pauserec.runtime.catalog_update import fit_catalog, read_catalog
@@ -124,8 +141,11 @@ class Engine:
                 raise EngineError(f"{path}: {e}") from e
         if prepack is None:
             prepack = manifest.precision == "int4"
+        threads = int(threads or available_cpus())
+        if not graphs:
+            return cls(path, manifest, catalog, {}, provider, threads, source)
         used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack)
-        return cls(path, manifest, catalog, sessions, used)
+        return cls(path, manifest, catalog, sessions, used, threads, source)
 
     # -- shapes -----------------------------------------------------------------------------------
     @property
@@ -142,13 +162,13 @@ class Engine:
     def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray, device: bool = False):
         """(B,T) ids + mask -> log-probs (B, V1 | vocab), ctx_key, ctx_value (layers, B, Hkv, T+S, D)."""
         keep = ("ctx_key", "ctx_value") + (("logprobs",) if device else ())
-        out = self.sessions["prefill"].run({"history_ids": history_ids, "history_mask": history_mask}, keep=keep)
+        out = self.session("prefill").run({"history_ids": history_ids, "history_mask": history_mask}, keep=keep)
         return out["logprobs"], out["ctx_key"], out["ctx_value"]
 
     def decode(self, codes, step: int, ctx_key, ctx_value, ctx_mask, beam_key, beam_value, device: bool = False):
         """Level ``step`` codes (B,K) -> log-probs of level step+1 (B,K,V), the beams' KV of slot ``step``
         (layers, B, Hkv, K, 1, D), to be written into the beam KV."""
-        out = self.sessions["decode"].run({
+        out = self.session("decode").run({
             "codes": codes, "step": np.array(step, np.int64), "ctx_key": ctx_key, "ctx_value": ctx_value,
             "ctx_mask": ctx_mask, "beam_key": beam_key, "beam_value": beam_value,
         }, keep=("logprobs", "new_key", "new_value") if device else ())
@@ -156,7 +176,7 @@ class Engine:
 
     def think(self, token, ctx_key, ctx_value, ctx_mask, device: bool = False):
         """cot: one rationale token per user (B,) -> full-vocab log-probs (B, vocab), its KV (layers, B, Hkv, 1, D)."""
-        out = self.sessions["think"].run({"token": token, "ctx_key": ctx_key, "ctx_value": ctx_value, "ctx_mask": ctx_mask},
+        out = self.session("think").run({"token": token, "ctx_key": ctx_key, "ctx_value": ctx_value, "ctx_mask": ctx_mask},
                                          keep=("new_key", "new_value") if device else ())
         return out["logprobs"], out["new_key"], out["new_value"]
 
@@ -175,7 +195,14 @@ class Engine:
         return None if mod is None else CudaOps(mod)
 
     def to_numpy(self, value) -> np.ndarray:
-        return self.sessions["prefill"].to_numpy(value)
+        return self.session("prefill").to_numpy(value)
+
+    def session(self, name: str):
+        try:
+            return self.sessions[name]
+        except KeyError:
+            why = "was opened with graphs=False" if not self.sessions else f"has no {name} graph"
+            raise EngineError(f"engine {self.path} {why}; load it with Engine.load(path) to run it") from None
 
     def __repr__(self) -> str:
         shape = f"static B={self.static_batch} K={self.static_beams}" if self.static else "dynamic"

@@ -1,60 +1,63 @@
-"""Scale-out on Ray Data: the batch job's rows, recommended by a pool of actors, one engine per actor.
+"""Scale-out on a Ray cluster: the batch job's rows recommended by a pool of actors, one engine per actor.
 
-As a library, in any Ray Data pipeline (``pip install "pauserec[ray]"`` on every node; the engine
-directory on a path every node can read)::
+``pauserec recommend --ray`` is :func:`pauserec.runtime.batch.run_batch` with a :class:`RayRunner`
+in place of the local recommender: the driver reads and numbers the input rows, hands chunks of
+``--batch-size`` rows to the actors and writes their records as the local job does (parts, resume,
+merge, errors file, summary, ``--unique``, one writer per output). One job, two runners: the output
+of a Ray run is the local run's, file for file.
+
+The pool:
+
+- **Actors fit the nodes.** Each actor asks for ``C`` CPUs and runs ONNX Runtime on exactly the
+  CPUs Ray gave it. ``C`` is ``--threads``, or the largest size at which ``--concurrency`` actors fit
+  the nodes alive at the start (one CPU each when neither is given; the pool then fills the
+  cluster). An actor that fits no node is refused before anything starts.
+- **Order and exactly once.** Each actor has at most two chunks in flight; results are written in
+  input order. A chunk whose actor dies (a node removed, a worker killed, the OOM killer) goes to
+  another actor and a replacement actor is started (it runs when a node has room). A chunk that
+  kills :data:`MAX_ATTEMPTS` actors stops the job, as does any other error of an actor (an engine
+  that cannot run, a bug): rows written before are kept for ``--resume``.
+- **Engines where clusters keep them.** The engine may be a URI (``s3://``, ``gs://``, ``hdfs://``,
+  ``file://``): each node copies it once into its cache (:mod:`pauserec.runtime.engine_cache`).
+
+The input and the output are the driver's (a local or mounted path); the nodes need the engine.
+
+:class:`RecommendBatch` serves Ray Data pipelines of your own (``map_batches``), with the same
+per-row rules, a ``reason`` column instead of an errors file, and no row numbers (Ray Data numbers
+none)::
 
     ds = ray.data.read_parquet("s3://bucket/users/")            # columns user_id, history
-    recs = ds.map_batches(RecommendBatch, fn_constructor_kwargs={"engine": "/mnt/engines/pause", "k": 10},
+    recs = ds.map_batches(RecommendBatch, fn_constructor_kwargs={"engine": "s3://bucket/engines/pause", "k": 10},
                           batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=8),
-                          num_cpus=4)
-    recs.write_parquet("s3://bucket/recs/")
+                          num_cpus=2)
 
-Every input row comes out as one row: ``user_id, items, scores, sids, history_truncated, error``
-(``error`` is null for a recommended row and holds the reason otherwise), so bad rows never fail a
-task. The rules are the local job's (:mod:`pauserec.runtime.rows`). A failure of the engine itself
-fails the task, which Ray retries (on a restarted actor) and, if it keeps failing, fails the job.
-
-:func:`run_ray` is ``pauserec recommend --ray``: the same job as :func:`pauserec.runtime.batch.run_batch`
-over Ray Data (read -> ``map_batches`` -> ``write_parquet`` into a temporary directory renamed into
-place), with the same row accounting (rows out + error rows = rows in, checked) and a summary JSON.
-Ray numbers no rows, so rows are identified by ``user_id`` (and malformed lines by their text).
-
-This module imports neither torch nor (until called) Ray; Ray sets ``OMP_NUM_THREADS=1`` in its
-workers, so the actor sets ONNX Runtime's threads from the CPUs Ray assigned it.
+This module imports neither torch nor (until called) Ray.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import resource
 import time
-from collections.abc import Sequence
-from datetime import datetime, timezone
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pauserec.errors import JobError, PauserecError
-from pauserec.runtime.batch import (BatchConfig, BatchReport, check_input, check_sizes, count_rows, format_of,
-                                    read_item_list)
-from pauserec.runtime.rows import RowOptions, parse_line, parse_record, reason_kind, recommend_rows
+from pauserec.runtime.backends import available_cpus
+from pauserec.runtime.batch import BatchConfig, BatchReport, ChunkRunner, run_batch
+from pauserec.runtime.rows import Row, RowOptions, parse_line, parse_record, recommend_rows
 
+IN_FLIGHT = 2  # chunks per actor: one running, one waiting, so no actor idles between chunks
+MAX_ATTEMPTS = 3  # actors a chunk may lose (node removed, worker killed) before the job stops
+START_TIMEOUT = float(os.environ.get("PAUSEREC_RAY_START_TIMEOUT", 600))  # seconds with no actor able to run
 TEXT_COLUMN = "text"  # what ray.data.read_text names a line
-# Reading and writing reserve no CPU: the actors hold the CPUs (a pool that fills a node would otherwise
-# leave no CPU for the read tasks, and the job would wait forever); lines are parsed in the actors.
-IO_CPUS = 0
-
-
-def result_schema():
-    import pyarrow as pa
-
-    return pa.schema([("user_id", pa.string()), ("items", pa.list_(pa.string())),
-                      ("scores", pa.list_(pa.float32())), ("sids", pa.list_(pa.string())),
-                      ("history_truncated", pa.int32()), ("error", pa.string())])
 
 
 def actor_cpus() -> int:
-    """CPUs Ray assigned to this actor (or this process's CPUs outside Ray)."""
+    """CPUs Ray assigned to this actor or task (or this process's CPUs outside Ray)."""
     try:
         import ray
 
@@ -64,14 +67,254 @@ def actor_cpus() -> int:
                 return max(1, int(n))
     except ImportError:
         pass
-    return len(os.sched_getaffinity(0))
+    return available_cpus()
+
+
+# -- sizing -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PoolPlan:
+    actors: int
+    cpus: int  # per actor = ONNX Runtime threads
+    fits_now: int  # actors of that size the nodes alive at the start can hold
+    node_cpus: tuple[int, ...]
+
+    def warning(self) -> str | None:
+        if self.actors <= self.fits_now:
+            return None
+        return (f"{self.actors} actors of {self.cpus} CPUs asked, but the nodes ({', '.join(map(str, self.node_cpus))} "
+                f"CPUs) hold {self.fits_now}; the job runs on those and the others start if the cluster grows")
+
+
+def plan_pool(node_cpus: Sequence[int], concurrency: int | None = None, threads: int | None = None) -> PoolPlan:
+    """How many actors of how many CPUs: actors fit the nodes (see the module docstring)."""
+    nodes = tuple(sorted((int(n) for n in node_cpus if n >= 1), reverse=True))
+    if not nodes:
+        raise PauserecError("the Ray cluster has no node with a CPU; add worker nodes with CPUs (ray start --num-cpus N)")
+    if concurrency is not None and concurrency < 1 or threads is not None and threads < 1:
+        raise PauserecError("--concurrency and --threads must be >= 1")
+    fit = lambda c: sum(n // c for n in nodes)  # noqa: E731
+    if threads:
+        if threads > nodes[0]:
+            raise PauserecError(f"no node has {threads} CPUs for an actor (the largest has {nodes[0]}); lower --threads")
+        cpus = threads
+    elif concurrency:
+        cpus = max((c for c in range(1, nodes[0] + 1) if fit(c) >= concurrency), default=1)
+    else:
+        cpus = 1
+    return PoolPlan(actors=concurrency or fit(cpus), cpus=cpus, fits_now=fit(cpus), node_cpus=nodes)
+
+
+def cluster_node_cpus() -> list[int]:
+    import ray
+
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+# -- the actor --------------------------------------------------------------------------------------
+class PoolWorker:
+    """One engine on one actor: recommends chunks of parsed rows (``ray.remote`` is applied by the pool)."""
+
+    def __init__(self, engine: str, provider: str, batch_size: int, opts: RowOptions) -> None:
+        from pauserec.runtime import Engine, Recommender
+
+        self.threads = actor_cpus()
+        self.rec = Recommender(Engine.load(engine, provider=provider, threads=self.threads), batch_size=batch_size)
+        self.rec.check_request(opts.k, opts.beams)
+        self.opts, self.rows = opts, 0
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        sessions = self.rec.engine.sessions.values()
+        ort_threads = sorted({s.sess.get_session_options().intra_op_num_threads for s in sessions if hasattr(s, "sess")})
+        return {"node": ctx.get_node_id(), "pid": os.getpid(), "cpus": ctx.get_assigned_resources().get("CPU"),
+                "ort_threads": ort_threads, "rows": self.rows, "engine": str(self.rec.engine.path),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+    def recommend(self, rows: list[Row]) -> list[dict]:
+        out = recommend_rows(self.rec, rows, self.opts, self.rec.sid_text)
+        self.rows += len(rows)
+        return out
+
+
+# -- the pool ---------------------------------------------------------------------------------------
+class RayRunner(ChunkRunner):
+    """Chunks -> records on a pool of actors, in order, each chunk's records returned once."""
+
+    def __init__(self, engine: str | Path, plan: PoolPlan, provider: str = "cpu", batch_size: int = 64) -> None:
+        self.engine, self.plan, self.provider, self.batch_size = str(engine), plan, provider, batch_size
+        self.started = self.lost = self.retried = 0
+        self.actors: list = []  # every actor handle started (killed at the end)
+        self.load: dict = {}  # actors that started and are alive -> chunks in flight
+        self.final: list[dict] = []
+
+    def _start(self, opts: RowOptions):
+        import ray
+
+        gpus = 1 if self.provider in ("cuda", "tensorrt") else 0
+        cls = ray.remote(PoolWorker).options(num_cpus=self.plan.cpus, num_gpus=gpus, max_restarts=0,
+                                             max_task_retries=0, scheduling_strategy="SPREAD")
+        actor = cls.remote(self.engine, self.provider, self.batch_size, opts)
+        self.actors.append(actor)
+        self.started += 1
+        return actor, actor.info.remote()
+
+    def map(self, chunks: Iterable[list[Row]], opts: RowOptions) -> Iterator[list[dict]]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        starting = dict(self._start(opts)[::-1] for _ in range(self.plan.actors))  # info ref -> actor
+        load = self.load  # ready actor -> chunks in flight
+        running: dict = {}  # result ref -> (seq, rows, attempts, actor)
+        retry: deque = deque()  # (seq, rows, attempts) whose actor died
+        done: dict[int, list[dict]] = {}
+        source, exhausted, seq, nxt = iter(chunks), False, 0, 0
+        window = lambda: IN_FLIGHT * max(1, len(load))  # noqa: E731 - chunks running or written out of order
+        waiting_since = time.monotonic()
+        while True:
+            while nxt in done:
+                yield done.pop(nxt)
+                nxt += 1
+            while retry or not exhausted:
+                free = [a for a in load if load[a] < IN_FLIGHT]
+                if not free or not retry and len(running) + len(done) >= window():
+                    break
+                if retry:  # first, whatever the window: the rows written next may be among them
+                    job = retry.popleft()
+                else:
+                    rows = next(source, None)
+                    if rows is None:
+                        exhausted = True
+                        break
+                    job, seq = (seq, rows, 0), seq + 1
+                actor = min(free, key=load.get)
+                running[actor.recommend.remote(job[1])] = (*job, actor)
+                load[actor] += 1
+            if exhausted and not running and not retry and not done:
+                return
+            if not load and time.monotonic() - waiting_since > START_TIMEOUT:
+                raise JobError(f"no actor of {self.plan.cpus} CPUs could start in {START_TIMEOUT:.0f} s (nodes alive: "
+                               f"{', '.join(map(str, cluster_node_cpus())) or 'none'} CPUs); add nodes or lower --threads")
+            ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=5.0)
+            for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        load[actor] = 0
+                    except RayActorError as e:
+                        if e.actor_init_failed:  # the engine cannot load there: a failure of the job itself
+                            raise JobError(f"an actor could not start: {_last_line(e)}") from e
+                        self.lost += 1  # died while starting (its node went away): try another
+                        if self.lost > self.plan.actors + 2 * MAX_ATTEMPTS:
+                            raise JobError(f"actors keep dying as they start ({_last_line(e)}); check the nodes") from e
+                        starting.__setitem__(*self._start(opts)[::-1])
+                    continue
+                s, rows, attempts, actor = running.pop(ref)
+                try:
+                    done[s] = ray.get(ref)
+                    load[actor] -= 1
+                except RayTaskError as e:  # an error of the engine or the code: stop, as the local job does
+                    raise _cause(e) from e
+                except RayActorError as e:  # the actor died: its node, the OOM killer, a kill
+                    if actor in load:
+                        del load[actor]
+                        self.lost += 1
+                        starting.__setitem__(*self._start(opts)[::-1])
+                        waiting_since = time.monotonic()
+                    if attempts + 1 >= MAX_ATTEMPTS:
+                        raise JobError(f"the chunk of {len(rows)} rows numbered {s} lost {MAX_ATTEMPTS} actors "
+                                       f"({_last_line(e)}); see the Ray logs of those workers (out of memory?)") from e
+                    self.retried += 1
+                    retry.append((s, rows, attempts + 1))
+
+    def close(self) -> None:
+        """Stop every actor of the pool (started, starting or dead)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.load = [], {}
+
+    def actor_stats(self) -> list[dict[str, Any]]:
+        """Each live actor's node, CPUs, ONNX Runtime threads, rows and peak RSS."""
+        import ray
+
+        infos = []
+        for actor in self.load:
+            try:
+                infos.append(ray.get(actor.info.remote(), timeout=30))
+            except Exception:  # noqa: BLE001 - an actor that died at the end has nothing to report
+                pass
+        return infos
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ray", "actors": self.plan.actors, "cpus_per_actor": self.plan.cpus,
+                "node_cpus_at_start": list(self.plan.node_cpus), "actors_started": self.started,
+                "actors_lost": self.lost, "chunks_retried": self.retried, "actor_stats": self.actor_stats()}
+
+
+def _last_line(e: BaseException) -> str:
+    """The last line of an error's text: for an actor, the exception it raised (``pkg.Type: message``)."""
+    return ([line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__])[-1]
+
+
+def _cause(e) -> BaseException:
+    """The exception an actor raised (a PauserecError keeps its type and message), else a JobError."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, PauserecError):
+        return cause
+    if isinstance(cause, (MemoryError, OSError)):
+        return cause
+    return JobError(f"an actor failed: {_last_line(cause or e)}")
+
+
+def run_ray(cfg: BatchConfig, engine: str | Path, address: str | None = None, concurrency: int | None = None,
+            threads: int | None = None, provider: str = "cpu", progress: Callable[[int], None] | None = None,
+            warn: Callable[[str], None] | None = None) -> BatchReport:
+    """The batch job on a Ray cluster at ``address`` (None: the one Ray finds, else a local one).
+
+    ``concurrency`` actors of ``threads`` CPUs each (see :func:`plan_pool`); ``progress`` as in
+    ``run_batch``; ``warn`` gets a line when the pool asked for does not fit the cluster now."""
+    import ray
+
+    from pauserec.runtime import Engine, Recommender
+
+    provider = "cpu" if provider == "auto" else provider  # every actor runs what the resume fingerprint says
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    runner = None
+    try:
+        checks = Recommender(Engine.load(engine, provider=provider, graphs=False))  # manifest and catalog only
+        plan = plan_pool(cluster_node_cpus(), concurrency, threads)
+        if warn and plan.warning():
+            warn(plan.warning())
+        runner = RayRunner(engine, plan, provider=provider, batch_size=cfg.batch_size)
+        return run_batch(cfg, checks, progress=progress, runner=runner)
+    finally:
+        if runner is not None:
+            runner.close()
+        if started:
+            ray.shutdown()
+
+
+# -- Ray Data pipelines -------------------------------------------------------------------------------
+def result_schema():
+    import pyarrow as pa
+
+    return pa.schema([("user_id", pa.string()), ("items", pa.list_(pa.string())),
+                      ("scores", pa.list_(pa.float32())), ("sids", pa.list_(pa.string())),
+                      ("truncated", pa.int32()), ("reason", pa.string())])
 
 
 class RecommendBatch:
     """A callable class for ``ray.data.Dataset.map_batches(..., batch_format="pyarrow")``.
 
     Takes batches with ``user_id`` and ``history`` columns (optionally ``exclude`` / ``allow``), or a
-    ``text`` column of raw JSONL lines (``ray.data.read_text``), and returns the result columns.
+    ``text`` column of raw JSONL lines (``ray.data.read_text``), and returns one row per input row:
+    ``user_id, items, scores, sids, truncated, reason`` (``reason`` is null for a recommended row).
     """
 
     def __init__(self, engine: str | Path, k: int = 10, beams: int = 20, threads: int | None = None,
@@ -84,6 +327,10 @@ class RecommendBatch:
         self.rec.check_request(k, beams)
         self.opts = RowOptions(k=k, beams=beams, user_field=user_field, history_field=history_field,
                                exclude_history=exclude_history, exclude=frozenset(map(str, exclude)))
+        if self.opts.exclude:
+            why = self.rec.validate_filter(sorted(self.opts.exclude), "exclude")
+            if why:
+                raise PauserecError(f"exclude: {why}; remove them")
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -93,120 +340,6 @@ class RecommendBatch:
         else:
             rows = [parse_record(rec, self.opts) for rec in batch.to_pylist()]
         records = recommend_rows(self.rec, rows, self.opts, self.rec.sid_text)
-        columns = {
-            "user_id": [r["user_id"] for r in records],
-            "items": [r.get("items") for r in records],
-            "scores": [r.get("scores") for r in records],
-            "sids": [r.get("sids") for r in records],
-            "history_truncated": [r.get("truncated", 0) for r in records],
-            "error": [r.get("reason") for r in records],
-        }
+        columns = {name: [r.get(name) for r in records] for name in result_schema().names}
+        columns["truncated"] = [r.get("truncated", 0) for r in records]
         return pa.Table.from_pydict(columns, schema=result_schema())
-
-
-def _check(cfg: BatchConfig) -> None:
-    if cfg.output.suffix.lower() != ".parquet":
-        raise PauserecError(f"--ray writes a Parquet dataset (a directory of files): name the output "
-                            f"*.parquet, not {cfg.output.name}")
-    if cfg.resume:
-        raise PauserecError("--resume does not apply to --ray: Ray retries failed tasks itself, and a job whose "
-                            "driver died is rerun from the start with --overwrite")
-    if cfg.unique:
-        raise PauserecError("--unique is not supported with --ray (duplicates are counted in the summary); "
-                            "deduplicate the input first or run without --ray")
-    check_sizes(cfg)
-    if "://" not in str(cfg.input):
-        check_input(cfg)
-    for path, what in ((cfg.output, "output"), (cfg.summary_path, "summary")):
-        if path.exists() and not cfg.overwrite:
-            raise PauserecError(f"{what} {path} exists; pass --overwrite to replace it, or choose another --output")
-
-
-def _read(cfg: BatchConfig):
-    import ray.data
-
-    path = str(cfg.input)
-    if format_of(cfg.input, "input") == "jsonl":  # lines, parsed by the actors: a bad line is one error row
-        return ray.data.read_text(path, drop_empty_lines=False, num_cpus=IO_CPUS)
-    import pyarrow.parquet as pq
-
-    names = pq.ParquetFile(path).schema_arrow.names if "://" not in path else None
-    wanted = [cfg.user_field, cfg.history_field, "exclude", "allow"]
-    return ray.data.read_parquet(path, columns=[c for c in wanted if names is None or c in names], num_cpus=IO_CPUS)
-
-
-def _account(tmp: Path) -> tuple[int, dict[str, int], int, int]:
-    """(rows, errors by reason, duplicate user ids, truncated histories) of a written result dataset."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(tmp, columns=["user_id", "history_truncated", "error"])
-    reasons: dict[str, int] = {}
-    for reason in table.column("error").drop_null().to_pylist():
-        kind = reason_kind(reason)
-        reasons[kind] = reasons.get(kind, 0) + 1
-    ids = table.column("user_id").drop_null().to_numpy(zero_copy_only=False).astype(str)
-    dups = len(ids) - len(np.unique(ids))
-    truncated = int(np.count_nonzero(table.column("history_truncated").to_numpy() > 0))
-    return table.num_rows, reasons, dups, truncated
-
-
-def run_ray(cfg: BatchConfig, engine: str | Path, address: str | None = None, concurrency: int = 1,
-            threads: int | None = None, provider: str = "cpu") -> BatchReport:
-    """The batch job on Ray Data; ``address`` of a running cluster (None: start a local one)."""
-    import ray
-
-    t0 = time.perf_counter()
-    _check(cfg)
-    exclude = sorted(read_item_list(cfg.exclude_file)) if cfg.exclude_file else []
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    tmp = cfg.output.with_name(f".{cfg.output.name}.tmp-ray-{os.getpid()}")
-    try:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
-        ds = _read(cfg)
-        per_actor = int(threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // concurrency))
-        out = ds.map_batches(  # Ray Data restarts a dead actor and retries its task (max_restarts=-1 by default)
-            RecommendBatch, batch_size=cfg.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=per_actor,
-            fn_constructor_kwargs={"engine": str(Path(engine).resolve()), "k": cfg.k, "beams": cfg.beams,
-                                   "threads": per_actor, "provider": provider, "user_field": cfg.user_field,
-                                   "history_field": cfg.history_field, "exclude_history": cfg.exclude_history,
-                                   "exclude": exclude})
-        out.write_parquet(str(tmp), ray_remote_args={"num_cpus": IO_CPUS})
-        rows, reasons, dups, truncated = _account(tmp)
-        rows_in = count_rows(cfg) if "://" not in str(cfg.input) else ds.count()
-        errors = sum(reasons.values())
-        if rows != rows_in:
-            raise JobError(f"row accounting failed: {rows_in:,} rows in, {rows - errors:,} out + {errors:,} errors; "
-                           "nothing was written")
-        if cfg.output.exists():  # --overwrite (checked before)
-            shutil.rmtree(cfg.output) if cfg.output.is_dir() else cfg.output.unlink()
-        os.replace(tmp, cfg.output)
-    except PauserecError:
-        raise
-    except Exception as e:  # Ray's own error types: a task that kept failing, a lost cluster
-        raise JobError(f"the Ray job failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                       "nothing was written. Fix the cause and rerun") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if started:
-            ray.shutdown()
-    seconds = time.perf_counter() - t0
-    report = BatchReport(input_rows=rows_in, ok=rows - errors, errors=errors, duplicates=dups, truncated=truncated,
-                         seconds=seconds, output=str(cfg.output), errors_file=f"{cfg.output} (column error)",
-                         summary_file=str(cfg.summary_path), reasons=reasons)
-    summary = {
-        "input": str(cfg.input), "output": str(cfg.output), "engine": str(engine), "runner": "ray",
-        "ray": {"address": address or "local", "concurrency": concurrency, "cpus_per_actor": per_actor},
-        "options": {"k": cfg.k, "beams": cfg.beams, "batch_size": cfg.batch_size,
-                    "exclude_history": cfg.exclude_history, "exclude_file": str(cfg.exclude_file or "")},
-        "rows_in": rows_in, "rows_out": report.ok, "error_rows": errors,
-        "errors_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        "duplicate_user_ids": dups, "truncated_histories": truncated, "seconds": round(seconds, 3),
-        "users_per_second": round(rows_in / seconds, 2) if seconds > 0 else None,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    cfg.summary_path.write_text(json.dumps(summary, indent=1) + "\n")
-    return report

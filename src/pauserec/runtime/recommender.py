@@ -165,10 +165,12 @@ class Recommender:
             raise DataError(f"k={k} is more than the {self.catalog.n_items:,} items of the catalog; lower k")
 
     def fingerprint(self) -> dict[str, str]:
-        """What identifies this engine's results: its manifest (which checksums every file) and the catalog."""
+        """What identifies this engine's results: its manifest (which checksums every file), the catalog and
+        the backend that runs it."""
         h = hashlib.sha256("\n".join(map(str, self.catalog.item_ids)).encode())
         h.update(np.ascontiguousarray(self.catalog.sids, dtype=np.int32).tobytes())
-        return {"manifest_sha256": sha256_file(self.engine.path / MANIFEST_FILE), "catalog_sha256": h.hexdigest()}
+        return {"manifest_sha256": sha256_file(self.engine.path / MANIFEST_FILE), "catalog_sha256": h.hexdigest(),
+                "provider": self.engine.provider}  # CPU and GPU numerics may order near-ties differently
 
     def sid_text(self, codes: np.ndarray) -> str:
         """SID codes (L,) -> ``<a_1><b_2>...`` in the catalog's token spelling."""
@@ -179,6 +181,9 @@ class Recommender:
         k, beams = int(k), int(beams)
         if k < 1 or beams < 1:
             raise DataError(f"k and beams must be >= 1 (got k={k}, beams={beams})")
+        if k > beams:
+            raise DataError(f"k={k} > beams={beams}: a search with {beams} beams names at most {beams} SIDs, so "
+                            "users would get padding; pass beams >= k")
         e = self.engine
         if e.static and beams != e.static_beams:
             raise EngineError(f"{e.path} is a static engine exported with --beams {e.static_beams}: call with "

@@ -11,6 +11,8 @@ falls back silently.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from pauserec.errors import BackendUnavailable, EngineError
@@ -18,6 +20,23 @@ from pauserec.runtime.session import Session
 from pauserec.runtime.spec import GraphSpec
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, capped by a cgroup CPU quota (containers, Kubernetes
+    limits), which ``os.cpu_count()`` and ONNX Runtime's default thread count both ignore."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        q, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        quota = None if q == "max" else int(q) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            q = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+            quota = q / int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read()) if q > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(n, math.ceil(quota)) if quota else n)
 
 
 def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
