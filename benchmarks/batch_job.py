@@ -1,4 +1,4 @@
-"""The batch job at scale: peak memory against the number of users, and users/s local vs Ray Data.
+"""The batch job at scale: peak memory against the number of users, and users/s local vs a Ray cluster.
 
     python benchmarks/batch_job.py memory ENGINE --users 10000 100000 1000000 --out results/batch-job/memory.json
     python benchmarks/batch_job.py throughput ENGINE --users 4000 --out results/batch-job/throughput.json
@@ -9,9 +9,12 @@ size with a constant-time stub recommender, which isolates what the job itself h
 input, parts, merge, duplicate detection) from the engine. Flat peak RSS = memory does not grow
 with the input.
 
-``throughput`` runs the same input through the local job (one process, all threads) and through
-``run_ray`` on a local Ray cluster with 1 and 2 actors (CPUs split between them), checks that every
-run recommends the same items for every user, and reports users/s (median of ``--repeats``).
+``throughput`` runs the same input through the local job (a fresh process, 1 and all threads) and
+through ``run_ray`` on a simulated cluster grown from 1 to ``--nodes`` worker nodes of ``--node-cpus``
+CPUs (one actor per node; the engine read from a ``file://`` URI into per-node caches), checks that
+every run writes the same items for every user, and reports users/s (median of ``--repeats``) and
+each actor's peak RSS. The simulated nodes share this machine's cores: more nodes than cores
+measure the pool's overhead, not a speed-up.
 """
 
 from __future__ import annotations
@@ -112,45 +115,67 @@ def memory(args) -> dict:
 
 
 def throughput(args) -> dict:
-    from pauserec.data import Catalog
-    from pauserec.runtime import Engine, Recommender
-    from pauserec.runtime.batch import BatchConfig, run_batch
-    from pauserec.runtime.ray_job import run_ray
-    import pyarrow.parquet as pq
+    """Users/s of the local job (1 and all threads, each in a fresh process) and of the Ray job on a cluster of
+    1..--nodes simulated worker nodes of --node-cpus CPUs each (``ray.cluster_utils.Cluster`` on this machine:
+    the nodes share its cores), same input, interleaved repeats; every run must write the same items."""
     import ray
+    from ray.cluster_utils import Cluster
+
+    from pauserec.data import Catalog
+    from pauserec.runtime.batch import BatchConfig
+    from pauserec.runtime.engine_cache import CACHE_ENV
+    from pauserec.runtime.ray_job import run_ray
 
     ids = list(Catalog.load(args.engine / "catalog.npz").item_ids)
-    cpus = args.threads
-    results: dict[str, list[float]] = {"local": [], "ray-1-actor": [], "ray-2-actors": []}
-    items: dict[str, dict] = {}
+    runs: list[dict] = []
+    items: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        inp = Path(tmp) / "users.jsonl"
+        tmp = Path(tmp)
+        inp = tmp / "users.jsonl"
         write_users(inp, ids, args.users)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        os.environ[CACHE_ENV] = str(tmp / "cache-driver")
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+        ray.init(address=cluster.address, log_to_driver=False)
         try:
-            for rep in range(args.repeats):
-                for name in results:
-                    out = Path(tmp) / f"{name}-{rep}.parquet"
-                    cfg = BatchConfig(input=inp, output=out, k=10, beams=20, batch_size=64)
-                    t0 = time.perf_counter()
-                    if name == "local":
-                        run_batch(cfg, Recommender(Engine.load(args.engine, threads=cpus)))
-                    else:
-                        actors = 1 if name == "ray-1-actor" else 2
-                        run_ray(cfg, args.engine, concurrency=actors, threads=cpus // actors)
-                    seconds = time.perf_counter() - t0
-                    results[name].append(args.users / seconds)
-                    table = pq.read_table(out, columns=["user_id", "items"]).to_pylist()
-                    items[name] = {r["user_id"]: r["items"] for r in table if r["items"]}
-                    print(json.dumps({"system": name, "repeat": rep, "users_per_s": args.users / seconds}), flush=True)
+            for nodes in range(1, args.nodes + 1):
+                cluster.add_node(num_cpus=args.node_cpus, env_vars={CACHE_ENV: str(tmp / f"cache-node{nodes}")})
+                cluster.wait_for_nodes()
+                for rep in range(args.repeats):
+                    systems = [f"ray-{nodes}-nodes"] + ([f"local-{t}-threads" for t in sorted({1, args.threads})]
+                                                        if nodes == 1 or rep == 0 else [])
+                    for name in systems:
+                        out = tmp / f"{name}-{rep}.jsonl"
+                        if name.startswith("local"):
+                            r = _run_job("engine", args.engine, inp, out, int(name.split("-")[1]))
+                            run = {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+                        else:
+                            cfg = BatchConfig(input=inp, output=out, k=10, beams=20, batch_size=64)
+                            t0 = time.perf_counter()
+                            run_ray(cfg, args.engine.resolve().as_uri(), threads=args.node_cpus)
+                            seconds = time.perf_counter() - t0
+                            runner = json.loads(cfg.summary_path.read_text())["runner"]
+                            run = {"seconds": seconds, "actors": len(runner["actor_stats"]),
+                                   "actor_peak_rss_mb": [round(a["peak_rss_bytes"] / 2**20, 1)
+                                                         for a in runner["actor_stats"]],
+                                   "rows_per_actor": [a["rows"] for a in runner["actor_stats"]]}
+                        run.update(system=name, repeat=rep, users_per_s=args.users / run["seconds"])
+                        items[name] = [r["items"] for r in map(json.loads, out.read_text().splitlines())]
+                        print(json.dumps(run), flush=True)
+                        runs.append(run)
+                        for f in tmp.glob(f"{name}-{rep}*"):
+                            f.unlink()
         finally:
             ray.shutdown()
-    same = all(items[n] == items["local"] for n in items)
-    return {"users": args.users, "cpus": cpus, "same_items_for_every_user": same,
+            cluster.shutdown()
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        by.setdefault(r["system"], []).append(r["users_per_s"])
+    local = statistics.median(by[f"local-{args.threads}-threads"])
+    return {"users": args.users, "node_cpus": args.node_cpus, "machine_cores": os.cpu_count(),
+            "same_items_for_every_user": all(v == items[f"local-{args.threads}-threads"] for v in items.values()),
             "users_per_s": {n: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
-                            for n, v in results.items()},
-            "vs_local": {n: statistics.median(v) / statistics.median(results["local"]) for n, v in results.items()}}
+                            for n, v in by.items()},
+            "vs_local_all_threads": {n: statistics.median(v) / local for n, v in by.items()}, "runs": runs}
 
 
 def main() -> None:
@@ -161,6 +186,8 @@ def main() -> None:
     ap.add_argument("--engine-users", type=int, default=10_000, help="memory: also run the real engine up to this size")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--nodes", type=int, default=3, help="throughput: simulated Ray worker nodes (1..N)")
+    ap.add_argument("--node-cpus", type=int, default=1, help="throughput: CPUs of each simulated node")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.what == "memory":

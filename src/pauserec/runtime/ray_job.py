@@ -147,7 +147,6 @@ class RayRunner(ChunkRunner):
         self.started = self.lost = self.retried = 0
         self.actors: list = []  # every actor handle started (killed at the end)
         self.load: dict = {}  # actors that started and are alive -> chunks in flight
-        self.final: list[dict] = []
 
     def _start(self, opts: RowOptions):
         import ray
