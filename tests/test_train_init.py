@@ -89,6 +89,29 @@ def test_init_from_a_real_shape_base_saves_finite_weights_with_the_finetuning_lr
     assert ck.model.lm_head.weight is ck.model.get_input_embeddings().weight  # still tied
 
 
+def test_a_zero_embedding_row_no_longer_makes_every_gradient_nan():
+    """nn.Embedding zeroes its padding_idx row (Qwen: pad = eos). A position whose input row is zero keeps a
+    zero hidden state through every layer, each RMSNorm's gradient at zero is 1/sqrt(eps), and through 28
+    layers the gradient overflows: every gradient is NaN at step 1. ``--init-from`` fills such rows first."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=28, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=128, pad_token_id=5, eos_token_id=5, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(cfg)
+    ids = torch.tensor([[5, 11, 12, 13, 14]])  # eos first, as a prompt that opens with the pad/eos token does
+
+    def grad_norm():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+    assert not model.get_input_embeddings().weight[5].any() and torch.isnan(grad_norm())  # the failure, at its root
+    assert sft.fill_zero_rows(model) == 1 and model.get_input_embeddings().padding_idx is None
+    assert torch.isfinite(grad_norm())
+    assert torch.equal(model.get_input_embeddings().weight[5], model.lm_head.weight[5])  # still tied
+
+
 def test_peak_lrs_come_from_lr_then_finetuning_defaults_then_the_preset(tmp_path):
     base = tmp_path / "base"
     assert peak_lrs(_tiny_run(tmp_path, tmp_path, init_from=base)) == (

@@ -380,6 +380,29 @@ def init_pause_embedding(model, pause_id: int) -> None:
         w[pause_id] = w.mean(dim=0)
 
 
+def fill_zero_rows(model) -> int:
+    """Give every all-zero input embedding row the mean of the other rows, and drop ``padding_idx``; returns the
+    number of rows filled.
+
+    ``nn.Embedding(padding_idx=pad)`` zeroes the pad row of a model built from its config (Qwen's pad is its
+    eos, ``<|endoftext|>``). A position whose input row is zero keeps an all-zero hidden state through every
+    layer (it attends to itself), and each RMSNorm's gradient at zero is ``1/sqrt(eps)`` (1000 at 1e-6): through
+    28 layers the gradient overflows, and every gradient of the step is NaN. Trained checkpoints seldom have
+    such rows; bases built from configs always do.
+    """
+    import torch
+
+    emb = model.get_input_embeddings()
+    emb.padding_idx = None
+    with torch.no_grad():
+        w = emb.weight
+        zero = ~w.detach().ne(0).any(dim=1)
+        n = int(zero.sum())
+        if n and n < len(w):
+            w[zero] = w[~zero].mean(dim=0)
+    return n
+
+
 def prepare(cfg: TrainConfig, dataset):
     """(model, tokenizer, pad, eos) for a config: a preset from scratch or an extended local checkpoint."""
     import torch
@@ -394,6 +417,7 @@ def prepare(cfg: TrainConfig, dataset):
             model, f"in the --init-from checkpoint {cfg.init_from}", "Re-create or re-download that checkpoint",
             CheckpointError,
         )
+        fill_zero_rows(model)
         vocab = tok.get_vocab_size(with_added_tokens=True)
         if model.get_input_embeddings().weight.shape[0] < vocab:
             model.resize_token_embeddings(vocab)
