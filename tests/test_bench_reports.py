@@ -161,8 +161,8 @@ def test_recompute_prefix_engine_gives_the_same_answers(tiny_checkpoints, traine
     fused, unfused = Engine.load(trained_engines["pause"]), Engine.load(rep.out)
     ids = fused.catalog.item_ids
     histories = [[ids[i] for i in range(j, j + 4)] for j in range(5)]
-    a = Recommender(fused).recommend(histories, k=10, beams=8)
-    b = Recommender(unfused).recommend(histories, k=10, beams=8)
+    a = Recommender(fused).recommend(histories, k=8, beams=8)
+    b = Recommender(unfused).recommend(histories, k=8, beams=8)
     np.testing.assert_array_equal(a.item_index, b.item_index)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
 
@@ -171,8 +171,8 @@ def test_ablation_variants_on_a_tiny_model(tiny_checkpoints, tmp_path):
     from pauserec.bench.ablation import VARIANTS, AblationConfig, run_ablation, write_ablation
     from pauserec.bench.report import finish, markdown
 
-    cfg = AblationConfig(checkpoint=tiny_checkpoints["pause"], out=tmp_path, batch_sizes=(1, 2), beams=6, iters=1,
-                         warmup=0, threads=1, history_len=5)
+    cfg = AblationConfig(checkpoint=tiny_checkpoints["pause"], out=tmp_path, batch_sizes=(1, 2), beams=6, k=6,
+                         iters=1, warmup=0, threads=1, history_len=5)
     result = finish(run_ablation(cfg, say=lambda m: None), "ablation", threads=1)
     names = [v["name"] for v in result["variants"]]
     assert names == [v.name for v in VARIANTS]

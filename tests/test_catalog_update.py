@@ -85,8 +85,8 @@ def test_updated_engine_equals_a_fresh_export(tmp_path_factory, tmp_path, source
     manifest = json.loads((engine / "manifest.json").read_text())
     assert manifest["files"]["catalog.npz"] == report.catalog_sha256 and manifest["catalog"]["items"] == 21
 
-    got = _recommend(engine, HISTORIES, k=21, beams=20)  # checksums verified on load
-    want = _recommend(fresh, HISTORIES, k=21, beams=20)
+    got = _recommend(engine, HISTORIES, k=21, beams=21)  # checksums verified on load
+    want = _recommend(fresh, HISTORIES, k=21, beams=21)
     np.testing.assert_array_equal(got.items, want.items)
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
     shown = set(got.items.ravel())
@@ -103,15 +103,15 @@ def test_engine_load_with_another_catalog_and_out_dir(tmp_path_factory, tmp_path
     for source in (sources["index"], sources["new"], Catalog.load(sources["new"])):
         loaded = Engine.load(engine, provider="cpu", catalog=source)
         assert loaded.catalog.n_items == 21 and loaded.catalog.codebook_sizes == (4, 5, 6)
-        got = Recommender(loaded).recommend(HISTORIES, k=10, beams=8)
-        np.testing.assert_array_equal(got.items, _recommend(fresh, HISTORIES, k=10, beams=8).items)
+        got = Recommender(loaded).recommend(HISTORIES, k=8, beams=8)
+        np.testing.assert_array_equal(got.items, _recommend(fresh, HISTORIES, k=8, beams=8).items)
     assert (engine / "catalog.npz").read_bytes() == before  # Engine.load never writes
 
     out = tmp_path / "updated"
     update_catalog(engine, sources["index"], out=out)
     assert (engine / "catalog.npz").read_bytes() == before
-    np.testing.assert_array_equal(_recommend(out, HISTORIES, k=10, beams=8).items,
-                                  _recommend(fresh, HISTORIES, k=10, beams=8).items)
+    np.testing.assert_array_equal(_recommend(out, HISTORIES, k=8, beams=8).items,
+                                  _recommend(fresh, HISTORIES, k=8, beams=8).items)
 
 
 def _index(tmp_path: Path, entries: dict) -> Path:
@@ -166,8 +166,8 @@ def test_cli_catalog_update(tmp_path_factory, tmp_path, sources):
     res = CliRunner().invoke(app, ["catalog", "update", str(engine), "--index", str(sources["index"]), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["added"] == 4
-    np.testing.assert_array_equal(_recommend(engine, HISTORIES, k=10, beams=8).items,
-                                  _recommend(fresh, HISTORIES, k=10, beams=8).items)
+    np.testing.assert_array_equal(_recommend(engine, HISTORIES, k=8, beams=8).items,
+                                  _recommend(fresh, HISTORIES, k=8, beams=8).items)
     bad = _index(tmp_path, REFUSED["codebook"][0])
     res = CliRunner().invoke(app, ["catalog", "update", str(engine), "--index", str(bad)])
     assert res.exit_code == 2 and "uses code 6 at level 3" in res.output

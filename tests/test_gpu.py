@@ -95,7 +95,7 @@ def test_device_search_on_host_with_filters(engine_dirs):
     host = Recommender(Engine.load(engine_dirs["pause"], provider="cpu", threads=1))
     engine, _ = _on_host_device(engine_dirs["pause"])
     dev = Recommender(engine)
-    kw = dict(k=10, beams=6, exclude=[["item3", "item4"], None, ["item1"]], exclude_history=True)
+    kw = dict(k=6, beams=6, exclude=[["item3", "item4"], None, ["item1"]], exclude_history=True)
     want, got = host.recommend(HISTORIES, **kw), dev.recommend(HISTORIES, **kw)
     assert got.items.tolist() == want.items.tolist()
     allow = host.recommend(HISTORIES, k=5, beams=6, allow=["item1", "item2", "item3", "item7", "item9"])
@@ -163,5 +163,5 @@ def test_cuda_ep_device_search_keeps_kv_on_the_device(engine_dirs):
     engine = Engine.load(engine_dirs["pause"], provider="cuda")
     run = engine.sessions["decode"].run
     engine.sessions["decode"].run = lambda feeds, keep=(): calls.append(feeds) or run(feeds, keep)
-    Recommender(engine).recommend(HISTORIES, k=10, beams=8)
+    Recommender(engine).recommend(HISTORIES, k=8, beams=8)
     assert calls and all(not isinstance(f[n], np.ndarray) for f in calls for n in ("ctx_key", "beam_key", "codes"))

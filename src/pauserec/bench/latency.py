@@ -176,6 +176,11 @@ def user_histories(cfg: LatencyConfig, catalog) -> list[np.ndarray]:
 def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None):
     """({system index: {batch size: stats}}, {system index: [(item_index, scores) per timed call]}),
     with systems interleaved inside every iteration (alternating order) on the same batches."""
+    if cfg.k > cfg.beams:
+        from pauserec.errors import PauserecError
+
+        raise PauserecError(f"--k {cfg.k} > --beams {cfg.beams}: a search with {cfg.beams} beams ranks at most "
+                            f"{cfg.beams} SIDs; pass --beams >= --k")
     out: dict[int, dict[str, dict]] = {i: {} for i in range(len(systems))}
     answers: dict[int, list] = {i: [] for i in range(len(systems))}
     for bs in cfg.batch_sizes:
