@@ -245,3 +245,25 @@ def test_quality_cli_with_several_engines_per_kind_reports_seeds_and_intervals(t
     b = seeds["paired_vs_direct"]["pause"]["ndcg@10"]
     assert b["lo"] <= b["diff"] <= b["hi"]
     assert (tmp_path / "quality-seeds.md").read_text().count("| pause | 2 |") == 1
+
+
+# -- validation bounded by the time allowed ---------------------------------------------------------------
+def test_a_slow_validation_is_cut_to_the_time_allowed(synthetic_data, tmp_path, monkeypatch):
+    """A model whose search costs 0.5 s a user (a big model on a CPU): 40 users would take 20 s, more than the
+    10 s an evaluation may take this early in training, so the sample is cut to the 20 users that fit."""
+    monkeypatch.setattr(val.Validator, "seconds_per_user", lambda self, model, users=8: 0.5)
+    res = train(_cfg(synthetic_data, tmp_path / "ck", val_users=40, val_every=2, max_steps=4))
+    v = res.validation
+    assert v["sized_to_time"] == {"asked": 40, "used": 20, "seconds_per_user": 0.5, "allowed_s": pytest.approx(10, abs=0.5)}
+    assert v["users"] == 20 and v["evaluations"] == 2 and v["skipped_for_time"] == 0
+
+
+def test_a_validation_that_cannot_fit_is_skipped_and_the_card_says_so(synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(val.Validator, "seconds_per_user", lambda self, model, users=8: 5.0)  # 16 users: 80 s
+    called = []
+    monkeypatch.setattr(val.Validator, "__call__", lambda self, model: called.append(1))
+    res = train(_cfg(synthetic_data, tmp_path / "ck", val_users=40, max_minutes=0.02, epochs=50))
+    v = res.validation
+    assert not called and v["evaluations"] == 0 and v["skipped_for_time"] >= 1  # the last one too
+    assert v["stop_reason"] == "time_budget" and "no evaluation fitted the time allowed" in v["stop_detail"]
+    assert res.wall_time_s < 0.02 * 60 + 10  # the budget plus what one evaluation may take, at most

@@ -24,7 +24,11 @@ steps, the model ranks a fixed seeded sample of the validation split (``val_user
 beam search); the best weights by ``val_metric`` are kept, the run stops after ``patience`` evaluations
 without a gain, and the checkpoint holds the best weights. ``--epochs`` and ``--max-minutes`` are
 ceilings; the card records the curve, the chosen epoch and why the run stopped; ``curve.png`` is written
-beside it when matplotlib is installed.
+beside it when matplotlib is installed. Every evaluation, the first and the last too, must fit the time
+allowed (``_eval_allowance``: ``val_share`` of the budget, or of the training so far, at least 10 s, and
+with ``--max-minutes`` never past the budget plus that share): before the first, a few users are timed and
+the sample is cut to what fits (a big model on a CPU); one that still does not fit is skipped, and the card
+says so.
 
 Peak learning rates: ``--lr`` when given; else, from scratch, the preset's (4e-3 / 6e-3); else, when
 fine-tuning a pretrained ``--init-from`` model, the PauseRec paper's 5e-5 for SFT and 1e-4 for the
@@ -203,6 +207,20 @@ def _planned_steps(stage: Stage, per_epoch: int) -> int:
     return planned if stage.max_steps is None else min(planned, stage.max_steps)
 
 
+MIN_EVAL_S = 10.0  # an evaluation may always take this long, however short the training so far
+
+
+def _eval_allowance(stage: Stage, val_s: float, t0: float) -> float:
+    """Seconds the next evaluation may take: ``val_share`` of the time budget (or, without one, of the training
+    time so far), at least MIN_EVAL_S; with a budget, never past ``budget + that share``, so --max-minutes
+    bounds validation too (the last evaluation included)."""
+    elapsed = time.perf_counter() - t0
+    share = max(stage.val_share * (stage.budget_s or (elapsed - val_s)), MIN_EVAL_S)
+    if stage.budget_s:
+        return min(share, stage.budget_s + share - elapsed)
+    return share
+
+
 def _eval_due(stage: Stage, val_s: float, t0: float, last_eval: int) -> bool:
     """Epoch-end evaluation unless it would push validation over ``val_share`` of the training time so far.
 
@@ -236,6 +254,11 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
     def evaluate() -> bool:
         nonlocal val_s, last_eval
         tv = time.perf_counter()
+        if not stage.validate.fits(model, _eval_allowance(stage, val_s, t0)):
+            val_s += time.perf_counter() - tv
+            if progress:
+                progress.update(task, val=f"validation skipped: over the time allowed ({stage.validate.skipped})")
+            return False
         point = {"step": step, "epoch": round(step / per_epoch, 3), "lr": lr,
                  "train_loss": float(np.mean(losses[last_eval:])) if step > last_eval else float("nan")}
         stop = stage.validate(model, point, progress, task)

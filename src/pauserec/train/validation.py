@@ -27,6 +27,8 @@ from pauserec.metrics import hit_ndcg
 
 METRICS = ("hit@5", "ndcg@5", "hit@10", "ndcg@10")
 CURVE_FILE = "curve.png"
+PROBE_USERS = 8  # users timed before the first evaluation, to size the sample for the model
+MIN_USERS = 16  # a sample cut to fit the time allowed never goes below this; the evaluation is skipped instead
 
 
 @dataclass(frozen=True)
@@ -72,26 +74,44 @@ class Validator:
             raise TrainError("the validation split is empty; pass --val-users 0 to train without validation")
         self.spec, self.catalog, self.cfg = spec, catalog, cfg
         idx = sample_users(len(valid), cfg.users, cfg.seed)
-        hists = [valid.histories[i] for i in idx]
-        order = np.argsort([len(h) for h in hists], kind="stable")  # similar lengths batch together
-        self.histories = [hists[i] for i in order]
-        self.targets = np.asarray(valid.targets, np.int64)[idx][order]
+        # a seeded order of the sample: resize(n) keeps its first n users, an unbiased subsample
+        self._hists = [valid.histories[i] for i in idx]
+        self._targets = np.asarray(valid.targets, np.int64)[idx]
+        self._order = np.random.default_rng(cfg.seed + 1).permutation(len(idx))
+        self.resize(len(idx))
+
+    def resize(self, n: int) -> None:
+        """Keep the first ``n`` users of the seeded order (all evaluations of a run then see these)."""
+        keep = self._order[:n]
+        keep = keep[np.argsort([len(self._hists[i]) for i in keep], kind="stable")]  # similar lengths batch together
+        self.histories = [self._hists[i] for i in keep]
+        self.targets = self._targets[keep]
+
+    def seconds_per_user(self, model, users: int = PROBE_USERS) -> float:
+        """Time the search on a few users of the sample (the model's cost per validation user)."""
+        was_training, t0 = model.training, time.perf_counter()
+        try:
+            self.ranked_items(model, limit=min(users, self.users))
+        finally:
+            model.train(was_training)
+        return (time.perf_counter() - t0) / max(1, min(users, self.users))
 
     @property
     def users(self) -> int:
         return len(self.targets)
 
-    def ranked_items(self, model) -> np.ndarray:
-        """Top-10 items of every sampled user, (U, 10); the model is left in eval mode."""
+    def ranked_items(self, model, limit: int | None = None) -> np.ndarray:
+        """Top-10 items of every sampled user (or the first ``limit``), (U, 10); the model is left in eval mode."""
         import torch
 
         from pauserec.train.reference import ReferenceRecommender
 
         rec = ReferenceRecommender(model, self.spec, self.catalog, beams=self.cfg.beams, top_n=10)
+        users = self.users if limit is None else min(limit, self.users)
         bs, out = self.cfg.batch_size, []
         with torch.no_grad():
-            for lo in range(0, self.users, bs):
-                out.append(rec.recommend(self.histories[lo : lo + bs]).items)
+            for lo in range(0, users, bs):
+                out.append(rec.recommend(self.histories[lo : min(lo + bs, users)]).items)
         return np.concatenate(out)
 
     def __call__(self, model) -> dict:
@@ -172,9 +192,33 @@ class Validation:
 
     def __init__(self, validator: Validator, early: EarlyStopping, snapshots: Path | None = None):
         self.validator, self.early, self.snapshots = validator, early, snapshots
+        self.per_user_s: float | None = None  # measured: a probe before the first evaluation, then each evaluation
+        self.sized: dict | None = None  # how the sample was cut to the time allowed, if it was
+        self.skipped = 0  # evaluations left out because they would not fit the time allowed
+
+    def fits(self, model, allowed_s: float) -> bool:
+        """Whether the next evaluation fits in ``allowed_s`` seconds. The first call times a few users and, when
+        the whole sample would not fit, cuts it (once, for the rest of the run) to the users that do, never
+        below MIN_USERS; an evaluation that still does not fit is skipped (counted in the card)."""
+        v = self.validator
+        if self.per_user_s is None:
+            self.per_user_s = v.seconds_per_user(model)
+            fit = int(allowed_s / self.per_user_s) if self.per_user_s > 0 else v.users
+            if fit < v.users and fit >= MIN_USERS:
+                self.sized = {"asked": v.users, "used": fit, "seconds_per_user": round(self.per_user_s, 4),
+                              "allowed_s": round(allowed_s, 2)}
+                v.resize(fit)
+        if self.per_user_s * v.users <= allowed_s:
+            return True
+        self.skipped += 1
+        return False
 
     def __call__(self, model, point: dict, progress=None, task=None) -> bool:
-        improved = self.early.update({**point, **self.validator(model)}, model)
+        if progress is not None:
+            progress.update(task, val=f"validating {self.validator.users} users…")
+        result = self.validator(model)
+        self.per_user_s = result["seconds"] / max(1, self.validator.users)
+        improved = self.early.update({**point, **result}, model)
         if self.snapshots is not None:
             import torch
 
@@ -230,7 +274,11 @@ def validation_record(validation: Validation | None, stage: dict, epochs: int, m
     rec = early.summary(stage["stop_reason"], val_s, stage["wall_time_s"] - val_s, validation.validator.users)
     if rec["chosen_epoch"] is not None:
         detail += f"; saved epoch {rec['chosen_epoch']:g} ({early.metric} {early.best:.4f})"
-    rec.update(stop_detail=detail, beams=vcfg.beams, every_steps=vcfg.every, seed=vcfg.seed)
+    rec.update(stop_detail=detail, beams=vcfg.beams, every_steps=vcfg.every, seed=vcfg.seed,
+               sized_to_time=validation.sized, skipped_for_time=validation.skipped)
+    if not early.curve and validation.skipped:
+        rec["stop_detail"] += ("; no evaluation fitted the time allowed (the last step's weights were saved): "
+                               "give the run more --max-minutes or lower --val-users")
     return rec
 
 
