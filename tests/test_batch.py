@@ -192,14 +192,12 @@ def test_a_full_disk_while_merging_says_so_and_closes_the_output(tmp_path, monke
 
     write_users(tmp_path / "users.jsonl", n=20)
     cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / f"recs.{fmt}", batch_size=4)
-    real = os.fsync
+    real = batch.reason_kind
 
-    def fsync(fd):  # the merged files are fsynced before their rename: the disk fills up there
-        if ".recs." in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd)
+    def full(reason):  # the merge counts error rows as it writes them: the disk fills up there
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(batch.os, "fsync", fsync)
+    monkeypatch.setattr(batch, "reason_kind", full)
     with pytest.raises(JobError, match=r"while merging the parts into the output .*disk is full") as e:
         run_batch(cfg, FakeRecommender())
     assert "first row" not in str(e.value)  # was: "stopped before its first row" after 20 rows
@@ -207,7 +205,7 @@ def test_a_full_disk_while_merging_says_so_and_closes_the_output(tmp_path, monke
                   if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [f for f in open_files if ".recs." in f]  # the merge's writers were closed
     assert not list(tmp_path.glob(".recs.*.tmp-*"))
-    monkeypatch.setattr(batch.os, "fsync", real)
+    monkeypatch.setattr(batch, "reason_kind", real)
     assert run_batch(BatchConfig(input=cfg.input, output=cfg.output, batch_size=4, resume=True),
                      FakeRecommender()).skipped_done == 20
 
