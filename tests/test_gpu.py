@@ -71,10 +71,10 @@ def _on_host_device(path, record: list | None = None) -> tuple[Engine, CountingO
 @pytest.mark.parametrize("kind", ["direct", "pause", "cot", "cot-static", "pause-fp16"])
 def test_device_search_on_host_matches_host_search(engine_dirs, kind):
     beams = 6
-    host = Recommender(Engine.load(engine_dirs[kind], provider="cpu", threads=1)).recommend(HISTORIES, k=10, beams=beams)
+    host = Recommender(Engine.load(engine_dirs[kind], provider="cpu", threads=1)).recommend(HISTORIES, k=beams, beams=beams)
     calls: list = []
     engine, ops = _on_host_device(engine_dirs[kind], calls)
-    dev = Recommender(engine).recommend(HISTORIES, k=10, beams=beams)
+    dev = Recommender(engine).recommend(HISTORIES, k=beams, beams=beams)
     assert dev.items.tolist() == host.items.tolist()
     np.testing.assert_allclose(dev.scores, host.scores, rtol=1e-5, atol=1e-5)
     # what crossed to the host: the leaves, and for cot the rationale log-probs (decided on the host)

@@ -154,7 +154,7 @@ def test_equals_the_pytorch_reference_recommender(engine_dirs, kind):
     """Same items and scores as pauserec.train.reference with pruning (beams < SIDs), all three kinds."""
     reference = pytest.importorskip("pauserec.train.reference")
     catalog = tiny_catalog()
-    ref = reference.ReferenceRecommender(tiny_model(ARCH_OF[kind]), tiny_spec(kind), catalog, beams=6, top_n=10)
+    ref = reference.ReferenceRecommender(tiny_model(ARCH_OF[kind]), tiny_spec(kind), catalog, beams=6, top_n=6)
     want = ref.recommend([[catalog.index_of(x) for x in h] for h in HISTORIES])
     got = _recommender(engine_dirs[kind]).recommend(HISTORIES, k=6, beams=6)
     assert got.item_index.tolist() == want.items.tolist()
@@ -170,7 +170,7 @@ def test_static_engine_matches_dynamic(tmp_path_factory):
     assert a.items.tolist() == b.items.tolist()
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
     with pytest.raises(EngineError, match="beams=5"):
-        static.recommend(HISTORIES, beams=4)
+        static.recommend(HISTORIES, k=4, beams=4)
 
 
 def test_fp16_engine_agrees_with_fp32(tmp_path_factory, engine_dirs):
