@@ -295,7 +295,7 @@ def test_refuses_to_clobber(tmp_path):
     cfg.parts_dir.mkdir()
     with pytest.raises(PauserecError, match="--resume"):
         run_batch(cfg, FakeRecommender())
-    with pytest.raises(PauserecError, match=f"no readable job.json"):
+    with pytest.raises(PauserecError, match="no readable job.json"):
         run_batch(cfg_for(tmp_path, resume=True), FakeRecommender())
     with pytest.raises(PauserecError, match=r"\.jsonl or \.parquet"):
         run_batch(BatchConfig(input=cfg.input, output=tmp_path / "recs.csv"), FakeRecommender())

@@ -216,7 +216,7 @@ class _Case:
         return [*self.spec.prefix_ids, *self.histories[b], *self.spec.suffix_ids]
 
     def run(self) -> None:
-        s, spec = self.shape, self.spec
+        s = self.shape
         lp, ck, cv = self.g.run("prefill", history_ids=self.ids, history_mask=self.mask)
         cmask = np.concatenate([self.mask, np.ones((len(self.ids), s.suffix_len), np.int64)], axis=1)
         prefixes = {b: self.prompt(b) for b in self.rows}

@@ -471,8 +471,6 @@ def train(cfg: TrainConfig, dataset=None) -> TrainResult:
     """Train one checkpoint and write it to ``cfg.out``."""
     import torch
 
-    from pauserec.data import load_dataset
-
     if cfg.kind not in KINDS:
         raise PauserecError(f"unknown kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
