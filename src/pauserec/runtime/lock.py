@@ -33,14 +33,19 @@ class LockedError(PauserecError):
     """Another process holds the lock (its message names it)."""
 
 
-def holder_text(lock_path: Path) -> str:
-    """Who holds ``lock_path``, as the holder wrote it (or what is known when it cannot be read)."""
-    try:
-        info = json.loads(lock_path.read_text())
-        return (f"pid {info['pid']} on {info['host']}, started {info['started']}"
-                + (f" ({info['command']})" if info.get("command") else ""))
-    except (OSError, ValueError, KeyError):
-        return "a process whose details could not be read"
+def holder_text(lock_path: Path, wait_s: float = 1.0) -> str:
+    """Who holds ``lock_path``, as the holder wrote it (or what is known when it cannot be read). The holder
+    writes its details just after it takes the lock, so an empty file is read again for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = json.loads(lock_path.read_text())
+            return (f"pid {info['pid']} on {info['host']}, started {info['started']}"
+                    + (f" ({info['command']})" if info.get("command") else ""))
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                return "a process whose details could not be read"
+            time.sleep(0.02)
 
 
 @contextmanager
