@@ -406,20 +406,39 @@ class _OutputWriter:
             self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=self.schema))
             self.buffer = []
 
-    def close(self, flush: bool = True) -> None:
-        """Close the file; ``flush=False`` (a failed merge) drops buffered rows and never raises."""
+    def close(self) -> None:
         if self.fmt == "jsonl":
             self.file.close()
-            return
+        else:
+            self._flush()
+            self.writer.close()
+
+    def abort(self) -> None:
+        """Close the file after a failure: buffered rows are dropped, and nothing raised hides the first error."""
         try:
-            if flush:
-                self._flush()
-        finally:
-            try:
-                self.writer.close()
-            except Exception:  # noqa: BLE001 - already failing: closing must not hide the first error
-                if flush:
-                    raise
+            (self.file if self.fmt == "jsonl" else self.writer).close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _write_merged(cfg: BatchConfig, files: list[Path], dups: dict[int, int], report: BatchReport,
+                  out: _OutputWriter, errors_tmp: Path) -> None:
+    """The parts' records, in order: errors (and --unique repeats) to ``errors_tmp``, the rest to ``out``."""
+    with open(errors_tmp, "w", encoding="utf-8") as ferr:
+        for records in _iter_part_records(files):
+            for r in records:
+                if cfg.unique and r["row"] in dups:
+                    r = {"row": r["row"], "user_id": r["user_id"],
+                         "reason": f"duplicate user id (first at row {dups[r['row']]}); --unique is set"}
+                if "reason" in r:
+                    ferr.write(json.dumps(r, ensure_ascii=False) + "\n")
+                    kind = reason_kind(r["reason"])
+                    report.reasons[kind] = report.reasons.get(kind, 0) + 1
+                    report.errors += 1
+                else:
+                    report.truncated += r.pop("truncated", 0) > 0
+                    out.write(r)
+                    report.ok += 1
 
 
 def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
@@ -428,26 +447,14 @@ def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
     dups = _duplicates(files)
     report.duplicates = len(dups)
     tmp = {p: p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (cfg.output, cfg.errors_path)}
-    out = None
     try:
         out = _OutputWriter(tmp[cfg.output], format_of(cfg.output, "output"))
-        with open(tmp[cfg.errors_path], "w", encoding="utf-8") as ferr:
-            for records in _iter_part_records(files):
-                for r in records:
-                    if cfg.unique and r["row"] in dups:
-                        r = {"row": r["row"], "user_id": r["user_id"],
-                             "reason": f"duplicate user id (first at row {dups[r['row']]}); --unique is set"}
-                    if "reason" in r:
-                        ferr.write(json.dumps(r, ensure_ascii=False) + "\n")
-                        kind = reason_kind(r["reason"])
-                        report.reasons[kind] = report.reasons.get(kind, 0) + 1
-                        report.errors += 1
-                    else:
-                        report.truncated += r.pop("truncated", 0) > 0
-                        out.write(r)
-                        report.ok += 1
-        out, closing = None, out
-        closing.close()
+        try:
+            _write_merged(cfg, files, dups, report, out, tmp[cfg.errors_path])
+        except BaseException:
+            out.abort()  # closed before its file is removed below
+            raise
+        out.close()
         if report.ok + report.errors != report.input_rows:
             raise JobError(f"row accounting failed: {report.input_rows:,} rows in, {report.ok:,} out + "
                            f"{report.errors:,} errors; {cfg.parts_dir} is kept: pass --overwrite to start over")
@@ -457,8 +464,6 @@ def _merge(cfg: BatchConfig, files: list[Path], report: BatchReport) -> None:
         os.replace(tmp[cfg.errors_path], cfg.errors_path)
         os.replace(tmp[cfg.output], cfg.output)  # last: the output's presence means the job is done
     finally:
-        if out is not None:  # the merge failed: close the writer before its file is removed
-            out.close(flush=False)
         for t in tmp.values():
             t.unlink(missing_ok=True)
 

@@ -148,7 +148,8 @@ class RayRunner(ChunkRunner):
         self.actors: list = []  # every actor handle started (killed at the end)
         self.load: dict = {}  # actors that started and are alive -> chunks in flight
 
-    def _start(self, opts: RowOptions):
+    def _start(self, opts: RowOptions, starting: dict) -> None:
+        """Start one actor; ``starting`` maps its first call (``info``, answered once it is up) to it."""
         import ray
 
         gpus = 1 if self.provider in ("cuda", "tensorrt") else 0
@@ -157,13 +158,15 @@ class RayRunner(ChunkRunner):
         actor = cls.remote(self.engine, self.provider, self.batch_size, opts)
         self.actors.append(actor)
         self.started += 1
-        return actor, actor.info.remote()
+        starting[actor.info.remote()] = actor
 
     def map(self, chunks: Iterable[list[Row]], opts: RowOptions) -> Iterator[list[dict]]:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        starting = dict(self._start(opts)[::-1] for _ in range(self.plan.actors))  # info ref -> actor
+        starting: dict = {}  # info ref -> actor not up yet
+        for _ in range(self.plan.actors):
+            self._start(opts, starting)
         load = self.load  # ready actor -> chunks in flight
         running: dict = {}  # result ref -> (seq, rows, attempts, actor)
         retry: deque = deque()  # (seq, rows, attempts) whose actor died
@@ -208,7 +211,7 @@ class RayRunner(ChunkRunner):
                         self.lost += 1  # died while starting (its node went away): try another
                         if self.lost > self.plan.actors + 2 * MAX_ATTEMPTS:
                             raise JobError(f"actors keep dying as they start ({_last_line(e)}); check the nodes") from e
-                        starting.__setitem__(*self._start(opts)[::-1])
+                        self._start(opts, starting)
                     continue
                 s, rows, attempts, actor = running.pop(ref)
                 try:
@@ -220,7 +223,7 @@ class RayRunner(ChunkRunner):
                     if actor in load:
                         del load[actor]
                         self.lost += 1
-                        starting.__setitem__(*self._start(opts)[::-1])
+                        self._start(opts, starting)
                         waiting_since = time.monotonic()
                     if attempts + 1 >= MAX_ATTEMPTS:
                         raise JobError(f"the chunk of {len(rows)} rows numbered {s} lost {MAX_ATTEMPTS} actors "

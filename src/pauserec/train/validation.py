@@ -88,30 +88,33 @@ class Validator:
         self.targets = self._targets[keep]
 
     def seconds_per_user(self, model, users: int = PROBE_USERS) -> float:
-        """Time the search on a few users of the sample (the model's cost per validation user)."""
+        """Time the search on a few users spread over the sample's history lengths (short to long): the model's
+        cost per validation user."""
+        n = min(users, self.users)
+        picked = [self.histories[i] for i in np.linspace(0, self.users - 1, n).astype(int)]
         was_training, t0 = model.training, time.perf_counter()
         try:
-            self.ranked_items(model, limit=min(users, self.users))
+            self.ranked_items(model, picked)
         finally:
             model.train(was_training)
-        return (time.perf_counter() - t0) / max(1, min(users, self.users))
+        return (time.perf_counter() - t0) / max(1, n)
 
     @property
     def users(self) -> int:
         return len(self.targets)
 
-    def ranked_items(self, model, limit: int | None = None) -> np.ndarray:
-        """Top-10 items of every sampled user (or the first ``limit``), (U, 10); the model is left in eval mode."""
+    def ranked_items(self, model, histories: list | None = None) -> np.ndarray:
+        """Top-10 items of every sampled user (or of ``histories``), (U, 10); the model is left in eval mode."""
         import torch
 
         from pauserec.train.reference import ReferenceRecommender
 
         rec = ReferenceRecommender(model, self.spec, self.catalog, beams=self.cfg.beams, top_n=10)
-        users = self.users if limit is None else min(limit, self.users)
+        histories = self.histories if histories is None else histories
         bs, out = self.cfg.batch_size, []
         with torch.no_grad():
-            for lo in range(0, users, bs):
-                out.append(rec.recommend(self.histories[lo : min(lo + bs, users)]).items)
+            for lo in range(0, len(histories), bs):
+                out.append(rec.recommend(histories[lo : lo + bs]).items)
         return np.concatenate(out)
 
     def __call__(self, model) -> dict:
