@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -251,7 +252,7 @@ def test_quality_cli_with_several_engines_per_kind_reports_seeds_and_intervals(t
 def test_a_slow_validation_is_cut_to_the_time_allowed(synthetic_data, tmp_path, monkeypatch):
     """A model whose search costs 0.5 s a user (a big model on a CPU): 40 users would take 20 s, more than the
     10 s an evaluation may take this early in training, so the sample is cut to the 20 users that fit."""
-    monkeypatch.setattr(val.Validator, "seconds_per_user", lambda self, model, users=8: 0.5)
+    monkeypatch.setattr(val.Validator, "seconds_per_user", lambda self, model, within_s, users=8: 0.5)
     res = train(_cfg(synthetic_data, tmp_path / "ck", val_users=40, val_every=2, max_steps=4))
     v = res.validation
     assert v["sized_to_time"] == {"asked": 40, "used": 20, "seconds_per_user": 0.5, "allowed_s": pytest.approx(10, abs=0.5)}
@@ -259,7 +260,7 @@ def test_a_slow_validation_is_cut_to_the_time_allowed(synthetic_data, tmp_path, 
 
 
 def test_a_validation_that_cannot_fit_is_skipped_and_the_card_says_so(synthetic_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(val.Validator, "seconds_per_user", lambda self, model, users=8: 5.0)  # 16 users: 80 s
+    monkeypatch.setattr(val.Validator, "seconds_per_user", lambda self, model, within_s, users=8: 5.0)  # 16 users: 80 s
     called = []
     monkeypatch.setattr(val.Validator, "__call__", lambda self, model: called.append(1))
     res = train(_cfg(synthetic_data, tmp_path / "ck", val_users=40, max_minutes=0.02, epochs=50))
@@ -267,3 +268,23 @@ def test_a_validation_that_cannot_fit_is_skipped_and_the_card_says_so(synthetic_
     assert not called and v["evaluations"] == 0 and v["skipped_for_time"] >= 1  # the last one too
     assert v["stop_reason"] == "time_budget" and "no evaluation fitted the time allowed" in v["stop_detail"]
     assert res.wall_time_s < 0.02 * 60 + 10  # the budget plus what one evaluation may take, at most
+
+
+def test_the_time_probe_stops_within_half_the_time_allowed(monkeypatch):
+    """A big model is timed on as few users as the time allows, and not at all when none is left."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(val.Validator, "ranked_items", lambda self, model, histories=None: (calls.append(histories),
+                                                                                            time.sleep(0.2)))
+    v = val.Validator.__new__(val.Validator)
+    v.histories, v.targets = [[1], [1, 2], [1, 2, 3]] * 10, np.zeros(30)
+    model = SimpleNamespace(training=True, train=lambda mode: None)
+    assert v.seconds_per_user(model, within_s=0.3) == pytest.approx(0.2, abs=0.1) and len(calls) == 1
+    assert calls[0] == [[1]] and len(calls[0]) == 1  # one user at a time
+    calls.clear()
+    v.seconds_per_user(model, within_s=100)
+    assert len(calls) == val.PROBE_USERS and calls[-1] == [[1, 2, 3]]  # spread from short to long histories
+    validation = val.Validation(v, val.EarlyStopping())
+    calls.clear()
+    assert not validation.fits(model, allowed_s=0) and not calls and validation.skipped == 1

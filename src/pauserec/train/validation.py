@@ -87,17 +87,21 @@ class Validator:
         self.histories = [self._hists[i] for i in keep]
         self.targets = self._targets[keep]
 
-    def seconds_per_user(self, model, users: int = PROBE_USERS) -> float:
-        """Time the search on a few users spread over the sample's history lengths (short to long): the model's
-        cost per validation user."""
+    def seconds_per_user(self, model, within_s: float, users: int = PROBE_USERS) -> float:
+        """Seconds per validation user, timed one user at a time on up to ``users`` users spread over the
+        sample's history lengths, stopping once half of ``within_s`` is spent (a big model is timed on one)."""
         n = min(users, self.users)
-        picked = [self.histories[i] for i in np.linspace(0, self.users - 1, n).astype(int)]
         was_training, t0 = model.training, time.perf_counter()
+        done = 0
         try:
-            self.ranked_items(model, picked)
+            for i in np.linspace(0, self.users - 1, n).astype(int):
+                self.ranked_items(model, [self.histories[i]])
+                done += 1
+                if time.perf_counter() - t0 >= within_s / 2:
+                    break
         finally:
             model.train(was_training)
-        return (time.perf_counter() - t0) / max(1, n)
+        return (time.perf_counter() - t0) / done
 
     @property
     def users(self) -> int:
@@ -204,8 +208,11 @@ class Validation:
         the whole sample would not fit, cuts it (once, for the rest of the run) to the users that do, never
         below MIN_USERS; an evaluation that still does not fit is skipped (counted in the card)."""
         v = self.validator
+        if allowed_s <= 0:  # the budget is spent: not even a probe
+            self.skipped += 1
+            return False
         if self.per_user_s is None:
-            self.per_user_s = v.seconds_per_user(model)
+            self.per_user_s = v.seconds_per_user(model, allowed_s)
             fit = int(allowed_s / self.per_user_s) if self.per_user_s > 0 else v.users
             if fit < v.users and fit >= MIN_USERS:
                 self.sized = {"asked": v.users, "used": fit, "seconds_per_user": round(self.per_user_s, 4),
