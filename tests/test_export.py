@@ -119,7 +119,7 @@ def test_every_graph_validates_against_hf(engines, name):
     m = manifest(engines[name])
     checks = m["validation"]
     graphs = {c["graph"] for c in checks}
-    assert graphs == set(m["graphs"])  # every graph was checked
+    assert graphs == set(m["graphs"]) | {f"merged:{g}" for g in m["graphs"]}  # every graph, also in merged.onnx
     assert {c["case"] for c in checks} == {"random", "real"}
     assert all(c["ok"] and c["max_abs_err"] < 1e-4 for c in checks), checks
     assert m["opset"] == 18 and m["precision"] == "fp32"
@@ -132,7 +132,8 @@ def test_manifest_describes_the_engine(engines):
     assert m["sid"] == {"levels": 3, "codebook_sizes": list(LEVEL_SIZES), "token_prefixes": ["a", "b", "c"]}
     assert PromptSpec.from_dict(m["prompt"]) == tiny_spec("pause")
     assert m["model"]["arch"] == "qwen3" and m["model"]["kv_heads"] == 2 and m["model"]["q_heads"] == 4
-    assert set(m["files"]) == {"prefill.onnx", "decode.onnx", "weights.bin", "catalog.npz"}
+    assert set(m["files"]) == {"prefill.onnx", "decode.onnx", "merged.onnx", "weights.bin", "catalog.npz"}
+    assert m["merged"] == "merged.onnx"
     assert len(m["source"]["sha256"]) == 64
     assert m["shapes"]["static"] is False and m["shapes"]["prefix_len"] == 6 and m["shapes"]["suffix_len"] == 5
     decode = {t["name"]: t for t in m["graphs"]["decode"]["inputs"]}
@@ -164,6 +165,62 @@ def test_pause_suffix_and_prefix_are_graph_constants(engines):
         assert any(v.shape == want.shape and np.allclose(v, want, atol=1e-6) for v in inits.values())
     d_inputs, _ = graph_inputs_and_initializers(engines["qwen3-pause"] / "decode.onnx")
     assert "think" not in " ".join(d_inputs) and "pause" not in " ".join(d_inputs)
+
+
+@pytest.mark.parametrize("name", ["qwen3-pause", "qwen2-direct", "llama-cot"])
+def test_merged_model_packs_each_weight_once_and_recommends_the_same(engines, name):
+    """merged.onnx: every weight of weights.bin feeds at most one MatMul (so ONNX Runtime packs it once);
+    its per-graph views (the other graphs idle at zero users) recommend what the separate graphs do."""
+    import onnx
+
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime.backends.ort import MergedView
+
+    path = engines[name]
+    model = onnx.load(str(path / "merged.onnx"), load_external_data=False)
+    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    matmuls: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in external:
+            matmuls[node.input[1]] = matmuls.get(node.input[1], 0) + 1
+    assert matmuls and max(matmuls.values()) == 1
+    graphs = set(manifest(path)["graphs"])
+    assert {i.name.split("/")[0] for i in model.graph.input} == graphs
+
+    merged = Engine.load(path, provider="cpu")  # default: prepacked, one session for every graph
+    split = Engine.load(path, provider="cpu", prepack=False)
+    assert all(isinstance(s, MergedView) for s in merged.sessions.values())
+    assert len({id(s.merged) for s in merged.sessions.values()}) == 1 and set(merged.sessions) == graphs
+    assert not any(isinstance(s, MergedView) for s in split.sessions.values())
+    rng = np.random.default_rng(3)
+    ids = merged.catalog.item_ids
+    histories = [[ids[i] for i in rng.integers(0, len(ids), size=n)] for n in (1, 2, 4, 4, 3)]
+    a = Recommender(merged).recommend(histories, k=5, beams=6)
+    b = Recommender(split).recommend(histories, k=5, beams=6)
+    assert (a.item_index == b.item_index).all()
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+
+
+def test_engine_without_merged_model_keeps_one_unpacked_copy(tmp_path, engines):
+    """An engine exported before merged.onnx existed loads as before: fp32 unpacked, the graphs' sessions sharing
+    the mapped weights (prepacking them would hold one copy per graph); prepack=True still works."""
+    import shutil
+
+    from pauserec.runtime import Engine
+    from pauserec.runtime.backends.ort import MergedView, OrtSession
+
+    old = tmp_path / "old"
+    shutil.copytree(engines["qwen3-pause"], old)
+    (old / "merged.onnx").unlink()
+    m = manifest(old)
+    del m["merged"], m["files"]["merged.onnx"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    engine = Engine.load(old, provider="cpu")
+    assert all(isinstance(s, OrtSession) and s.weights is not None for s in engine.sessions.values())
+    opts = {s.sess.get_session_options().get_session_config_entry("session.disable_prepacking")
+            for s in engine.sessions.values()}
+    assert opts == {"1"}
+    assert not any(isinstance(s, MergedView) for s in Engine.load(old, provider="cpu", prepack=True).sessions.values())
 
 
 def test_export_is_deterministic(tmp_path, engines):
@@ -353,7 +410,7 @@ def test_int8_reports_agreement_instead_of_failing(tmp_path_factory):
     m = manifest(path)
     q = [c for c in m["validation"] if c["graph"] == "engine"][0]
     assert q["sample"] == 16 and 0.0 <= q["top10_overlap"] <= 1.0
-    assert {c["graph"] for c in m["validation"]} == {"prefill", "decode", "engine"}
+    assert {c["graph"] for c in m["validation"]} == {"prefill", "decode", "merged:prefill", "merged:decode", "engine"}
 
 
 def test_static_export_freezes_shapes(tmp_path_factory):
@@ -439,7 +496,7 @@ def test_real_shape_engine_holds_one_copy_of_the_weights(real_engines):
     weights = weight_bytes(real_engines["ckpt"])
     cot = real_engines["cot"]
     assert (cot / "weights.bin").stat().st_size <= 1.05 * weights
-    for graph in ("prefill.onnx", "decode.onnx", "think.onnx"):
+    for graph in ("prefill.onnx", "decode.onnx", "think.onnx", "merged.onnx"):
         assert (cot / graph).stat().st_size < 200_000, graph  # structure only
         model = onnx.load(str(cot / graph), load_external_data=False)
         big = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
@@ -476,7 +533,7 @@ def test_engine_sessions_share_one_mapped_weights_file(real_engines):
     """Every graph's initializers come from the one mapped file (no per-session copy of the weights)."""
     from pauserec.runtime import Engine
 
-    engine = Engine.load(real_engines["cot"], provider="cpu")
+    engine = Engine.load(real_engines["cot"], provider="cpu", prepack=False)
     stores = {id(s.weights) for s in engine.sessions.values()}
     assert len(stores) == 1
     store = next(iter(engine.sessions.values())).weights

@@ -91,7 +91,10 @@ class _EngineSystem:
         self.catalog = self.engine.catalog
         self.sha = self.engine.manifest.source.get("sha256")
         self.scoring = self.engine.manifest.scoring
-        self.label = label
+        from pauserec.runtime.backends.ort import MergedView
+
+        merged = any(isinstance(v, MergedView) for v in self.engine.sessions.values())
+        self.label = label or (system_name(self.kind, path) + " (prepacked, one session)" if merged else None)
 
     def run(self, histories_idx: list[np.ndarray], k: int, beams: int):
         ids = self.catalog.item_ids

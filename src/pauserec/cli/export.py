@@ -28,6 +28,8 @@ def export(
                                "or MiniOneRec info .txt."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (dynamic) | int4 (weight-only)."),
+    int4_compute: str = typer.Option("fp32", "--int4-compute", help="int4: fp32 (activations stay float) | int8 "
+                                     "(activations quantised per block: integer kernels, faster on VNNI/AMX)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
     recompute_prefix: bool = typer.Option(False, "--recompute-prefix", help="Ablation: do not fuse the instruction "
@@ -63,7 +65,7 @@ def export(
     cfg = ExportConfig(checkpoint=checkpoint, out=out, precision=precision, backend=backend, static=static,
                        batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
-                       scoring=scoring, min_agreement=min_agreement, quant_sample=sample,
+                       scoring=scoring, min_agreement=min_agreement, quant_sample=sample, int4_compute=int4_compute,
                        fuse_prefix=not recompute_prefix, prompt=prompt, index=index, items=items, base=base,
                        check_users=check_users, guard_users=guard_users, prompt_sample=prompt_sample)
     t0 = time.perf_counter()

@@ -321,7 +321,7 @@ def write_failure(out: Path, e: OSError) -> ExportError:
 
 def build_manifest(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, static_env: dict | None, precision: str,
                   backend: str, exporter: dict, source: Path, source_sha: str, validation: list, plans: dict,
-                  prefix: str = "fused") -> Manifest:
+                  prefix: str = "fused", merged: str | None = None) -> Manifest:
     """The engine's manifest (without ``files``, which ``finish`` adds). ``prefix``: "fused" (the
     instruction prefix's KV is a graph constant) or "recomputed" (an ablation engine)."""
     import pauserec
@@ -342,5 +342,5 @@ def build_manifest(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, stat
         precision=precision, kv_dtype="float16" if precision == "fp16" else "float32", backend=backend,
         exporter=exporter["exporter"], opset=int(exporter["opset"]), torch=str(exporter["torch"]),
         source={"checkpoint": source.name, "sha256": source_sha}, validation=list(validation),
-        pauserec_version=pauserec.__version__,
+        pauserec_version=pauserec.__version__, merged=merged,
     )

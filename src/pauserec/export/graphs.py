@@ -182,7 +182,7 @@ class Core(nn.Module):
         if not self.tied:
             return self.embed(ids)
         cols = self.head_t.index_select(1, ids.reshape(-1))  # (H, N): the head's own W^T, one copy
-        return cols.t().reshape(*ids.shape, -1)
+        return cols.t().reshape(*ids.shape, self.dims.hidden)
 
     def head_rows_t(self, token_ids: list[int]) -> torch.Tensor:
         """(H, n) transposed head rows of ``token_ids``: the SID-level head of one codebook."""
@@ -324,9 +324,10 @@ class PrefillGraph(_Graph):
             if fused:  # (B, Hkv, P+C, D): one small copy of the prefix, one softmax
                 k = torch.cat([self.prefix_key[i].unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
                 v = torch.cat([self.prefix_value[i].unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
-            scores = (q @ k.transpose(-1, -2)).view(b, d.kv_heads, d.group, c, -1) + bias  # (B,Hkv,G,C,P+C)
-            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, d.kv_heads, d.group * c, -1)
-            out = (probs @ v).view(b, d.q_heads, c, d.head_dim).transpose(1, 2).reshape(b, c, -1)  # (B,C,Hq*D)
+            n_keys = k.shape[2]  # (explicit sizes, no -1: a batch of 0 users is valid, see export.merge)
+            scores = (q @ k.transpose(-1, -2)).view(b, d.kv_heads, d.group, c, n_keys) + bias  # (B,Hkv,G,C,P+C)
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, d.kv_heads, d.group * c, n_keys)
+            out = (probs @ v).view(b, d.q_heads, c, d.head_dim).transpose(1, 2).reshape(b, c, d.q_heads * d.head_dim)
             h = core.finish_layer(i, h, out)
         if self.sid_head:  # (B, V1): only level 1's rows of the head
             return core.sid_logprobs(h[:, -1], self.first_head_t), torch.stack(keys), torch.stack(values)
@@ -376,7 +377,7 @@ class DecodeGraph(_Graph):
         slot = torch.arange(self.slots)
         write = (slot == step).view(1, 1, -1, 1)  # (1, 1, L-1, 1)
         own_bias = torch.where(slot <= step, 0.0, NEG).to(dtype).view(1, 1, 1, 1, -1)  # (1, 1, 1, 1, L-1)
-        ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(dtype).view(b, 1, 1, -1)  # (B, 1, 1, C)
+        ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(dtype).view(b, 1, 1, ctx_mask.shape[1])  # (B, 1, 1, C)
         cos, sin = core.rope(pos)
         h = core.embed_ids(tokens)  # (B, K, H)
         shape = (b, d.kv_heads, k_beams * d.group, d.head_dim)
@@ -391,7 +392,8 @@ class DecodeGraph(_Graph):
             ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, K*G, C)
             own = (q5 @ bk.transpose(-1, -2)) + own_bias  # (B, Hkv, K, G, L-1): each beam's own positions
             out = _joint_attention(self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (own, bv)], shape)
-            out = out.view(b, d.kv_heads, k_beams, d.group, d.head_dim).permute(0, 2, 1, 3, 4).reshape(b, k_beams, -1)
+            out = out.view(b, d.kv_heads, k_beams, d.group, d.head_dim).permute(0, 2, 1, 3, 4).reshape(
+                b, k_beams, d.q_heads * d.head_dim)
             h = core.finish_layer(i, h, out)  # (B, K, H)
             new_keys.append(nk)  # only this step's slot leaves the graph; the runtime writes it in place
             new_values.append(nv)
@@ -412,7 +414,7 @@ class ThinkGraph(_Graph):
         d, core = self.core.dims, self.core
         b = token.shape[0]
         pos = ctx_mask.sum(dim=1, keepdim=True) + self.prefix_len  # (B, 1)
-        ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(core.embed.weight.dtype).view(b, 1, 1, -1)  # (B,1,1,C)
+        ctx_bias = torch.where(ctx_mask > 0, 0.0, NEG).to(core.embed.weight.dtype).view(b, 1, 1, ctx_mask.shape[1])
         cos, sin = core.rope(pos)
         h = core.embed_ids(token.view(b, 1))  # (B, 1, H)
         shape = (b, d.kv_heads, d.group, d.head_dim)
@@ -423,7 +425,7 @@ class ThinkGraph(_Graph):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, 1, D)
             ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, G, C)
             parts = self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (qc @ k.transpose(-1, -2), v)]
-            h = core.finish_layer(i, h, _joint_attention(parts, shape).reshape(b, 1, -1))
+            h = core.finish_layer(i, h, _joint_attention(parts, shape).reshape(b, 1, d.q_heads * d.head_dim))
             new_keys.append(k)
             new_values.append(v)
         return core.logprobs(h[:, 0]), torch.stack(new_keys), torch.stack(new_values)

@@ -119,12 +119,16 @@ def check(path: Path) -> None:
         raise ExportError(f"{path.name} fails onnx.checker: {e}") from e
 
 
-def to_fp16(src: Path, dst: Path, spec: GraphSpec) -> Path:
-    """float16 weights and KV I/O; int64 inputs and the float32 log-prob outputs keep their types."""
+def float_io(spec: GraphSpec) -> list[str]:
+    """The inputs and outputs of ``spec`` that keep their type at every precision (all but the KV)."""
+    return [t.name for t in (*spec.inputs, *spec.outputs) if t.dtype != "kv"]
+
+
+def to_fp16(src: Path, dst: Path, keep: list[str]) -> Path:
+    """float16 weights and KV I/O; the inputs and outputs named in ``keep`` (ids, log-probs) keep their types."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    keep = [t.name for t in (*spec.inputs, *spec.outputs) if t.dtype != "kv"]
     model = convert_float_to_float16(
         onnx.load(str(src)), keep_io_types=keep, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32]
     )
@@ -142,14 +146,16 @@ def save_external(model, dst: Path) -> None:
     check(dst)
 
 
-def lower(precision: str, src: Path, dst: Path, spec: GraphSpec) -> Path:
-    """The ``precision`` version of the fp32 graph ``src`` (weights in ``src``'s weights.bin) at ``dst``."""
+def lower(precision: str, src: Path, dst: Path, keep: list[str], int4_accuracy: int | None = None) -> Path:
+    """The ``precision`` version of the fp32 graph ``src`` (weights in ``src``'s weights.bin) at ``dst``;
+    ``keep``: the inputs and outputs whose type stays (``float_io``); ``int4_accuracy``: MatMulNBits'
+    accuracy_level (None: fp32 compute; 4: activations quantised to int8 per block, integer dot products)."""
     if precision == "fp16":
-        return to_fp16(src, dst, spec)
+        return to_fp16(src, dst, keep)
     if precision == "int8":
         return to_int8(src, dst)
     if precision == "int4":
-        return to_int4(src, dst)
+        return to_int4(src, dst, int4_accuracy)
     raise ExportError(f"unknown precision {precision!r}")
 
 
@@ -190,8 +196,9 @@ def to_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
-def to_int4(src: Path, dst: Path) -> Path:
-    """Weight-only int4: every MatMul with a constant weight becomes MatMulNBits (activations stay float32)."""
+def to_int4(src: Path, dst: Path, accuracy_level: int | None = None) -> Path:
+    """int4 weights: every MatMul with a constant weight becomes MatMulNBits, computing in float32
+    (``accuracy_level`` None) or with int8 activations (4: MLAS's integer kernels, AVX2 / AVX-512 VNNI / AMX)."""
     import logging
 
     import onnx
@@ -201,7 +208,8 @@ def to_int4(src: Path, dst: Path) -> Path:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True)
+            quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
+                                         accuracy_level=accuracy_level)
             quant.process()
             model = quant.model.model
     finally:

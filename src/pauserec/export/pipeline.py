@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.export.config import BACKENDS, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
+from pauserec.export.config import BACKENDS, INT4_COMPUTE, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
 
 
 def _check_config(cfg: ExportConfig) -> None:
@@ -34,6 +34,8 @@ def _check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
     if cfg.scoring not in SCORING:
         raise ExportError(f"unknown scoring rule {cfg.scoring!r}; choose one of {', '.join(SCORING)}")
+    if cfg.int4_compute not in INT4_COMPUTE:
+        raise ExportError(f"unknown --int4-compute {cfg.int4_compute!r}; choose one of {', '.join(INT4_COMPUTE)}")
     if not 0.0 <= cfg.min_agreement <= 1.0:
         raise ExportError(f"--min-agreement is a top-10 overlap in [0, 1], got {cfg.min_agreement}")
     if cfg.static and (not cfg.batch or not cfg.beams or cfg.batch < 1 or cfg.beams < 1):
@@ -108,7 +110,7 @@ def check_finite(model) -> None:
 
 
 def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
-    from pauserec.export import bundle, onnx, validate, weights
+    from pauserec.export import bundle, merge, onnx, validate, weights
     from pauserec.runtime.spec import freeze, graph_specs, resolve_dims
 
     clock: dict[str, float] = {}
@@ -142,6 +144,10 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     say("weights", "one weights.bin for every graph")
     files32 = weights.consolidate(exported, fp32_dir)
     shutil.rmtree(raw)
+    merged = None if cfg.static else merge.MERGED_FILE  # static shapes are for TensorRT, which runs the graphs
+    if merged:
+        say("merge", f"every graph in one CPU model ({merged}): each weight multiplied, and packed, once")
+        merge.merge_graphs(files32, fp32_dir / merged)
     clock["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -160,15 +166,20 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
                          seed=cfg.seed, threads=cfg.threads)
     atol = cfg.atol if cfg.atol is not None else validate.ATOL["fp32"]
     checks = validate.validate_graphs(files=files32, atol=atol, **validate_args)
+    if merged:
+        say("validate", f"{merged} (one prepacked session) against the same references")
+        release_memory()  # the graphs' sessions and mapped weights go first: one copy resident at a time
+        checks += validate.merged_checks(validate.validate_graphs(
+            files=validate.MergedGraphs(fp32_dir / merged, specs, cfg.threads), atol=atol, **validate_args))
     validate.raise_mismatches(checks, "fp32")
     clock["validate"] = time.perf_counter() - t0
 
     common = dict(spec=src.spec, catalog=src.catalog, dims=dims, shape=shape, graphs=specs,
                   static_env=static_env, exporter=onnx.exporter_info(cfg.exporter), source=Path(cfg.checkpoint),
-                  source_sha=source_sha, prefix="fused" if cfg.fuse_prefix else "recomputed")
+                  source_sha=source_sha, prefix="fused" if cfg.fuse_prefix else "recomputed", merged=merged)
     quantized = None
     if cfg.precision == "fp32":
-        for path in (*files32.values(), fp32_dir / weights.WEIGHTS_FILE):
+        for path in (*files32.values(), fp32_dir / weights.WEIGHTS_FILE, *([fp32_dir / merged] if merged else [])):
             path.replace(stage / path.name)
     else:
         t0 = time.perf_counter()
@@ -348,25 +359,32 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
 
     from pauserec.export import bundle, onnx, validate, weights
 
-    say(cfg.precision, onnx.LOWERING[cfg.precision])
+    say(cfg.precision, onnx.LOWERING[cfg.precision] + (f", {cfg.int4_compute} compute" if cfg.precision == "int4" else ""))
     lowered = stage / "_lowered"
+    fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
+    sources = {n: (files32[n], s.file, onnx.float_io(s)) for n, s in specs.items()}
+    if common["merged"]:  # the merged model is lowered like the graphs (its weights are theirs: stored once)
+        sources["merged"] = (fp32_dir / common["merged"], common["merged"],
+                             [f"{n}/{x}" for n, s in specs.items() for x in onnx.float_io(s)])
     raw = {}
-    for n, s in specs.items():
+    for n, (path, file, keep) in sources.items():
         (lowered / n).mkdir(parents=True)
-        raw[n] = onnx.lower(cfg.precision, files32[n], lowered / n / s.file, s)
+        raw[n] = onnx.lower(cfg.precision, path, lowered / n / file, keep, INT4_COMPUTE[cfg.int4_compute])
     files = weights.consolidate(raw, stage)
+    files.pop("merged", None)
     shutil.rmtree(lowered)
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
     kv = np.float16 if cfg.precision == "fp16" else np.float32
     checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,
                                       precision=cfg.precision, **validate_args)
-    fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     for folder, precision in ((fp32_dir, "fp32"), (stage, cfg.precision)):
         src.catalog.save(folder / bundle.CATALOG_FILE)
         bundle.finish(folder, bundle.build_manifest(**common, precision=precision, backend="onnx", validation=[],
                                                    plans={}))
     say(cfg.precision, f"top-10 agreement with fp32 on {cfg.quant_sample} users")
     report = _ranking_report(cfg, src, fp32_dir, stage)
+    if cfg.precision == "int4":
+        report["int4_compute"] = cfg.int4_compute
     if report["top10_overlap"] < cfg.min_agreement:
         raise ExportError(
             f"the {cfg.precision} engine agrees with fp32 on only {report['top10_overlap']:.3f} of the top-10 "

@@ -65,6 +65,29 @@ class OrtGraphs:
         return self.sessions[graph].run(None, feeds)
 
 
+class MergedGraphs:
+    """The graphs of an engine's merged model (one prepacked session), as a validation runner."""
+
+    def __init__(self, path: Path, specs: dict, threads: int | None = None) -> None:
+        from pauserec.runtime.backends.ort import MergedSession
+        from pauserec.runtime.spec import GraphSpec
+
+        concrete = {n: GraphSpec.from_manifest(n, s.to_dict("float32")) for n, s in specs.items()}  # fp32 KV
+        self.sessions = MergedSession(path, concrete, threads, prepack=True).views
+
+    def run(self, graph: str, **feeds) -> list[np.ndarray]:
+        view = self.sessions[graph]
+        out = view.run(feeds)
+        return [out[n] for n in view.io.output_names]
+
+
+def merged_checks(checks: list[Check]) -> list[Check]:
+    """The checks of a merged model's run, named ``merged:<graph>``."""
+    from dataclasses import replace
+
+    return [replace(c, graph=f"merged:{c.graph}") for c in checks]
+
+
 def output_diff(want: np.ndarray, got: np.ndarray) -> float:
     """Largest |got - want| where both are finite; inf where only one of them is (or a NaN appears)."""
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)

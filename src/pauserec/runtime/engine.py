@@ -115,12 +115,15 @@ class Engine:
         token prefixes and codebooks the graphs were exported for, or DataError says what differs
         (``pauserec.runtime.catalog_update``). The directory is left unchanged.
 
-        Memory: every graph's session computes from the one mapped ``weights.bin`` (one copy of the
-        weights, however many graphs). ``prepack=True`` lets ONNX Runtime re-lay the MatMul weights per
-        session first: faster at small batches (fewer rows per MatMul), at the cost of one extra copy of
-        the weights per graph. ``None`` (default): prepack int4 engines only, whose MatMulNBits kernels
-        are several times slower unpacked and whose packed form replaces the int4 bytes (measured:
-        Qwen3-0.6B shape, int4, batch 1: 6.1 s unpacked vs 1.4 s packed, peak RSS 1.8 vs 2.1 GB).
+        Memory and speed on the CPU: ``prepack=True`` lets ONNX Runtime re-lay every MatMul weight into
+        its GEMM's packed layout once, at load, instead of packing panels on every call (faster, most at
+        small batches: a decode step multiplies 20 beams' rows per user). An engine with a merged model
+        (``manifest.merged``, written by pauserec-export since it exists) then runs all its graphs in
+        one session, each weight packed once, its unpacked bytes released: one copy of the weights.
+        ``prepack=False`` computes from the one mapped ``weights.bin`` (one copy, shared by the graphs'
+        sessions), slower. ``None`` (default): prepack when the engine has a merged model, and int4
+        engines always; an older engine without one prepacks one copy per graph, so fp32 stays
+        unpacked there.
         ``verify`` checks every file's sha256 (seconds for GB-sized weights).
         """
         from pauserec.runtime.engine_cache import local_engine
@@ -140,11 +143,12 @@ class Engine:
             except PauserecError as e:
                 raise EngineError(f"{path}: {e}") from e
         if prepack is None:
-            prepack = manifest.precision == "int4"
+            prepack = bool(manifest.merged) or manifest.precision == "int4"
         threads = int(threads or available_cpus())
         if not graphs:
             return cls(path, manifest, catalog, {}, provider, threads, source)
-        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack)
+        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack,
+                                       manifest.merged)
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
     # -- shapes -----------------------------------------------------------------------------------

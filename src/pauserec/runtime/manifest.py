@@ -83,6 +83,7 @@ class Manifest:
     validation: list[dict] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # file -> sha256, every file but the manifest
     catalog: dict[str, Any] | None = None  # set by catalog updates
+    merged: str | None = None  # every graph in one CPU model (pauserec.export.merge), e.g. "merged.onnx"
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,8 +92,9 @@ class Manifest:
                  prompt=self.prompt.to_dict(), graphs={n: g.to_dict(self.kv_dtype) for n, g in self.graphs.items()})
         d["sid"]["codebook_sizes"] = list(self.sid.codebook_sizes)
         d["sid"]["token_prefixes"] = list(self.sid.token_prefixes)
-        if d["catalog"] is None:
-            del d["catalog"]
+        for optional in ("catalog", "merged"):
+            if d[optional] is None:
+                del d[optional]
         return d
 
     @classmethod
@@ -113,6 +115,7 @@ class Manifest:
                 backend=str(d["backend"]), exporter=str(d["exporter"]), opset=int(d["opset"]), torch=str(d["torch"]),
                 source=dict(d["source"]), pauserec_version=str(d["pauserec_version"]), plans=dict(d.get("plans") or {}),
                 validation=list(d.get("validation") or []), files=dict(d.get("files") or {}), catalog=d.get("catalog"),
+                merged=None if d.get("merged") is None else str(d["merged"]),
             )
         except (KeyError, TypeError, ValueError, PauserecError) as e:
             raise EngineError(f"{path}/{MANIFEST_FILE} is incomplete or malformed ({e!r}); re-export with `{redo}`") from e

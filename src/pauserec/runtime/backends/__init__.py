@@ -58,26 +58,26 @@ def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
 
 
 def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-                  threads: int | None, prepack: bool = False) -> tuple[str, dict[str, Session]]:
-    """(provider used, graph name -> session); ``prepack``: see ``Engine.load``."""
+                  threads: int | None, prepack: bool = False, merged: str | None = None) -> tuple[str, dict[str, Session]]:
+    """(provider used, graph name -> session); ``prepack``, ``merged``: see ``Engine.load``."""
     if provider not in PROVIDERS:
         raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if provider == "auto":
         for candidate in ("tensorrt", "cuda"):
             if unavailable_reason(candidate, bool(plans)) is None:
                 try:
-                    return candidate, _open(path, graphs, plans, candidate, threads, prepack)
+                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged)
                 except BackendUnavailable:
                     continue
-        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack)
+        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged)
     reason = unavailable_reason(provider, bool(plans))
     if reason:
         raise BackendUnavailable(f"provider {provider!r} is not usable: {reason}")
-    return provider, _open(path, graphs, plans, provider, threads, prepack)
+    return provider, _open(path, graphs, plans, provider, threads, prepack, merged)
 
 
 def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-          threads: int | None, prepack: bool) -> dict[str, Session]:
+          threads: int | None, prepack: bool, merged: str | None = None) -> dict[str, Session]:
     if provider == "tensorrt":
         from pauserec.runtime.backends.trt import TrtSession
 
@@ -85,8 +85,11 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
         if missing:
             raise EngineError(f"the engine lists no TensorRT plan for {', '.join(missing)}; re-export it")
         return {name: TrtSession(path / plans[name], io) for name, io in graphs.items()}
-    from pauserec.runtime.backends.ort import OrtSession
+    from pauserec.runtime.backends.ort import MergedSession, OrtSession
     from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
+
+    if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
+        return dict(MergedSession(path / merged, graphs, threads, prepack=True).views)
 
     store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
     return {name: OrtSession(path / io.file, io, provider, threads, store, prepack) for name, io in graphs.items()}

@@ -1,6 +1,8 @@
 """ONNX Runtime backend: CPU, or CUDA with IO binding.
 
-CPU sessions run plain ``session.run`` on host arrays. CUDA sessions always use IO binding: feeds
+CPU sessions run plain ``session.run`` on host arrays. An engine's merged model (``merged.onnx``, see
+``pauserec.export.merge``) opens as one ``MergedSession`` whose per-graph views run one graph at a
+time: the other graphs get a batch of zero users, so every weight is packed once for all graphs. CUDA sessions always use IO binding: feeds
 that are device values (OrtValues on "cuda", ``DeviceArray``, any ``__cuda_array_interface__``) are
 bound in place, host arrays are copied in, and the outputs named in ``keep`` stay on the GPU as
 OrtValues (the context KV always; with device steps (``CudaOps``) also log-probs and the new KV slots).
@@ -77,11 +79,7 @@ class OrtSession:
             raise BackendUnavailable(f"ONNX Runtime could not create a CUDA session for {path.name} "
                                      f"(got {self.sess.get_providers()}): no usable GPU or driver; {CUDA_HELP}")
 
-        def described(args) -> list[tuple[str, str | None, tuple]]:
-            return [(a.name, ORT_DTYPES.get(a.type), tuple(d if isinstance(d, int) else str(d) for d in a.shape))
-                    for a in args]
-
-        check_declared(io, described(self.sess.get_inputs()), described(self.sess.get_outputs()), f"{path.name}")
+        check_declared(io, _described(self.sess.get_inputs()), _described(self.sess.get_outputs()), f"{path.name}")
         self.providers = self.sess.get_providers()
         # IO binding with kept outputs on this device ("cuda"), or None: plain run (tests set "cpu")
         self.bound: str | None = "cuda" if device == "cuda" else None
@@ -123,3 +121,73 @@ class OrtSession:
         from pauserec.runtime.device import download
 
         return download(value)
+
+
+# ORT's ReshapeFusion turns computed target shapes into constants with a -1, which cannot resolve for a
+# batch of zero users: the merged model keeps its Reshapes as exported.
+MERGED_DISABLED_OPTIMIZERS = ["ReshapeFusion"]
+
+
+def idle_feeds(io: GraphSpec, prefix: str) -> dict[str, np.ndarray]:
+    """Inputs that make graph ``io`` do nothing: zero users ("batch" = 0), every other symbol 1."""
+    feeds = {}
+    for t in io.inputs:
+        shape = tuple(0 if d == "batch" else (1 if isinstance(d, str) else d) for d in t.dims)
+        feeds[prefix + t.name] = np.zeros(shape, t.np_dtype)
+    return feeds
+
+
+class MergedSession:
+    """One CPU session on an engine's merged model; ``views[name]`` is graph ``name``'s Session.
+
+    ONNX Runtime maps the weights itself here (no shared OrtValues: there is one session), so with
+    ``prepack`` each weight's original pages are released once its one MatMul has packed it.
+    """
+
+    def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None, prepack: bool = True) -> None:
+        import onnxruntime as ort
+
+        opts = session_options(threads, prepack)
+        try:
+            self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                             disabled_optimizers=MERGED_DISABLED_OPTIMIZERS)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
+        self.providers = self.sess.get_providers()
+        declared_in = {a.name: a for a in self.sess.get_inputs()}
+        declared_out = {a.name: a for a in self.sess.get_outputs()}
+        self.idle = {name: idle_feeds(io, f"{name}/") for name, io in graphs.items()}
+        self.views = {}
+        for name, io in graphs.items():
+            ins = [declared_in.get(f"{name}/{t.name}") for t in io.inputs]
+            outs = [declared_out.get(f"{name}/{t.name}") for t in io.outputs]
+            if None in ins or None in outs:
+                raise EngineError(f"{path.name} lacks inputs or outputs of the {name} graph; re-export the engine")
+            check_declared(io, _described(ins, len(name) + 1), _described(outs, len(name) + 1), f"{path.name} ({name})")
+            self.views[name] = MergedView(self, name, io)
+
+    def run(self, name: str, io: GraphSpec, feeds: dict[str, Any]) -> dict[str, Any]:
+        full = {k: v for other, idle in self.idle.items() if other != name for k, v in idle.items()}
+        full.update({f"{name}/{k}": np.asarray(v, order="C") for k, v in feeds.items()})
+        outs = self.sess.run([f"{name}/{n}" for n in io.output_names], full)
+        return dict(zip(io.output_names, outs))
+
+
+class MergedView:
+    """Graph ``name`` of a ``MergedSession`` (the ``Session`` protocol, host arrays)."""
+
+    def __init__(self, merged: MergedSession, name: str, io: GraphSpec) -> None:
+        self.merged, self.name, self.io = merged, name, io
+        self.sess, self.providers = merged.sess, merged.providers
+
+    def run(self, feeds: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+        return self.merged.run(self.name, self.io, feeds)
+
+    def to_numpy(self, value: Any) -> np.ndarray:
+        return np.asarray(value)
+
+
+def _described(args, strip: int = 0) -> list[tuple[str, str | None, tuple]]:
+    """(name without its first ``strip`` characters, dtype, dims) of ONNX Runtime NodeArgs."""
+    return [(a.name[strip:], ORT_DTYPES.get(a.type), tuple(d if isinstance(d, int) else str(d) for d in a.shape))
+            for a in args]
