@@ -73,7 +73,8 @@ def main() -> None:
             lat[str(bs)] = float(np.median(ts[2:]))
         hit, ndcg = ranked_metrics(items, targets)
         m = engine.manifest
-        row = {"engine": str(path), "precision": m["precision"], "scoring": m["scoring"], "kind": m["kind"],
+        row = {"engine": str(path), "precision": m.precision, "scoring": m.scoring, "kind": m.kind,
+               "int4_compute": next((v.get("int4_compute") for v in m.validation if "int4_compute" in v), None),
                "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
                "weights_bytes": (path / "weights.bin").stat().st_size, "peak_rss_mb": peak_rss_mb("engine", path, 16, 20, args.threads),
                "p50_s": lat, "hit@10": float(hit.mean()), "ndcg@10": float(ndcg.mean())}

@@ -523,10 +523,13 @@ def test_int4_engine_uses_matmulnbits_and_reports_agreement(real_engines):
     import onnx
 
     path = real_engines["pause-sid-int4"]
-    ops = {n.op_type for n in onnx.load(str(path / "decode.onnx"), load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops
+    for graph in ("decode.onnx", "merged.onnx"):
+        nodes = [n for n in onnx.load(str(path / graph), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        assert nodes  # int8 compute by default: activations quantised per block (MLAS integer kernels)
+        assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
     q = [c for c in manifest(path)["validation"] if c["graph"] == "engine"][0]
     assert q["sample"] == 8 and 0.0 <= q["top10_overlap"] <= 1.0 and 0.0 <= q["top1_agreement"] <= 1.0
+    assert q["int4_compute"] == "int8"
 
 
 def test_engine_sessions_share_one_mapped_weights_file(real_engines):

@@ -28,8 +28,8 @@ def export(
                                "or MiniOneRec info .txt."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (dynamic) | int4 (weight-only)."),
-    int4_compute: str = typer.Option("fp32", "--int4-compute", help="int4: fp32 (activations stay float) | int8 "
-                                     "(activations quantised per block: integer kernels, faster on VNNI/AMX)."),
+    int4_compute: str = typer.Option("int8", "--int4-compute", help="int4: int8 (activations quantised per block: "
+                                     "integer kernels, faster) | fp32 (activations stay float)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
     recompute_prefix: bool = typer.Option(False, "--recompute-prefix", help="Ablation: do not fuse the instruction "

@@ -27,7 +27,7 @@ class ExportConfig:
     scoring: str = "full"  # "full": log_softmax over the vocabulary (HF parity); "sid": over each level's codes
     fuse_prefix: bool = True  # False (ablation): the prefill graph recomputes the instruction prefix per row
     min_agreement: float = 0.8  # reduced precisions: least top-10 overlap with the fp32 engine on the sample
-    int4_compute: str = "fp32"  # int4: multiply in fp32, or in int8 with activations quantised per block
+    int4_compute: str = "int8"  # int4: multiply in int8 with activations quantised per block (faster), or in fp32
     force: bool = False
     prompt: str | None = None  # prompt layout: a preset name or a JSON file (checkpoints trained elsewhere)
     index: Path | None = None  # item -> SID index (LC-Rec / MiniOneRec *.index.json): the catalog
