@@ -29,7 +29,7 @@ SEP = "/"
 
 
 def _external_key(t) -> tuple | None:
-    """(location, offset, length) of an external initializer, else None."""
+    """(location, offset, length, dtype, dims) of an external initializer, else None."""
     from onnx import TensorProto
 
     if t.data_location != TensorProto.EXTERNAL:
@@ -53,12 +53,12 @@ def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
     for m in models.values():
         for t in m.graph.initializer:
             key = _external_key(t)
-            if key is None:
-                continue
-            if shared.setdefault(t.name, key) != key:
+            if key is None:  # an inline tensor: never shared, and a name it shares with a weight is not either
+                conflicts.add(t.name)
+            elif shared.setdefault(t.name, key) != key:
                 conflicts.add(t.name)
     for name in conflicts:
-        del shared[name]
+        shared.pop(name, None)
 
     graph = helper.make_graph([], "pauserec_merged", [], [])
     kept: set[str] = set()
