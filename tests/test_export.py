@@ -201,6 +201,27 @@ def test_merged_model_packs_each_weight_once_and_recommends_the_same(engines, na
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
 
 
+def test_decode_reads_each_layers_kv_where_it_needs_it(tmp_path, engines):
+    """ONNX Runtime's GatherSliceToSplitFusion would copy every layer's context and beam KV at the start of
+    each decode step (+300 MB at batch 8 x beam 20 at the 0.6B shape): the runtime's sessions keep one
+    Gather per layer, next to the layer that reads it."""
+    import onnx
+    import onnxruntime as ort
+
+    from pauserec.runtime.backends.ort import DISABLED_OPTIMIZERS, session_options
+
+    def kv_readers(disabled: list[str]) -> set[str]:
+        opts = session_options(1)
+        opts.optimized_model_filepath = str(tmp_path / f"opt{len(disabled)}.onnx")
+        ort.InferenceSession(str(engines["qwen3-pause"] / "decode.onnx"), opts, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        return {n.op_type for n in graph.node for x in n.input if x in ("ctx_key", "ctx_value", "beam_key", "beam_value")}
+
+    assert "Split" in kv_readers([])  # what ORT does by default
+    assert kv_readers(DISABLED_OPTIMIZERS) == {"Gather"}
+
+
 def test_engine_without_merged_model_keeps_one_unpacked_copy(tmp_path, engines):
     """An engine exported before merged.onnx existed loads as before: fp32 unpacked, the graphs' sessions sharing
     the mapped weights (prepacking them would hold one copy per graph); prepack=True still works."""
@@ -370,6 +391,27 @@ def test_rope_scaling_types_match_hf(rope):
     assert float((lp[0] - ref).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("columns", [7, 32, VOCAB])
+def test_head_in_blocks_gives_the_whole_vocabulary_log_softmax(columns):
+    """Blocks of the head (a remainder block too): the full log-probs, and a level's codes read under the
+    whole vocabulary from the blocks' log-normaliser, equal log_softmax over all tokens."""
+    from pauserec.export.graphs import Core
+
+    core = Core(tiny_model("qwen3"))
+    core.split_head(columns)
+    assert len(core.head_blocks) == -(-VOCAB // columns)
+    h = torch.randn(3, 2, core.dims.hidden)
+    with torch.no_grad():
+        ref = torch.log_softmax(core.norm(h) @ core.lm_head.weight.t(), dim=-1)
+        codes = [40, 41, 44, 90]
+        valid = torch.tensor([True, True, False, True])
+        lp = core.level_logprobs(h, core.head_rows_t(codes), valid)
+        full = core.logprobs(h)
+    assert float((full - ref).abs().max()) < 1e-5
+    assert float((lp[..., valid] - ref[..., codes][..., valid]).abs().max()) < 1e-5
+    assert torch.isneginf(lp[..., 2]).all()
+
+
 def test_position_dependent_rope_is_rejected():
     from pauserec.export.graphs import model_dims
 
@@ -514,9 +556,26 @@ def test_sid_rule_drops_the_vocabulary_matrix(real_engines):
     int4 = (real_engines["pause-sid-int4"] / "weights.bin").stat().st_size
     vocab_matrix = REAL_VOCAB * 64 * 4
     assert full <= 1.05 * weights  # the head's W^T; the lookup keeps only the SID rows
+    assert all(c["ok"] for c in manifest(real_engines["pause"])["validation"])  # head in blocks, vs HF
     assert sid < weights - 0.9 * vocab_matrix
     assert int4 < sid
     assert all(c["ok"] for c in manifest(real_engines["pause-sid"])["validation"])
+
+
+def test_no_weight_is_larger_than_one_head_block(real_engines):
+    """A runtime that repacks weights while loading holds one weight twice at a time: the 151,936-token
+    head is stored as blocks of HEAD_BLOCK columns, each multiplied by its own MatMul."""
+    import onnx
+
+    from pauserec.export.graphs import HEAD_BLOCK
+
+    model = onnx.load(str(real_engines["pause"] / "merged.onnx"), load_external_data=False)
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    blocks = [n for n in sizes if n.startswith("core.head_t")]
+    assert len(blocks) == -(-REAL_VOCAB // HEAD_BLOCK)
+    assert max(sizes.values()) <= HEAD_BLOCK * 64
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & set(blocks)]
+    assert len(matmuls) == len(blocks)
 
 
 def test_int4_engine_uses_matmulnbits_and_reports_agreement(real_engines):

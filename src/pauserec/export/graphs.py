@@ -24,6 +24,12 @@ Scoring rules (``SCORING``), recorded in the manifest:
 * ``sid``: only the rows of the level's codebook are computed (``V_l x hidden``) and normalised over
   that level, as the specialised SID engines do.
 
+Head blocks: the head is stored as column blocks of ``HEAD_BLOCK`` tokens, each its own weight and its
+own MatMul (``Core.split_head``), so a runtime that repacks weights holds one block twice while it loads,
+never the whole ``vocab x hidden`` matrix; and a SID level's log-prob under ``full`` is its codebook rows'
+logit minus the log-normaliser (a ``logsumexp`` per block, then over the blocks), so no step keeps a
+``(rows, vocab)`` tensor beyond one block's. (Not when a tied cot engine embeds through the head.)
+
 Token lookup: direct and pause graphs only ever embed SID tokens, separators and the think suffix, so
 they keep just those rows (``Core.restrict_embedding``); with the ``sid`` rule such an engine holds no
 vocabulary-sized matrix at all. cot embeds rationale tokens, so it keeps the whole table; when it is
@@ -44,6 +50,7 @@ SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 SCORING = ("full", "sid")
 NEG = -1e9  # masked attention score (finite: a fully masked row stays NaN-free)
+HEAD_BLOCK = 8192  # vocabulary columns per head block (Core.split_head)
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ class Core(nn.Module):
         # exporter stores it as the MatMul's B directly, instead of folding a Transpose into a second
         # copy of every weight (export memory stays near 2x the weights at any size).
         self.register_buffer("head_t", self.lm_head.weight.detach().t())  # (H, vocab)
+        self.head_blocks = [self.head_t]  # the head's column blocks (one until split_head)
         for i, layer in enumerate(self.layers):
             for name, lin in self._linears(layer).items():
                 self.register_buffer(f"w{i}_{name}", lin.weight.detach().t())
@@ -165,6 +173,15 @@ class Core(nn.Module):
         if not hasattr(self, f"w{i}_down_proj"):
             return mlp(x)
         return self.linear(i, "down_proj", mlp.act_fn(self.linear(i, "gate_proj", x)) * self.linear(i, "up_proj", x))
+
+    def split_head(self, columns: int = HEAD_BLOCK) -> None:
+        """Multiply by the head in blocks of ``columns`` vocabulary columns, each a view of the HF weight
+        stored as its own tensor. Only when the graphs don't also embed through ``head_t`` (tied cot)."""
+        w = self.lm_head.weight.detach()  # (vocab, H)
+        self.head_blocks = []
+        for j, start in enumerate(range(0, self.dims.vocab, columns)):
+            self.register_buffer(f"head_t{j}", w[start : start + columns].t())  # (H, <= columns)
+            self.head_blocks.append(getattr(self, f"head_t{j}"))
 
     def restrict_embedding(self, token_ids) -> None:
         """Graphs will only embed ``token_ids`` (SID tokens, separators, the think suffix): store those
@@ -215,7 +232,16 @@ class Core(nn.Module):
 
     def logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """Last hidden (..., H) -> full-vocabulary log-probs (..., vocab), float32."""
-        return torch.log_softmax((self.norm(h) @ self.head_t).float(), dim=-1)
+        x = self.norm(h)
+        return torch.log_softmax(torch.cat([(x @ w).float() for w in self.head_blocks], dim=-1), dim=-1)
+
+    def level_logprobs(self, h: torch.Tensor, rows_t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``full`` rule for one SID level: hidden (..., H) x codebook rows (H, V) -> those codes'
+        log-probs under the whole vocabulary (``log_softmax`` over all tokens, read at the codes)."""
+        x = self.norm(h)
+        blocks = torch.stack([torch.logsumexp((x @ w).float(), dim=-1) for w in self.head_blocks], dim=-1)
+        lp = (x @ rows_t).float() - torch.logsumexp(blocks, dim=-1, keepdim=True)  # (..., V)
+        return lp if valid is None else lp.masked_fill(~valid, float("-inf"))
 
     def sid_logprobs(self, h: torch.Tensor, rows_t: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``sid`` rule: hidden (..., H) x codebook rows (H, V) -> log-probs normalised over the valid codes."""
@@ -281,10 +307,9 @@ class PrefillGraph(_Graph):
         self.recompute_prefix = not fuse_prefix and self.prefix_len > 0
         if self.recompute_prefix:
             self.register_buffer("prefix_ids", torch.tensor(list(instruction_ids), dtype=torch.long))
-        # None: full vocabulary (cot: the next token is a rationale token)
-        self.first_ids = None if first_ids is None else torch.tensor(list(first_ids), dtype=torch.long)
+        self.full_vocab = first_ids is None  # cot: the next token is a rationale token
         self.sid_head = scoring == "sid" and first_ids is not None
-        if self.sid_head:
+        if first_ids is not None:
             self.register_buffer("first_head_t", core.head_rows_t(list(first_ids)))  # (H, V1)
 
     def forward(self, history_ids: torch.Tensor, history_mask: torch.Tensor):
@@ -329,11 +354,13 @@ class PrefillGraph(_Graph):
             probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, d.kv_heads, d.group * c, n_keys)
             out = (probs @ v).view(b, d.q_heads, c, d.head_dim).transpose(1, 2).reshape(b, c, d.q_heads * d.head_dim)
             h = core.finish_layer(i, h, out)
-        if self.sid_head:  # (B, V1): only level 1's rows of the head
-            return core.sid_logprobs(h[:, -1], self.first_head_t), torch.stack(keys), torch.stack(values)
-        lp = core.logprobs(h[:, -1])  # (B, vocab): the last suffix token ends every row
-        if self.first_ids is not None:
-            lp = lp.index_select(1, self.first_ids)  # (B, V1)
+        last = h[:, -1]  # (B, H): the last suffix token ends every row
+        if self.full_vocab:  # (B, vocab): cot's first rationale token
+            lp = core.logprobs(last)
+        elif self.sid_head:  # (B, V1): only level 1's rows of the head
+            lp = core.sid_logprobs(last, self.first_head_t)
+        else:  # (B, V1) under the whole vocabulary
+            lp = core.level_logprobs(last, self.first_head_t)
         return lp, torch.stack(keys), torch.stack(values)
 
 
@@ -361,12 +388,11 @@ class DecodeGraph(_Graph):
             tout[lvl, : len(sid_token_ids[lvl + 1])] = torch.tensor(sid_token_ids[lvl + 1])
             vout[lvl, : len(sid_token_ids[lvl + 1])] = True
         self.register_buffer("sid_in_table", tin)  # (L-1, Vin): code at level l -> token id
-        self.register_buffer("sid_out_table", tout)  # (L-1, Vout): code at level l+1 -> token id
         self.register_buffer("sid_out_valid", vout)
         self.sid_head = scoring == "sid"
-        if self.sid_head:  # (L-1, H, Vout): level l+1's head rows (padding columns repeat a real row, masked)
-            heads = [core.head_rows_t([int(t) for t in tout[lvl]]) for lvl in range(levels - 1)]
-            self.register_buffer("sid_head_t", torch.stack(heads))
+        # (L-1, H, Vout): level l+1's head rows (padding columns repeat a real row, masked)
+        heads = [core.head_rows_t([int(t) for t in tout[lvl]]) for lvl in range(levels - 1)]
+        self.register_buffer("sid_head_t", torch.stack(heads))
 
     def forward(self, codes, step, ctx_key, ctx_value, ctx_mask, beam_key, beam_value):
         d, core = self.core.dims, self.core
@@ -397,12 +423,8 @@ class DecodeGraph(_Graph):
             h = core.finish_layer(i, h, out)  # (B, K, H)
             new_keys.append(nk)  # only this step's slot leaves the graph; the runtime writes it in place
             new_values.append(nv)
-        if self.sid_head:  # (B, K, Vout): only the next level's rows of the head
-            lp = core.sid_logprobs(h, self.sid_head_t[step], self.sid_out_valid[step])
-            return lp, torch.stack(new_keys), torch.stack(new_values)
-        lp = core.logprobs(h)  # (B, K, vocab)
-        lp = lp.index_select(2, self.sid_out_table[step])  # (B, K, Vout)
-        lp = lp.masked_fill(~self.sid_out_valid[step], float("-inf"))
+        rule = core.sid_logprobs if self.sid_head else core.level_logprobs  # (B, K, Vout)
+        lp = rule(h, self.sid_head_t[step], self.sid_out_valid[step])
         return lp, torch.stack(new_keys), torch.stack(new_values)
 
 

@@ -476,6 +476,8 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True) -
     sid = [list(x) for x in spec.sid_token_ids]
     if not spec.embeds_any_token:  # history, suffix and SID tokens are all these graphs embed
         core.restrict_embedding(spec.embedded_ids() + ([] if fuse_prefix else list(spec.prefix_ids)))
+    if not (spec.embeds_any_token and core.tied):  # (a tied cot engine embeds through the whole head_t)
+        core.split_head()
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
                        codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.prefix_ids),
                        suffix_len=len(spec.suffix_ids), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
