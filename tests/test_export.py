@@ -269,7 +269,7 @@ def test_non_empty_output_needs_force(tmp_path, engines):
 
 
 def test_disk_full_leaves_no_engine(tmp_path, engines, monkeypatch):
-    from pauserec.export import ExportConfig, bundle, export_engine
+    from pauserec.export import ExportConfig, export_engine
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
