@@ -209,3 +209,18 @@ def test_optimum_worker_fixes_what_optimum_gets_wrong_for_qwen3(tmp_path):
     assert json.loads((staged / "config.json").read_text())["rope_theta"] == 1e6 and notes
     assert (staged / "model.safetensors").read_bytes() == b"x"
     assert worker.build_trie([[1, 2], [1, 3]]) == {1: {2: {}, 3: {}}}
+
+
+def test_environment_names_the_cpus_instruction_sets(tmp_path, monkeypatch):
+    """Two CPUs of one model name can differ in what MLAS uses (AVX2 only, AVX-512 VNNI, AMX): the record says which."""
+    from pauserec.bench import env
+    from pauserec.bench.report import environment_line
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+                       "flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n\nprocessor\t: 1\ncpu family\t: 25\n")
+    real = env.Path
+    monkeypatch.setattr(env, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real(p))
+    assert env.cpu_isa() == {"family": "25", "model": "1", "isa": ["avx2", "fma", "avx512f", "avx512_vnni"]}
+    e = env.environment(2)
+    assert "(family 25 model 1; avx2 fma avx512f avx512_vnni)" in environment_line({"environment": e})

@@ -24,6 +24,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets ONNX Runtime's MLAS kernels choose between (fp32 GEMM: AVX2/FMA or AVX-512; int8:
+# AVX2, AVX-VNNI, AVX-512 VNNI or AMX): two CPUs of one "model name" can differ here.
+ISA_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_isa() -> dict:
+    """{"family", "model", "isa"}: the CPU's family/model numbers (x86: /proc/cpuinfo) and which of
+    ``ISA_FLAGS`` it has; {} where /proc/cpuinfo is not readable."""
+    info: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (x.strip() for x in line.partition(":"))
+            if key in ("cpu family", "model") and key not in info:
+                info[key] = value
+            elif key == "flags":
+                flags = set(value.split())
+                info["isa"] = [f for f in ISA_FLAGS if f in flags]
+                break
+    except OSError:
+        return {}
+    return {"family": info.get("cpu family"), "model": info.get("model"), "isa": info.get("isa", [])}
+
+
 def _git(cwd: Path) -> str | None:
     """HEAD of the git checkout at ``cwd`` ('-dirty' with local changes), None when it is not one."""
     try:
@@ -105,6 +129,7 @@ def environment(threads: int | None = None) -> dict:
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cores": os.cpu_count(),
         "threads": threads,
         "platform": platform.platform(),
