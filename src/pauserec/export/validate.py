@@ -73,7 +73,7 @@ class MergedGraphs:
         from pauserec.runtime.spec import GraphSpec
 
         concrete = {n: GraphSpec.from_manifest(n, s.to_dict("float32")) for n, s in specs.items()}  # fp32 KV
-        self.sessions = MergedSession(path, concrete, threads, prepack=True).views
+        self.sessions = MergedSession(path, concrete, threads).views
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
         view = self.sessions[graph]

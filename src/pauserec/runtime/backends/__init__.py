@@ -89,7 +89,7 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
     from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
     if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
-        return dict(MergedSession(path / merged, graphs, threads, prepack=True).views)
+        return dict(MergedSession(path / merged, graphs, threads).views)
 
     store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
     return {name: OrtSession(path / io.file, io, provider, threads, store, prepack) for name, io in graphs.items()}

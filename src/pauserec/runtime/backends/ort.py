@@ -163,14 +163,14 @@ def idle_feeds(io: GraphSpec, prefix: str) -> dict[str, np.ndarray]:
 class MergedSession:
     """One CPU session on an engine's merged model; ``views[name]`` is graph ``name``'s Session.
 
-    ONNX Runtime maps the weights itself here (no shared OrtValues: there is one session), so with
-    ``prepack`` each weight's original pages are released once its one MatMul has packed it.
+    ONNX Runtime maps the weights itself here (no shared OrtValues: there is one session) and prepacks
+    them: each weight's original pages are released once its one MatMul has packed it.
     """
 
-    def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None, prepack: bool = True) -> None:
+    def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None) -> None:
         import onnxruntime as ort
 
-        opts = session_options(threads, prepack)
+        opts = session_options(threads, prepack=True)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                              disabled_optimizers=MERGED_DISABLED_OPTIMIZERS)
