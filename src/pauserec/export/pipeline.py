@@ -111,6 +111,7 @@ def check_finite(model) -> None:
 
 def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     from pauserec.export import bundle, merge, onnx, validate, weights
+    from pauserec.runtime.backends.ort import merged_unsupported_reason
     from pauserec.runtime.spec import freeze, graph_specs, resolve_dims
 
     clock: dict[str, float] = {}
@@ -145,6 +146,9 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     files32 = weights.consolidate(exported, fp32_dir)
     shutil.rmtree(raw)
     merged = None if cfg.static else merge.MERGED_FILE  # static shapes are for TensorRT, which runs the graphs
+    if merged and merged_unsupported_reason():  # it could not be validated here: the engine goes without
+        say("merge", f"skipped: {merged_unsupported_reason()}")
+        merged = None
     if merged:
         say("merge", f"every graph in one CPU model ({merged}): each weight multiplied, and packed, once")
         merge.merge_graphs(files32, fp32_dir / merged)

@@ -119,7 +119,8 @@ class Engine:
         its GEMM's packed layout once, at load, instead of packing panels on every call (faster, most at
         small batches: a decode step multiplies 20 beams' rows per user). An engine with a merged model
         (``manifest.merged``, written by pauserec-export since it exists) then runs all its graphs in
-        one session, each weight packed once, its unpacked bytes released: one copy of the weights.
+        one session, each weight packed once, its unpacked bytes released: one copy of the weights
+        (onnxruntime >= 1.32; older versions cannot run it and open the per-graph sessions instead).
         ``prepack=False`` computes from the one mapped ``weights.bin`` (one copy, shared by the graphs'
         sessions), slower. ``None`` (default): prepack when the engine has a merged model, and int4
         engines always; an older engine without one prepacks one copy per graph, so fp32 stays
@@ -142,13 +143,17 @@ class Engine:
                 catalog = Catalog.load(path / CATALOG_FILE)
             except PauserecError as e:
                 raise EngineError(f"{path}: {e}") from e
-        if prepack is None:
-            prepack = bool(manifest.merged) or manifest.precision == "int4"
         threads = int(threads or available_cpus())
         if not graphs:
             return cls(path, manifest, catalog, {}, provider, threads, source)
-        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack,
-                                       manifest.merged)
+        merged = manifest.merged
+        if merged:
+            from pauserec.runtime.backends.ort import merged_unsupported_reason
+
+            merged = None if merged_unsupported_reason() else merged  # onnxruntime < 1.32: per-graph sessions
+        if prepack is None:
+            prepack = bool(merged) or manifest.precision == "int4"
+        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged)
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
     # -- shapes -----------------------------------------------------------------------------------

@@ -48,6 +48,32 @@ def session_options(threads: int | None, prepack: bool = False):
     return opts
 
 
+# The merged model runs its idle graphs on a batch of zero users. ONNX Runtime before 1.32 mishandles
+# empty tensors in CPU kernels the graphs use: a reduction over an empty batch returns its input's shape
+# unreduced (ReduceLogSumExp, ReduceSum, ...), and MatMul refuses to broadcast a zero-sized batch
+# dimension ("left operand cannot broadcast on dim 0"). There the engine runs its per-graph sessions.
+MERGED_MIN_ORT = (1, 32)
+
+
+def ort_version() -> tuple[int, int]:
+    """(major, minor) of the installed onnxruntime (or onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    major, minor = (int("".join(c for c in x if c.isdigit()) or 0) for x in ort.__version__.split(".")[:2])
+    return major, minor
+
+
+def merged_unsupported_reason() -> str | None:
+    """None when this onnxruntime runs merged models (empty batches), else why it does not."""
+    if ort_version() >= MERGED_MIN_ORT:
+        return None
+    import onnxruntime as ort
+
+    need = ".".join(map(str, MERGED_MIN_ORT))
+    return (f"onnxruntime {ort.__version__} cannot run a batch of zero users (fixed in {need}): the engine's graphs "
+            f"run in separate sessions; `pip install 'onnxruntime>={need}'` for one prepacked session")
+
+
 def cuda_unavailable_reason() -> str | None:
     """None when ONNX Runtime offers the CUDA provider, else what to install."""
     import onnxruntime as ort
