@@ -494,3 +494,44 @@ def test_filters_in_the_batch_job_match_the_library(trained_engines, tmp_path):
     res = CliRunner().invoke(app, ["recommend", str(trained_engines["direct"]), "-i", str(tmp_path / "users.jsonl"),
                                    "-o", str(tmp_path / "x.jsonl"), "--exclude-file", str(tmp_path / "users.jsonl")])
     assert res.exit_code == 2 and "--exclude-file" in res.output  # unknown ids in the file: refused up front
+
+
+def test_batch_size_enters_the_job_only_where_scores_depend_on_it(tmp_path):
+    """Engines whose scores depend on the batch's other users (int8 exported before per-row activation scales)
+    make the batch size part of the job: a resume with another batch size is another job."""
+    from types import SimpleNamespace
+
+    from pauserec.runtime.batch import _differences, job_identity
+
+    write_users(tmp_path / "users.jsonl", n=8)
+
+    def identity(invariant: bool, batch_size: int) -> dict:
+        rec = FakeRecommender()
+        rec.engine = SimpleNamespace(batch_invariant=invariant)
+        return job_identity(cfg_for(tmp_path, batch_size=batch_size), rec)
+
+    assert identity(True, 4) == identity(True, 8)
+    assert _differences(identity(False, 4), identity(False, 8)) == ["batch_size: 4 -> 8"]
+
+
+def test_per_tensor_int8_engines_are_found_batch_dependent(trained_engines, tmp_path):
+    """An int8 engine whose graphs quantise activations per tensor (DynamicQuantizeLinear) is not batch-invariant;
+    fp32 engines and per-row int8 are."""
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    from pauserec.runtime import Engine
+
+    assert Engine.load(trained_engines["pause"], graphs=False).batch_invariant
+    old = tmp_path / "old-int8"
+    shutil.copytree(trained_engines["pause"], old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["precision"] = "int8"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Engine.load(old, graphs=False, verify=False).batch_invariant  # int8 without per-tensor scales
+    model = onnx.load(str(old / "prefill.onnx"), load_external_data=False)
+    model.graph.node.append(helper.make_node("DynamicQuantizeLinear", ["history_mask"], ["q", "s", "z"]))
+    onnx.save(model, str(old / "prefill.onnx"))
+    assert not Engine.load(old, graphs=False, verify=False).batch_invariant

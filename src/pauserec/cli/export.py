@@ -27,7 +27,7 @@ def export(
     items: Path = typer.Option(None, "--items", help="Item fields the prompt renders (titles): LC-Rec .item.json "
                                "or MiniOneRec info .txt."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (dynamic) | int4 (weight-only)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (activations per row) | int4 (weight-only, MatMulNBits)."),
     int4_compute: str = typer.Option("int8", "--int4-compute", help="int4: int8 (activations quantised per block: "
                                      "integer kernels, faster) | fp32 (activations stay float)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "

@@ -21,7 +21,7 @@ FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Softmax", "LogSoftmax")  # norms and sof
 INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a small size cost
 LOWERING = {
     "fp16": "float16 weights and KV (norms and softmaxes in float32)",
-    "int8": "int8 MatMul weights, activations quantised per call (ONNX Runtime dynamic quantization)",
+    "int8": "int8 MatMul weights per column, activations quantised per row (batch-invariant)",
     "int4": f"int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, block {INT4_BLOCK})",
 }
 
@@ -179,21 +179,10 @@ def _toposort(graph) -> None:
 
 
 def to_int8(src: Path, dst: Path) -> Path:
-    """ONNX Runtime dynamic quantisation: int8 weights of MatMul, activations quantised per call."""
-    import logging
+    """int8 weights per column, activations quantised per row (``pauserec.export.quantize``)."""
+    from pauserec.export.quantize import to_int8_rows
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.disable(logging.WARNING)  # the quantizer logs a pre-processing hint on the root logger
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                             use_external_data_format=True)
-    finally:
-        logging.disable(logging.NOTSET)
-    check(dst)
-    return dst
+    return to_int8_rows(src, dst)
 
 
 def to_int4(src: Path, dst: Path, accuracy_level: int | None = None) -> Path:

@@ -233,6 +233,9 @@ def job_identity(cfg: BatchConfig, recommender: RecommenderLike) -> dict[str, An
                "history_field": cfg.history_field, "exclude_history": cfg.exclude_history,
                "exclude_file": fingerprint_file(cfg.exclude_file)["sha256"] if cfg.exclude_file else None,
                "output": cfg.output.name, "errors": str(cfg.errors_path.name)}
+    engine = getattr(recommender, "engine", None)
+    if engine is not None and not engine.batch_invariant:  # scores depend on the batch's other users
+        options["batch_size"] = cfg.batch_size
     fp = getattr(recommender, "fingerprint", None)
     return {"version": JOB_VERSION, "input": fingerprint_file(cfg.input),
             "engine": fp() if fp else {"recommender": type(recommender).__name__}, "options": options}

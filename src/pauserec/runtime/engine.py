@@ -156,6 +156,22 @@ class Engine:
         used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged)
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a user's scores are the same alone and in any batch. False only for int8 engines exported
+        before pauserec quantised activations per row: their graphs quantise each MatMul input with one scale
+        for the whole tensor (ONNX Runtime's ``DynamicQuantizeLinear``), so the other users of a batch move
+        a user's scores (batch jobs then make the batch size part of the job's identity)."""
+        if self.manifest.precision != "int8":
+            return True
+        import onnx
+
+        for io in self.manifest.graphs.values():
+            model = onnx.load(str(self.path / io.file), load_external_data=False)
+            if any(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node):
+                return False
+        return True
+
     # -- shapes -----------------------------------------------------------------------------------
     @property
     def levels(self) -> int:
