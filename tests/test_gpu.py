@@ -142,6 +142,18 @@ def test_cuda_ep_top10_matches_cpu(engine_dirs, kind):
     assert same_top10(host_loop, cpu, tol)
 
 
+@needs_cuda_ep
+def test_cuda_sessions_share_one_device_copy_of_the_weights(engine_dirs, capfd):
+    """Each weight goes to the GPU once, for every graph's session: ONNX Runtime warns ("Cannot use user supplied
+    initializer") and copies per session when it is handed CPU values instead."""
+    engine = Engine.load(engine_dirs["cot"], provider="cuda")
+    store = next(iter(engine.sessions.values())).weights
+    assert all(s.weights is store for s in engine.sessions.values())
+    assert {key[-1] for key in store._values} == {"cuda"}
+    Recommender(engine).recommend(HISTORIES, k=10, beams=20)
+    assert "Cannot use user supplied initializer" not in capfd.readouterr().err
+
+
 def same_top10(got, want, tol: float) -> bool:
     """Equal top-10 lists with scores within ``tol``; a list may differ only after two scores tie within ``tol``."""
     for a, sa, b, sb in zip(got.items, got.scores, want.items, want.scores):

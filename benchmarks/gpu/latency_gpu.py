@@ -40,7 +40,7 @@ class EngineSystem:
         self.search = "device" if self.engine.device_ops() is not None else "host"
         self.name = f"{self.kind}:{path.name} on {self.engine.provider} ({self.search} search)"
         self.facts = {"provider": self.engine.provider, "search": self.search,
-                      "precision": self.engine.manifest.get("precision"), "path": str(path),
+                      "precision": self.engine.manifest.precision, "path": str(path),
                       "ort_providers": {g: getattr(s, "providers", None) for g, s in self.engine.sessions.items()}}
 
     def run(self, histories: list[np.ndarray], k: int, beams: int) -> np.ndarray:

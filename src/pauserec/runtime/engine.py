@@ -96,7 +96,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None, verify: bool = True,
-             prepack: bool | None = None, catalog: Catalog | str | Path | None = None, graphs: bool = True) -> Engine:
+             prepack: bool | None = None, catalog: Catalog | str | Path | None = None, graphs: bool = True,
+             tf32: bool = False) -> Engine:
         """Open an engine directory; ``provider`` is auto, cpu, cuda or tensorrt.
 
         ``path`` may also be a URI that pyarrow's filesystems read (``s3://``, ``gs://``, ``hdfs://``,
@@ -126,6 +127,9 @@ class Engine:
         engines always; an older engine without one prepacks one copy per graph, so fp32 stays
         unpacked there.
         ``verify`` checks every file's sha256 (seconds for GB-sized weights).
+
+        ``tf32`` (provider cuda): let ONNX Runtime's CUDA provider multiply float32 in TF32 (its default; faster on
+        Ampere and later GPUs, scores ~1e-3 off). Off by default, so a float32 engine gives the CPU's results.
         """
         from pauserec.runtime.engine_cache import local_engine
 
@@ -153,7 +157,7 @@ class Engine:
             merged = None if merged_unsupported_reason() else merged  # onnxruntime < 1.32: per-graph sessions
         if prepack is None:
             prepack = bool(merged) or manifest.precision == "int4"
-        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged)
+        used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged, tf32)
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
     @property

@@ -70,17 +70,21 @@ class WeightStore:
                               f"length {t.length}); the engine is truncated or corrupt: re-export it")
         return self.data[t.offset : end].view(t.dtype).reshape(t.dims)
 
-    def ortvalue(self, t: ExternalTensor):
-        """One CPU OrtValue over the mapped bytes (no copy), reused by every graph that names them."""
+    def ortvalue(self, t: ExternalTensor, device: str = "cpu"):
+        """One OrtValue per tensor and device, reused by every graph that names it: on the CPU over the mapped
+        bytes (no copy); on "cuda" one device copy (ONNX Runtime uses a supplied initializer only where it
+        planned it, and copies a CPU one into every CUDA session otherwise)."""
         import onnxruntime as ort
 
-        key = (t.offset, t.dtype.str, t.dims)
+        key = (t.offset, t.dtype.str, t.dims, device)
         if key not in self._values:
-            self._values[key] = ort.OrtValue.ortvalue_from_numpy(self.array(t))
+            array = self.array(t)
+            self._values[key] = (ort.OrtValue.ortvalue_from_numpy(array) if device == "cpu" else
+                                 ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0))
         return self._values[key]
 
-    def add_to(self, opts, graph_file: Path) -> int:
-        """Register every external initializer of ``graph_file`` on ``opts``; returns how many."""
+    def add_to(self, opts, graph_file: Path, device: str = "cpu") -> int:
+        """Register every external initializer of ``graph_file`` on ``opts`` (as ``device`` values); returns how many."""
         import onnx
 
         try:
@@ -89,5 +93,5 @@ class WeightStore:
             raise EngineError(f"{graph_file} is not a readable ONNX file ({e}); re-export the engine") from e
         tensors = external_tensors(model)
         for t in tensors:
-            opts.add_initializer(t.name, self.ortvalue(t))
+            opts.add_initializer(t.name, self.ortvalue(t, device))
         return len(tensors)

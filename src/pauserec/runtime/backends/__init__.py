@@ -58,26 +58,27 @@ def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
 
 
 def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-                  threads: int | None, prepack: bool = False, merged: str | None = None) -> tuple[str, dict[str, Session]]:
-    """(provider used, graph name -> session); ``prepack``, ``merged``: see ``Engine.load``."""
+                  threads: int | None, prepack: bool = False, merged: str | None = None,
+                  tf32: bool = False) -> tuple[str, dict[str, Session]]:
+    """(provider used, graph name -> session); ``prepack``, ``merged``, ``tf32``: see ``Engine.load``."""
     if provider not in PROVIDERS:
         raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if provider == "auto":
         for candidate in ("tensorrt", "cuda"):
             if unavailable_reason(candidate, bool(plans)) is None:
                 try:
-                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged)
+                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged, tf32)
                 except BackendUnavailable:
                     continue
-        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged)
+        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged, tf32)
     reason = unavailable_reason(provider, bool(plans))
     if reason:
         raise BackendUnavailable(f"provider {provider!r} is not usable: {reason}")
-    return provider, _open(path, graphs, plans, provider, threads, prepack, merged)
+    return provider, _open(path, graphs, plans, provider, threads, prepack, merged, tf32)
 
 
 def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-          threads: int | None, prepack: bool, merged: str | None = None) -> dict[str, Session]:
+          threads: int | None, prepack: bool, merged: str | None = None, tf32: bool = False) -> dict[str, Session]:
     if provider == "tensorrt":
         from pauserec.runtime.backends.trt import TrtSession
 
@@ -92,4 +93,4 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
         return dict(MergedSession(path / merged, graphs, threads).views)
 
     store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
-    return {name: OrtSession(path / io.file, io, provider, threads, store, prepack) for name, io in graphs.items()}
+    return {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32) for name, io in graphs.items()}

@@ -87,19 +87,22 @@ class OrtSession:
     """One graph on ONNX Runtime; ``device`` is "cpu" or "cuda"."""
 
     def __init__(self, path: Path, io: GraphSpec, device: str, threads: int | None, weights=None,
-                 prepack: bool = False) -> None:
-        """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions."""
+                 prepack: bool = False, tf32: bool = False) -> None:
+        """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions (on
+        "cuda": one device copy for all of them). ``tf32``: CUDA may multiply float32 in TF32 (faster on Ampere
+        and later, scores differ by ~1e-3); off, float32 engines give the CPU's results."""
         import onnxruntime as ort
 
         self.io, self.device, self.weights = io, device, weights  # the mapped weights outlive the session
-        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        providers = ([("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})] if device == "cuda"
+                     else ["CPUExecutionProvider"])
         if device == "cuda":
             reason = cuda_unavailable_reason()
             if reason:
                 raise BackendUnavailable(reason)
         opts = session_options(threads, prepack)
         if weights is not None:
-            weights.add_to(opts, path)
+            weights.add_to(opts, path, device)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=providers,
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
