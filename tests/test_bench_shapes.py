@@ -185,3 +185,43 @@ def test_cli_shape(tmp_path):
     assert res.exit_code == 2 and "qwen3-0.6b" in res.output
     res = runner.invoke(bench_app, ["shape"])
     assert res.exit_code == 2 and "--list" in res.output
+
+
+def test_big_family_configs():
+    """Qwen3-8B (untied head) and LC-Rec's Llama-2-7B base: the published parameter counts."""
+    q = SHAPES["qwen3-8b"].config
+    assert (q["hidden_size"], q["intermediate_size"], q["num_hidden_layers"]) == (4096, 12288, 36)
+    assert (q["num_attention_heads"], q["num_key_value_heads"], q["head_dim"]) == (32, 8, 128)
+    assert not q["tie_word_embeddings"] and q["vocab_size"] == 151_936
+    assert count_parameters("qwen3-8b") == 8_190_735_360
+    ll = SHAPES["llama-2-7b"].config
+    assert (ll["hidden_size"], ll["num_hidden_layers"], ll["num_key_value_heads"], ll["vocab_size"]) == (4096, 32, 32, 32_000)
+    assert count_parameters("llama-2-7b") == 6_738_415_616 and SHAPES["llama-2-7b"].sid_rows
+
+
+def test_bfloat16_shards_one_at_a_time(tmp_path, monkeypatch):
+    """bfloat16 weights in several safetensors shards with an index (each shard at most SHARD_BYTES unless one
+    tensor is larger); transformers loads them; Llama-2-7B's vocabulary grows by the SID rows."""
+    from safetensors import safe_open
+
+    import pauserec.bench.shapes as shapes
+
+    monkeypatch.setattr(shapes, "SHARD_BYTES", 3_000_000)  # the 4.2 MB embedding and head: a shard each
+    out = write_shape_checkpoint("llama-2-7b", tmp_path / "ll2", dtype="bfloat16", **TINY)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and all((out / f).is_file() for f in files)
+    for f in files:
+        with safe_open(str(out / f), "pt") as st:
+            sizes = [st.get_slice(k).get_shape() for k in st.keys()]
+            nbytes = [2 * int(np.prod(s)) for s in sizes]
+            assert sum(nbytes) <= 3_000_000 or len(nbytes) == 1
+    ck = load_checkpoint(out)
+    cfg, m = ck.model.config, ck.model
+    assert cfg.vocab_size == 32_000 + sum(ck.catalog.codebook_sizes)
+    assert m.lm_head.weight.data_ptr() != m.get_input_embeddings().weight.data_ptr()  # untied, as Llama-2
+    assert ck.card.train["dtype"] == "bfloat16" and ck.card.train["weight_bytes"] == 2 * ck.card.train["parameters"]
+    with safe_open(str(out / index["weight_map"]["model.embed_tokens.weight"]), "pt") as st:
+        emb = st.get_tensor("model.embed_tokens.weight")
+    assert emb.dtype == torch.bfloat16 and bool((emb[cfg.pad_token_id] == 0).all())
+    assert abs(float(emb.float().std()) - cfg.initializer_range) < 0.002

@@ -12,8 +12,12 @@ Sizes, memory and speed of such a checkpoint are real; its recommendations are n
 ``layers`` / ``hidden`` overrides make small models of the same family (same vocabulary, heads and
 head_dim; the MLP width keeps the family's intermediate/hidden ratio) for tests and quick sizing.
 
-Memory stays near one copy of the weights: the model is built on the meta device, then given
-(untouched) CPU storage, tied, and initialised in place; ``save_pretrained`` writes from that storage.
+Memory stays at one shard: the tensor names and shapes come from a weightless meta-device model, and
+each tensor is drawn (normal(0, initializer_range) for matrices, ones for norms, zeros for biases, the
+pad row zero, as transformers initialises these families; seeded per tensor name), cast to the chosen
+dtype (``float32`` or ``bfloat16``, as 7-8B checkpoints ship) and written to safetensors shards of at
+most ``SHARD_BYTES`` with the usual index, so an 8B checkpoint is written on a machine a fraction of its
+size.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from typing import Any
 from pauserec.errors import CheckpointError
 
 TEXT_VOCAB = 2048  # BPE pieces besides the special tokens (the model's vocabulary stays the real one)
-BYTES_PER_PARAM = 4  # the checkpoints are float32
+BYTES_PER_PARAM = 4  # float32 (the default dtype; bfloat16: 2)
+DTYPES = {"float32": 4, "bfloat16": 2}
+SHARD_BYTES = 2_000_000_000  # safetensors shard size (a bigger single tensor gets a shard of its own)
+ROW_CHUNK = 8192  # rows drawn at a time (bounds the float32 temporary of a bfloat16 tensor)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Shape:
     arch: str  # HF model_type: "qwen3" or "llama"
     source: str  # the HF model whose config this mirrors (not downloaded)
     config: dict[str, Any]  # config kwargs, transformers 5.x names (pad/bos/eos ids come from our tokenizer)
+    sid_rows: bool = False  # the vocabulary grows by one row per SID token (LC-Rec adds them to Llama's 32,000)
 
 
 _QWEN3 = dict(
@@ -55,6 +63,15 @@ SHAPES: dict[str, Shape] = {
         _QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28)),
     "qwen3-4b": Shape("qwen3", "Qwen/Qwen3-4B", dict(
         _QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)),
+    "qwen3-8b": Shape("qwen3", "Qwen/Qwen3-8B", dict(
+        _QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        tie_word_embeddings=False)),
+    "llama-2-7b": Shape("llama", "meta-llama/Llama-2-7b-hf (LC-Rec's base)", dict(
+        vocab_size=32_000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128, hidden_act="silu",
+        max_position_embeddings=4096, initializer_range=0.02, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+    ), sid_rows=True),
     "llama-3.2-1b": Shape("llama", "meta-llama/Llama-3.2-1B", dict(
         vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, head_dim=64, hidden_act="silu",
@@ -186,6 +203,89 @@ def _load_data(data: Path | None, index: str | None, seed: int, tmp: Path):
     return load_dataset(data, index)
 
 
+def _init_rule(name: str, dims: tuple[int, ...]) -> str:
+    """How transformers initialises this tensor in these families: "ones" (norms), "zeros" (biases), "normal"."""
+    if name.endswith(".bias"):
+        return "zeros"
+    return "ones" if len(dims) == 1 else "normal"
+
+
+def _draw(name: str, dims: tuple[int, ...], std: float, seed: int, dtype, pad_row: int | None):
+    """One tensor of the random checkpoint, drawn ROW_CHUNK rows at a time (float32, then cast)."""
+    import zlib
+
+    import torch
+
+    rule = _init_rule(name, dims)
+    if rule != "normal":
+        return (torch.ones if rule == "ones" else torch.zeros)(dims, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    out = torch.empty(dims, dtype=dtype)
+    for start in range(0, dims[0], ROW_CHUNK):
+        rows = out[start : start + ROW_CHUNK]
+        rows.copy_(torch.empty(rows.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+    if pad_row is not None:
+        out[pad_row].zero_()
+    if not bool(torch.isfinite(out).all()):
+        raise CheckpointError(f"tensor {name} of the random model is not finite; this is a bug, please report it")
+    return out
+
+
+def write_weights(out: Path, arch: str, config: dict[str, Any], dtype: str, seed: int, pause_id: int,
+                  say: Callable[[str], None] = lambda _m: None) -> int:
+    """Write ``config.json``, ``generation_config.json`` and the seeded random weights of an ``arch`` model as
+    safetensors shards (one shard in memory at a time); returns the number of parameters."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from pauserec.train.model import quiet_hf
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    quiet_hf()
+    cfg = _config_class(arch)(**config, dtype=dtype)
+    with torch.device("meta"):
+        meta = _model_class(arch)(cfg)
+    tied = bool(cfg.tie_word_embeddings)
+    names = [(n, tuple(t.shape)) for n, t in meta.state_dict().items() if not (tied and n == "lm_head.weight")]
+    del meta
+    nbytes = DTYPES[dtype]
+    shards: list[list[tuple[str, tuple]]] = [[]]
+    size = 0
+    for name, dims in names:  # plan the shards first: their names carry the count
+        b = nbytes * int(torch.Size(dims).numel())
+        if shards[-1] and size + b > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dims))
+        size += b
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out))
+    GenerationConfig.from_model_config(cfg).save_pretrained(str(out))
+    torch_dtype = getattr(torch, dtype)
+    emb = "model.embed_tokens.weight"
+    weight_map, params = {}, 0
+    for file, shard in zip(files, shards):
+        say(f"drawing {len(shard)} tensors into {file}")
+        tensors = {}
+        for name, dims in shard:
+            t = _draw(name, dims, cfg.initializer_range, seed, torch_dtype, cfg.pad_token_id if name == emb else None)
+            if name == emb:  # the <pause> row starts at the mean of all rows, as in training
+                t[pause_id] = mean_row(t)
+            tensors[name] = t
+            weight_map[name] = file
+            params += t.numel()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        index = {"metadata": {"total_size": params * nbytes}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return params
+
+
 def write_shape_checkpoint(
     name: str,
     out: str | Path,
@@ -198,25 +298,27 @@ def write_shape_checkpoint(
     hidden: int | None = None,
     seed: int = 0,
     max_history: int = 20,
+    dtype: str = "float32",
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a complete pauserec checkpoint of shape ``name`` with seeded random weights to ``out``.
 
     ``data=None``: a seeded synthetic dataset (written to a temporary folder, removed afterwards);
-    otherwise a dataset directory and its SID ``index``. ``progress`` receives a short status line
-    before each stage. Returns ``out``; ``pauserec.train.model.load_checkpoint(out)`` opens it.
+    otherwise a dataset directory and its SID ``index``. ``dtype``: the stored weights' type (float32 or
+    bfloat16). ``progress`` receives a short status line before each stage. Returns ``out``;
+    ``pauserec.train.model.load_checkpoint(out)`` opens it.
     """
-    import torch
-
     from pauserec.data.prompts import KINDS, TrainingCard
     from pauserec.train import tokenizer as tk
-    from pauserec.train.model import load_checkpoint, save_checkpoint
+    from pauserec.train.model import CATALOG_FILE, load_checkpoint
 
     say = progress or (lambda _msg: None)
     shape = get_shape(name)
     config = shape_config(name, layers, hidden)
     if kind not in KINDS:
         raise CheckpointError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pauserec-shape-") as tmp:
@@ -224,6 +326,8 @@ def write_shape_checkpoint(
         dataset = _load_data(None if data is None else Path(data), index, seed, Path(tmp))
     say(f"training a {TEXT_VOCAB}-piece BPE tokenizer on {len(dataset.items):,} items")
     tok = tk.train_tokenizer(dataset.items, dataset.catalog, TEXT_VOCAB)
+    if shape.sid_rows:  # LC-Rec: the SID tokens are rows added to the base vocabulary
+        config["vocab_size"] += sum(dataset.catalog.codebook_sizes)
     if tok.get_vocab_size() > config["vocab_size"]:
         raise CheckpointError(
             f"the tokenizer has {tok.get_vocab_size():,} tokens (SID codes + BPE) but shape {name} has a "
@@ -233,32 +337,27 @@ def write_shape_checkpoint(
     config.update(pad_token_id=spec.pad_id, eos_token_id=spec.eos_id, bos_token_id=spec.eos_id, use_cache=True)
 
     say(f"initialising {name} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "
-        f"vocab {config['vocab_size']:,}) with seed {seed}")
-    model = random_model(shape.arch, config, seed)
-    with torch.no_grad():  # the <pause> row starts at the mean of all rows, as in training
-        w = model.get_input_embeddings().weight
-        w[spec.pause_id] = mean_row(w)
-    check_finite(model)
-    params = sum(p.numel() for p in model.parameters())
+        f"vocab {config['vocab_size']:,}, {dtype}) with seed {seed}")
+    params = write_weights(out, shape.arch, config, dtype, seed, spec.pause_id, say)
     card = TrainingCard(
         prompt=spec, dataset=dataset.name, index=index or (dataset.index or ""), seed=seed, preset=f"shape:{name}",
-        model_config=json.loads(model.config.to_json_string()),
+        model_config=json.loads((out / "config.json").read_text()),
         train={
             "untrained": True,
             "note": "random weights (normal(0, initializer_range), seeded): real sizes, memory and speed; "
                     "the recommendations are noise",
             "shape": name, "source_config": shape.source, "layers_override": layers, "hidden_override": hidden,
-            "parameters": params, "weight_bytes": params * BYTES_PER_PARAM, "dtype": "float32",
+            "parameters": params, "weight_bytes": params * DTYPES[dtype], "dtype": dtype,
             "kind": kind, "pause_k": spec.pause_k, "max_history": max_history, "epochs": 0, "steps": 0,
             "final_loss": None, "train_samples": 0, "init_from": None, "grounding": False,
             "pause_pretrain": False,
             "data": f"synthetic: pauserec.data.write_synthetic(dir, seed={seed})" if data is None else dataset.name,
+            "build_time_s": round(time.perf_counter() - t0, 2),
         },
     )
-    say(f"writing {params * BYTES_PER_PARAM / 1e9:.2f} GB of weights to {out}")
-    card.train["build_time_s"] = round(time.perf_counter() - t0, 2)  # before writing the weights
-    save_checkpoint(out, model, tok, card, dataset.catalog, tk.PAD, tk.EOS)
-    del model, w
+    tk.save_hf_tokenizer(tok, out, tk.PAD, tk.EOS)
+    card.save(out)
+    dataset.catalog.save(out / CATALOG_FILE)
     say("checking the checkpoint's parts agree")
     load_checkpoint(out, load_weights=False)
     return out

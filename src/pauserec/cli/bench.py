@@ -265,6 +265,8 @@ def shape(
     kind: str = typer.Option("pause", "--kind", help="direct | pause | cot"),
     pause_k: int = typer.Option(5, "--pause-k", min=1, help="Number of <pause> tokens (pause kind)."),
     seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored weight type: float32 | bfloat16 (as 7-8B checkpoints "
+                              "ship). Written shard by shard: memory stays at one shard (2 GB)."),
 ) -> None:
     """Write a real-shape checkpoint with seeded random weights (real sizes and speed, no download)."""
     import time
@@ -296,11 +298,11 @@ def shape(
             console.print(f"[dim]{time.perf_counter() - t0:6.1f} s  {msg}[/]", highlight=False)
 
         path = write_shape_checkpoint(name, out, data=data, index=index, kind=kind, pause_k=pause_k, layers=layers,
-                                      hidden=hidden, seed=seed, progress=progress)
+                                      hidden=hidden, seed=seed, dtype=dtype, progress=progress)
     card = TrainingCard.load(path).train
     on_disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     console.print(f"[bold green]wrote[/] {path}: {card['parameters']:,} parameters, "
-                  f"{card['weight_bytes']:,} weight bytes ({card['weight_bytes'] / 1e9:.2f} GB float32; "
+                  f"{card['weight_bytes']:,} weight bytes ({card['weight_bytes'] / 1e9:.2f} GB {card['dtype']}; "
                   f"{on_disk / 1e9:.2f} GB on disk) in {time.perf_counter() - t0:.1f} s", highlight=False)
     console.print("[yellow]random weights:[/] sizes, memory and speed are real; recommendations are not", highlight=False)
 
