@@ -77,8 +77,8 @@ def latency(
     iters: int = typer.Option(10, "--iters", min=1),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every system."),
     no_rss: bool = typer.Option(False, "--no-rss", help="Skip the peak-RSS subprocess per system."),
-    prepack: bool = typer.Option(False, "--prepack", help="Also run each engine with prepacked weights "
-                                 "(faster small batches, one more copy of the weights per graph)."),
+    prepack: bool = typer.Option(False, "--prepack", help="Run each engine twice: unpacked, and prepacked (one "
+                                 "packed copy in one session with merged.onnx; one copy per graph without)."),
     history_len: int = typer.Option(20, "--history-len", min=1, help="Items per random history (without --data)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for latency.json/.md/.png."),
     json_out: bool = typer.Option(False, "--json", help="Print the JSON result."),

@@ -39,7 +39,7 @@ def export(
     static: bool = typer.Option(False, "--static", help="Freeze batch, beams and history length (TensorRT)."),
     batch: int = typer.Option(None, "--batch", help="Static batch size (users per call)."),
     beams: int = typer.Option(None, "--beams", help="Static beam width."),
-    max_history: int = typer.Option(None, "--max-history", help="Items of history kept (default: the card's)."),
+    max_history: int = typer.Option(None, "--max-history", help="Items of history kept (default: the checkpoint card's, or the --prompt layout's)."),
     backend: str = typer.Option("onnx", "--backend", help="onnx | tensorrt (also builds .plan files)."),
     atol: float = typer.Option(None, "--atol", help="fp32 validation tolerance on log-probs (default 1e-4)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),

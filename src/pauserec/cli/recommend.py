@@ -16,7 +16,8 @@ def recommend(
                                            "hdfs://, file://: copied once per machine into $PAUSEREC_CACHE)."),
     input: Path = typer.Option(..., "--input", "-i", help="users.jsonl or users.parquet (user_id, history)."),
     output: Path = typer.Option(..., "--output", "-o", help="recs.jsonl or recs.parquet."),
-    errors: Path = typer.Option(None, "--errors", help="Rejected rows (default: <output>.errors.jsonl)."),
+    errors: Path = typer.Option(None, "--errors", help="Rejected rows (default: the output's name without its "
+                                "suffix + .errors.jsonl)."),
     k: int = typer.Option(10, "--k", help="Items per user."),
     beams: int = typer.Option(20, "--beams", help="Beam width of the trie-constrained search (>= --k)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Users per batch (and per crash-safe part)."),
@@ -30,7 +31,7 @@ def recommend(
     provider: str = typer.Option("auto", "--provider", help="auto|cpu|cuda|tensorrt"),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: the CPUs this process may use; "
                                 "with --ray: CPUs per actor)."),
-    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'pauserec[ray]')."),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'pauserec\\[ray]')."),
     address: str = typer.Option(None, "--address", help="With --ray: a running cluster (default: RAY_ADDRESS, else "
                                 "a local one)."),
     concurrency: int = typer.Option(None, "--concurrency", help="With --ray: actors, one engine each (default: as "
