@@ -257,3 +257,24 @@ def test_recommend_cli_with_ray(trained_engines, tmp_path, cluster, driver_cache
     assert n_lines == 12
     res = CliRunner().invoke(app, args)  # never overwritten silently
     assert res.exit_code == 2 and "--overwrite" in res.output
+
+
+def test_an_actor_refuses_an_engine_other_than_the_jobs(trained_engines, tmp_path, cluster, driver_cache, monkeypatch):
+    """The driver fingerprinted one engine (job.json names it); an actor that loads another from the same path (the
+    engine was re-exported or re-synced while the job ran, simulated by the driver's fingerprint) stops the job."""
+    from pauserec.errors import JobError
+    from pauserec.runtime.ray_job import check_same_engine
+
+    engine = trained_engines["pause"]
+    ids = list(Engine.load(engine).catalog.item_ids)
+    write_users(tmp_path / "users.jsonl", ids, 20)
+    real = Recommender.fingerprint
+    monkeypatch.setattr(Recommender, "fingerprint", lambda self: {**real(self), "manifest_sha256": "0" * 64})
+    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / "recs.jsonl", k=5, beams=8)
+    with pytest.raises(JobError, match="not the one this job started with .*manifest_sha256 000000000000"):
+        run_ray(cfg, engine, concurrency=1)
+    assert not cfg.output.exists() and not cfg.summary_path.exists()
+    same = real(Recommender(Engine.load(engine, graphs=False)))
+    check_same_engine({**same, "provider": "cuda"}, same, "e")  # the provider is not the engine's identity
+    with pytest.raises(JobError, match="catalog_sha256"):
+        check_same_engine({**same, "catalog_sha256": "x"}, same, "e")

@@ -111,14 +111,31 @@ def cluster_node_cpus() -> list[int]:
 
 
 # -- the actor --------------------------------------------------------------------------------------
+IDENTITY = ("manifest_sha256", "catalog_sha256")  # what makes two loads of an engine the same model and items
+
+
+def check_same_engine(got: dict[str, str], expected: dict[str, str], engine: str) -> None:
+    """JobError unless an actor's engine is the one the driver fingerprinted (and ``job.json`` names): an engine
+    re-exported or re-synced to the same path during a job would give some chunks another model or catalog."""
+    differ = [k for k in IDENTITY if got.get(k) != expected.get(k)]
+    if differ:
+        raise JobError(f"the engine {engine} loaded on this node is not the one this job started with ("
+                       + ", ".join(f"{k} {str(expected.get(k))[:12]}… -> {str(got.get(k))[:12]}…" for k in differ)
+                       + "): it was re-exported or re-synced while the job ran. Leave an engine unchanged while a "
+                       "job reads it (export to a new path); then start the job again with --overwrite")
+
+
 class PoolWorker:
     """One engine on one actor: recommends chunks of parsed rows (``ray.remote`` is applied by the pool)."""
 
-    def __init__(self, engine: str, provider: str, batch_size: int, opts: RowOptions) -> None:
+    def __init__(self, engine: str, provider: str, batch_size: int, opts: RowOptions,
+                 expected: dict[str, str] | None = None) -> None:
         from pauserec.runtime import Engine, Recommender
 
         self.threads = actor_cpus()
         self.rec = Recommender(Engine.load(engine, provider=provider, threads=self.threads), batch_size=batch_size)
+        if expected is not None:
+            check_same_engine(self.rec.fingerprint(), expected, engine)
         self.rec.check_request(opts.k, opts.beams)
         self.opts, self.rows = opts, 0
 
@@ -142,8 +159,11 @@ class PoolWorker:
 class RayRunner(ChunkRunner):
     """Chunks -> records on a pool of actors, in order, each chunk's records returned once."""
 
-    def __init__(self, engine: str | Path, plan: PoolPlan, provider: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, engine: str | Path, plan: PoolPlan, provider: str = "cpu", batch_size: int = 64,
+                 expected: dict[str, str] | None = None) -> None:
+        """``expected``: the driver's fingerprint of the engine; every actor checks that it loaded that engine."""
         self.engine, self.plan, self.provider, self.batch_size = str(engine), plan, provider, batch_size
+        self.expected = expected
         self.started = self.lost = self.retried = 0
         self.actors: list = []  # every actor handle started (killed at the end)
         self.load: dict = {}  # actors that started and are alive -> chunks in flight
@@ -155,7 +175,7 @@ class RayRunner(ChunkRunner):
         gpus = 1 if self.provider in ("cuda", "tensorrt") else 0
         cls = ray.remote(PoolWorker).options(num_cpus=self.plan.cpus, num_gpus=gpus, max_restarts=0,
                                              max_task_retries=0, scheduling_strategy="SPREAD")
-        actor = cls.remote(self.engine, self.provider, self.batch_size, opts)
+        actor = cls.remote(self.engine, self.provider, self.batch_size, opts, self.expected)
         self.actors.append(actor)
         self.started += 1
         starting[actor.info.remote()] = actor
@@ -293,7 +313,7 @@ def run_ray(cfg: BatchConfig, engine: str | Path, address: str | None = None, co
         plan = plan_pool(cluster_node_cpus(), concurrency, threads)
         if warn and plan.warning():
             warn(plan.warning())
-        runner = RayRunner(engine, plan, provider=provider, batch_size=cfg.batch_size)
+        runner = RayRunner(engine, plan, provider=provider, batch_size=cfg.batch_size, expected=checks.fingerprint())
         return run_batch(cfg, checks, progress=progress, runner=runner)
     finally:
         if runner is not None:
