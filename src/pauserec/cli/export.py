@@ -57,6 +57,10 @@ def export(
                                     "against popularity guard."),
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (opset 18, fast) | dynamo (opset 23)."),
     threads: int = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: 1 / all)."),
+    stream: bool = typer.Option(False, "--stream", help="Never load the model: trace the graphs over a weightless "
+                                "skeleton and read each weight from the checkpoint's safetensors as it is written; "
+                                "validate against HF's layers one at a time (no HF generate check). For models "
+                                "larger than this machine's memory in float32."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
 ) -> None:
     """Export, validate against the HF model, and write an engine directory."""
@@ -67,7 +71,7 @@ def export(
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
                        scoring=scoring, min_agreement=min_agreement, quant_sample=sample, int4_compute=int4_compute,
                        fuse_prefix=not recompute_prefix, prompt=prompt, index=index, items=items, base=base,
-                       check_users=check_users, guard_users=guard_users, prompt_sample=prompt_sample)
+                       check_users=check_users, guard_users=guard_users, prompt_sample=prompt_sample, stream=stream)
     t0 = time.perf_counter()
 
     def progress(stage: str, detail: str) -> None:

@@ -48,6 +48,7 @@ class Sources:
     hf_tok: Any = None  # the checkpoint's transformers tokenizer (None: a card checkpoint without tokenizer)
     tokenizer_file: Path | None = None
     item_fields: dict[str, list[str]] | None = None
+    streamed: Any = None  # StreamedWeights (--stream): ``model`` is its weightless skeleton
 
 
 def checkpoint_sha256(path: Path) -> str:
@@ -143,7 +144,18 @@ def load_sources(cfg) -> Sources:
         except CheckpointError:
             if not has_card:
                 raise  # a pauserec card's ids stand without it; a foreign prompt needs its tokenizer
-    model = _load_model(path, cfg.base, tok)
+    streamed = None
+    if getattr(cfg, "stream", False):
+        if (path / "adapter_config.json").is_file():
+            raise CheckpointError(f"{path} is a PEFT adapter: --stream reads a complete checkpoint's safetensors; merge "
+                                  "the adapter into its base first (peft merge_and_unload, save_pretrained), or export "
+                                  "without --stream")
+        from pauserec.export.stream import StreamedWeights
+
+        streamed = StreamedWeights(path)
+        model = streamed.model  # weightless: stand-ins whose values are read when written
+    else:
+        model = _load_model(path, cfg.base, tok)
     vocab = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
     card = TrainingCard.load(path) if has_card else None
     fields = None
@@ -177,7 +189,7 @@ def load_sources(cfg) -> Sources:
     encoder = PromptEncoder(spec, cat, tok, fields)
     return Sources(path=path, model=model, spec=spec, catalog=cat, card=card, encoder=encoder, layout=layout,
                    hf_tok=hf_tok, tokenizer_file=(path if has_tok_file else Path(cfg.base)) / TOKENIZER_FILE
-                   if tok is not None else None, item_fields=fields)
+                   if tok is not None else None, item_fields=fields, streamed=streamed)
 
 
 def _config_id(value) -> int | None:

@@ -45,6 +45,7 @@ class ExportConfig:
     guard_users: int = 500  # --data: test users of the Hit@10-against-popularity guard
     seed: int = 0
     threads: int | None = None
+    stream: bool = False  # never load the model: weights read tensor by tensor from its safetensors
 
 
 @dataclass(frozen=True)

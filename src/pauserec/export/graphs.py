@@ -39,6 +39,7 @@ head, so the engine stores one copy (``pauserec.export.weights`` stores equal te
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -131,8 +132,11 @@ def _joint_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], shape) -> t
 class Core(nn.Module):
     """Embedding, decoder layers, final norm and head of an HF causal LM, with our attention + RoPE."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, weights=None) -> None:
+        """``weights``: a ``pauserec.export.stream.StreamedWeights`` whose skeleton ``model`` is (weightless
+        stand-ins, real values read when needed), or None: ``model`` holds its weights."""
         super().__init__()
+        self.weights = weights
         self.dims = model_dims(model)
         body = model.model
         self.embed = body.embed_tokens
@@ -147,11 +151,31 @@ class Core(nn.Module):
         # Every weight the graphs multiply by, as a transposed *view* of the HF tensor (no copy): the
         # exporter stores it as the MatMul's B directly, instead of folding a Transpose into a second
         # copy of every weight (export memory stays near 2x the weights at any size).
-        self.register_buffer("head_t", self.lm_head.weight.detach().t())  # (H, vocab)
+        self.register_buffer("head_t", self._t(self.lm_head.weight))  # (H, vocab)
         self.head_blocks = [self.head_t]  # the head's column blocks (one until split_head)
         for i, layer in enumerate(self.layers):
             for name, lin in self._linears(layer).items():
-                self.register_buffer(f"w{i}_{name}", lin.weight.detach().t())
+                self.register_buffer(f"w{i}_{name}", self._t(lin.weight))
+
+    def _t(self, weight, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """``weight[rows].T`` of an HF weight: a view (no copy), or a stand-in when streaming."""
+        if self.weights is not None:
+            return self.weights.derived(weight, rows)
+        w = weight.detach()
+        return (w if rows is None else w[rows[0] : rows[1]]).t()
+
+    def _rows(self, weight, ids) -> torch.Tensor:
+        """Real rows ``ids`` of an HF weight, (len(ids), H)."""
+        if self.weights is not None:
+            return self.weights.rows(weight, ids)
+        return weight.detach()[torch.tensor(list(ids), dtype=torch.long)]
+
+    def layer_weights(self, i: int):
+        """Context in which layer ``i`` computes with its real weights (always, unless streaming)."""
+        if self.weights is None:
+            return contextlib.nullcontext()
+        return self.weights.real_layer(self.layers[i], {(self, f"w{i}_{n}"): getattr(self, f"w{i}_{n}")
+                                                        for n in self._linears(self.layers[i])})
 
     @staticmethod
     def _linears(layer) -> dict:
@@ -177,10 +201,9 @@ class Core(nn.Module):
     def split_head(self, columns: int = HEAD_BLOCK) -> None:
         """Multiply by the head in blocks of ``columns`` vocabulary columns, each a view of the HF weight
         stored as its own tensor. Only when the graphs don't also embed through ``head_t`` (tied cot)."""
-        w = self.lm_head.weight.detach()  # (vocab, H)
         self.head_blocks = []
         for j, start in enumerate(range(0, self.dims.vocab, columns)):
-            self.register_buffer(f"head_t{j}", w[start : start + columns].t())  # (H, <= columns)
+            self.register_buffer(f"head_t{j}", self._t(self.lm_head.weight, (start, start + columns)))  # (H, <= columns)
             self.head_blocks.append(getattr(self, f"head_t{j}"))
 
     def restrict_embedding(self, token_ids) -> None:
@@ -190,7 +213,7 @@ class Core(nn.Module):
         row_of = torch.zeros(self.dims.vocab, dtype=torch.long)  # other ids read row 0 (never fed)
         row_of[torch.tensor(rows)] = torch.arange(len(rows))
         self.register_buffer("embed_row_of", row_of)
-        self.register_buffer("embed_rows", self.embed.weight.detach()[torch.tensor(rows)].clone())
+        self.register_buffer("embed_rows", self._rows(self.embed.weight, rows).clone())
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (...) -> embeddings (..., H)."""
@@ -203,7 +226,7 @@ class Core(nn.Module):
 
     def head_rows_t(self, token_ids: list[int]) -> torch.Tensor:
         """(H, n) transposed head rows of ``token_ids``: the SID-level head of one codebook."""
-        return self.lm_head.weight.detach()[torch.tensor(token_ids, dtype=torch.long)].t().contiguous()
+        return self._rows(self.lm_head.weight, token_ids).t().contiguous()
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (...,) int64 -> cos, sin (..., D) in the model dtype."""
@@ -258,20 +281,20 @@ def prefix_kv(core: Core, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     if not ids:
         empty = torch.zeros(d.layers, d.kv_heads, 0, d.head_dim, dtype=core.embed.weight.dtype)
         return empty, empty.clone()
-    x = torch.tensor(ids, dtype=torch.long)
     n = len(ids)
     cos, sin = core.rope(torch.arange(n))
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    h = core.embed(x)  # (P, H)
+    h = core._rows(core.embed.weight, ids)  # (P, H)
     keys, values = [], []
     for i in range(d.layers):
-        q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (P, Hq|Hkv, D)
-        q = q.transpose(0, 1).unflatten(0, (d.kv_heads, d.group))  # (Hkv, G, P, D)
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, P, D)
-        s = (q @ k.unsqueeze(1).transpose(-1, -2)) * core.scale  # (Hkv, G, P, P)
-        p = torch.softmax(s.masked_fill(~causal, NEG).float(), dim=-1).to(v.dtype)
-        out = (p @ v.unsqueeze(1)).permute(2, 0, 1, 3).reshape(n, -1)  # (P, Hq*D)
-        h = core.finish_layer(i, h, out)
+        with core.layer_weights(i):  # (streaming: this layer's weights are read for the step, then dropped)
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (P, Hq|Hkv, D)
+            q = q.transpose(0, 1).unflatten(0, (d.kv_heads, d.group))  # (Hkv, G, P, D)
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, P, D)
+            s = (q @ k.unsqueeze(1).transpose(-1, -2)) * core.scale  # (Hkv, G, P, P)
+            p = torch.softmax(s.masked_fill(~causal, NEG).float(), dim=-1).to(v.dtype)
+            out = (p @ v.unsqueeze(1)).permute(2, 0, 1, 3).reshape(n, -1)  # (P, Hq*D)
+            h = core.finish_layer(i, h, out)
         keys.append(k)
         values.append(v)
     return torch.stack(keys), torch.stack(values)

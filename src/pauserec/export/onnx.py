@@ -69,15 +69,19 @@ def attach_weights(path: Path, module) -> None:
     import onnx
     from onnx import numpy_helper
 
+    from pauserec.export.stream import is_stand_in
+
     model = onnx.load(str(path), load_external_data=False)
     state = module.state_dict()
+    streamed = getattr(getattr(module, "core", None), "weights", None)  # stand-ins read from the checkpoint
     keep, weights = [], []
     for vi in model.graph.input:
         (weights if vi.name in state else keep).append(vi)
     del model.graph.input[:]
     model.graph.input.extend(keep)
     for n, vi in enumerate(weights):
-        array = np.ascontiguousarray(state[vi.name].detach().cpu().numpy())
+        t = state[vi.name]
+        array = streamed.real(t) if streamed is not None and is_stand_in(t) else np.ascontiguousarray(t.cpu().numpy())
         t = numpy_helper.from_array(array, vi.name)
         if array.nbytes >= 1024:
             location = f"w{n}.bin"

@@ -122,12 +122,13 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     say("prompt", f"{spec.layout} ({spec.kind}" + (f", k={spec.pause_k}" if spec.kind == "pause" else "") +
         f"): {len(spec.prefix_ids)} prefix + {len(spec.suffix_ids)} suffix ids fused, history assembled from "
         f"{spec.assembly}, at most {spec.max_history} items / {spec.max_history_tokens} ids")
-    check_finite(src.model)
+    if src.streamed is None:  # (streamed: each tensor is checked as it is read)
+        check_finite(src.model)
     t1 = time.perf_counter()
     prompt_check = check_prompts(cfg, src)
     clock["prompt_check"] = time.perf_counter() - t1
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
-    built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix)
+    built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix, src.streamed)
     specs = graph_specs(built.shape)
     env = {n: resolve_dims(n, built.shape, cfg.batch, cfg.beams, src.spec.max_history_tokens) for n in specs} if cfg.static else None
     if env:
@@ -158,7 +159,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     say("validate", "HF references, then the fp32 graphs against them")
     static_env = env["decode" if "decode" in specs else "prefill"] if env else None
     refs = validate.collect_references(src.model, src.encoder, built.shape, list(specs), static_env,
-                                       cfg.seed, cfg.threads)
+                                       cfg.seed, cfg.threads, src.streamed)
     t1 = time.perf_counter()
     hf_top = hf_reference_topk(cfg, src, prompt_check, say)
     clock["hf_generate"] = time.perf_counter() - t1
@@ -254,8 +255,8 @@ def check_prompts(cfg: ExportConfig, src) -> dict:
 def hf_reference_topk(cfg: ExportConfig, src, prompt_check: dict, say) -> dict | None:
     """HF ``generate`` + trie top-10 on the HF-built prompts of the first ``check_users`` histories (None when
     the engine cannot be compared: reduced precisions, the ``sid`` scoring rule, or no users asked for)."""
-    if cfg.check_users < 1 or cfg.precision != "fp32" or cfg.scoring != "full":
-        return None
+    if cfg.check_users < 1 or cfg.precision != "fp32" or cfg.scoring != "full" or src.streamed is not None:
+        return None  # (streamed: generate needs the whole model; the graphs are validated layer by layer instead)
     from pauserec.bench.baseline_hf import HFBaseline
 
     import numpy as np
@@ -467,15 +468,16 @@ class BuiltGraphs:
     example: Callable
 
 
-def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True) -> BuiltGraphs:
+def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True, streamed=None) -> BuiltGraphs:
     """The torch wrappers of one engine plus example inputs for the exporter (``fuse_prefix=False``:
-    the prefill graph recomputes the instruction prefix for every row, an ablation)."""
+    the prefill graph recomputes the instruction prefix for every row, an ablation; ``streamed``: ``model`` is
+    the weightless skeleton of these ``StreamedWeights``)."""
     import torch
 
     from pauserec.export.graphs import Core, DecodeGraph, PrefillGraph, ThinkGraph
     from pauserec.runtime.spec import ModelShape
 
-    core = Core(model)
+    core = Core(model, streamed)
     d = core.dims
     sid = [list(x) for x in spec.sid_token_ids]
     if not spec.embeds_any_token:  # history, suffix and SID tokens are all these graphs embed

@@ -150,20 +150,33 @@ class References:
     HF weights and the engine's mapped weights are never resident together.
     """
 
-    def __init__(self, model, rows: int = 1) -> None:
-        self.model, self.rows, self.cache = model, max(1, rows), {}
+    def __init__(self, model, rows: int = 1, streamed=None) -> None:
+        """``streamed``: a ``StreamedWeights`` (``model`` is then None): the sequences asked for are recorded, and
+        ``compute_recorded`` runs them all through HF's decoder layers one layer at a time."""
+        self.model, self.rows, self.cache, self.streamed = model, max(1, rows), {}, streamed
+        self.recorded: list[tuple[int, ...]] = []
 
     def __call__(self, ids: list[int]) -> np.ndarray:
         key = tuple(int(i) for i in ids)
         if key not in self.cache:
+            if self.streamed is not None:  # collecting: the values come in compute_recorded
+                if key not in self.recorded:
+                    self.recorded.append(key)
+                return np.zeros((self.rows, self.streamed.model.get_output_embeddings().weight.shape[0]))
             if self.model is None:
                 raise ExportError("validation asked for an HF reference that was not computed beforehand; "
                                   "report this as a pauserec bug")
             self.cache[key] = hf_logprobs(self.model, list(key))[-self.rows :].copy()  # not a view of all rows
         return self.cache[key]
 
+    def compute_recorded(self) -> None:
+        from pauserec.export.stream import layerwise_logprobs
+
+        self.cache.update(layerwise_logprobs(self.streamed, self.recorded, self.rows))
+        self.recorded, self.streamed = [], None
+
     def release_model(self) -> None:
-        self.model = None
+        self.model, self.streamed = None, None
 
 
 class ShapeOnlyGraphs:
@@ -311,11 +324,15 @@ def _grow(x: np.ndarray, cap: int) -> np.ndarray:
 
 
 def collect_references(model, encoder: PromptEncoder, shape: ModelShape, graphs, static_env: dict | None = None,
-                       seed: int = 0, threads: int | None = None) -> References:
-    """Every HF reference that ``validate_graphs`` (same seed and shapes) will compare against."""
-    refs = References(model, rows=shape.levels - 1)
+                       seed: int = 0, threads: int | None = None, streamed=None) -> References:
+    """Every HF reference that ``validate_graphs`` (same seed and shapes) will compare against. ``streamed``:
+    no model in memory; the references are computed one decoder layer at a time from the checkpoint."""
+    refs = References(None if streamed is not None else model, rows=shape.levels - 1, streamed=streamed)
     validate_graphs(refs, encoder, shape, ShapeOnlyGraphs(shape, graphs, np.float32), atol=float("inf"),
                     static_env=static_env, seed=seed, threads=threads)
+    if streamed is not None:
+        with torch_threads(threads):
+            refs.compute_recorded()
     return refs
 
 
