@@ -45,29 +45,21 @@ class CheckpointTensors:
             raise CheckpointError(f"{self.path} has no {SINGLE_FILE} or {INDEX_FILE}: --stream reads safetensors "
                                   "weights; save the model with save_pretrained (safe_serialization), or export "
                                   "without --stream")
-        self._open: dict[Path, object] = {}
-
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
-    def _file(self, name: str):
+    def get(self, name: str, rows: tuple[int, int] | None = None):
+        """Tensor ``name`` (or its rows ``[start, stop)``) as float32, in memory of its own. The file is mapped
+        for this read only: pages of a mapping held open would stay resident (and counted) after the read."""
+        import torch
         from safetensors import safe_open
 
         if name not in self.file_of:
             raise CheckpointError(f"{self.path}: the checkpoint has no tensor {name!r}; is it a complete "
                                   "save_pretrained folder of this architecture?")
-        f = self.file_of[name]
-        if f not in self._open:
-            self._open[f] = safe_open(str(f), "pt")
-        return self._open[f]
-
-    def get(self, name: str, rows: tuple[int, int] | None = None):
-        """Tensor ``name`` (or its rows ``[start, stop)``) as float32, in memory of its own."""
-        import torch
-
-        f = self._file(name)
-        t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
-        return t.to(torch.float32) if t.dtype != torch.float32 else t.clone()
+        with safe_open(str(self.file_of[name]), "pt") as f:
+            t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0] : rows[1]]
+            return t.to(torch.float32) if t.dtype != torch.float32 else t.clone()
 
     def rows(self, name: str, ids) -> object:
         """(len(ids), H) float32: the rows ``ids`` of a 2-D tensor, read run by run of consecutive ids."""
