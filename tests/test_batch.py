@@ -535,3 +535,61 @@ def test_per_tensor_int8_engines_are_found_batch_dependent(trained_engines, tmp_
     model.graph.node.append(helper.make_node("DynamicQuantizeLinear", ["history_mask"], ["q", "s", "z"]))
     onnx.save(model, str(old / "prefill.onnx"))
     assert not Engine.load(old, graphs=False, verify=False).batch_invariant
+
+
+MOUNTINFO = """22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 0:41 / /mnt/bucket rw,nosuid,nodev,relatime shared:20 - fuse.gcsfuse gcs rw,user_id=0
+41 22 0:42 / /mnt/nfs rw,relatime shared:21 - nfs4 server:/export rw,vers=4.2
+42 22 0:43 / /mnt/with\\040space rw shared:22 - fuse.sshfs host: rw
+"""
+
+
+def test_locks_are_refused_where_they_cannot_work(tmp_path, monkeypatch):
+    """FUSE mounts (gcsfuse, sshfs, ...): a lock taken here does not stop another machine's run."""
+    from pathlib import Path
+
+    from pauserec.runtime import lock
+
+    assert lock.mount_type(Path("/mnt/bucket/out/recs.jsonl"), MOUNTINFO) == "fuse.gcsfuse"
+    assert lock.mount_type(Path("/mnt/nfs/recs.jsonl"), MOUNTINFO) == "nfs4"
+    assert lock.mount_type(Path("/mnt/with space/x"), MOUNTINFO) == "fuse.sshfs"
+    assert lock.mount_type(Path("/mnt/bucketful/x"), MOUNTINFO) == "ext4"  # a prefix of a name is not its mount
+    write_users(tmp_path / "users.jsonl", n=4)
+    monkeypatch.setattr(lock, "mount_type", lambda path, mountinfo=None: "fuse.gcsfuse")
+    with pytest.raises(lock.LockedError, match="fuse.gcsfuse filesystem.*PAUSEREC_LOCAL_LOCK=1"):
+        run_batch(cfg_for(tmp_path), FakeRecommender())
+    assert not (tmp_path / "recs.jsonl").exists()
+    monkeypatch.setenv("PAUSEREC_LOCAL_LOCK", "1")
+    assert run_batch(cfg_for(tmp_path), FakeRecommender()).input_rows == 4
+
+
+def test_a_lock_file_left_by_another_user(tmp_path, monkeypatch):
+    """Another user's stale lock file cannot be opened for writing: it is locked read-only (flock accepts that);
+    one that cannot be opened at all names its owner and what to do, never a bare PermissionError."""
+    from pauserec.runtime import lock
+
+    path = tmp_path / ".recs.lock"
+    path.write_text('{"pid": 1, "host": "elsewhere", "started": "yesterday"}')
+    real_open = os.open
+
+    def other_users_file(p, flags, *mode):
+        if str(p) == str(path) and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied")
+        return real_open(p, flags, *mode)
+
+    monkeypatch.setattr(os, "open", other_users_file)
+    with lock.hold(path, "output recs.jsonl"):
+        with pytest.raises(lock.LockedError, match="pid 1 on elsewhere"):  # held: a second run is refused
+            with lock.hold(path, "output recs.jsonl"):
+                pass
+
+    def unreadable(p, flags, *mode):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(p, flags, *mode)
+
+    path.write_text("{}")
+    monkeypatch.setattr(os, "open", unreadable)
+    with pytest.raises(lock.LockedError, match=r"belongs to .* cannot be opened.*rm "):
+        with lock.hold(path, "output recs.jsonl"):
+            pass
