@@ -425,3 +425,28 @@ def test_export_cli_with_a_preset(tmp_path):
     res = CliRunner().invoke(app, [str(ckpt), "--out", str(tmp_path / "e2"), "--prompt", "onerec-think", "--index",
                                    str(tmp_path / "cli.index.json")])
     assert res.exit_code == 2 and "--kind" in res.output
+
+
+def test_items_dropped_by_the_token_budget_are_counted(tmp_path):
+    """A text-assembled history that its token budget cuts below max_history items: the recommendation says how
+    many items the engine read, and a batch job counts the row as truncated (the history's items minus those)."""
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime.batch import BatchConfig, run_batch
+
+    ckpt, index, items = _setup(tmp_path, "budget", ("a", "b", "c"), "qwen3", tied=False)
+    layout = {"name": "titled", "template": "Items the user bought: {history}.\nNext item:", "item": '"{title}" {sid}',
+              "separator": ", ", "max_history": 5, "max_history_tokens": 40}
+    (tmp_path / "titled.json").write_text(json.dumps(layout))
+    report = _export(tmp_path, ckpt, "budget.index.json", prompt=str(tmp_path / "titled.json"),
+                     items=tmp_path / "budget.item.json", check_users=0)
+    rec = Recommender(Engine.load(report.out, provider="cpu"))
+    histories = [h for h in _histories(8, most=5) if len(h) == 5][:2] + [_histories(1, most=1)[0]]
+    out = rec.recommend(histories, k=3, beams=4)
+    assert 1 <= out.kept[0] < 5 and out.kept[2] == len(histories[2])  # the budget holds fewer than 5 titled items
+    rows = tmp_path / "users.jsonl"
+    rows.write_text("".join(json.dumps({"user_id": f"u{i}", "history": h}) + "\n" for i, h in enumerate(histories)))
+    cfg = BatchConfig(input=rows, output=tmp_path / "recs.jsonl", k=3, beams=4)
+    job = run_batch(cfg, rec)
+    cut = sum(1 for h, k in zip(histories, out.kept) if len(h) > k)
+    assert job.truncated == cut >= 1  # (5-item histories: not beyond max_history, but beyond the token budget)
+    assert json.loads(cfg.summary_path.read_text())["truncated_histories"] == cut

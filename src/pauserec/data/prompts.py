@@ -236,21 +236,27 @@ class PromptEncoder:
         return self.many([dense])[0]
 
     def many(self, histories: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.many_kept(histories)[0]
+
+    def many_kept(self, histories: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        """(history ids, items kept) of each history: the most recent items that fit the item and token budgets."""
         spec = self.spec
         if spec.assembly == "ids":  # the hot path: one gather per user, the same join as history_ids
             keep, rows = self.keep, self.rows
-            return [spec.join_rows(rows[h[-keep:]]) for h in map(np.asarray, histories)]
+            hists = [np.asarray(h) for h in histories]
+            return [spec.join_rows(rows[h[-keep:]]) for h in hists], [min(len(h), keep) for h in hists]
         kept = [np.asarray(h, np.int64)[-spec.max_history:] for h in histories]
         ids = self._text_ids(kept)
         for i, h in enumerate(kept):  # drop the oldest items until the history fits its token budget
             while len(ids[i]) > spec.max_history_tokens and len(h) > 1:
                 h = h[1:]
                 ids[i] = self._text_ids([h])[0]
+            kept[i] = h
             if len(ids[i]) > spec.max_history_tokens:
                 raise DataError(f"the item {self.catalog.item_ids[int(h[0])]!r} alone needs {len(ids[i])} history "
                                 f"tokens, more than the engine's {spec.max_history_tokens}; re-export with a larger "
                                 "max_history_tokens")
-        return ids
+        return ids, [len(h) for h in kept]
 
     def full(self, dense: np.ndarray) -> np.ndarray:
         """The whole prompt of one history (fused prefix and suffix included)."""

@@ -35,6 +35,8 @@ class Recommendations:
     item_index: np.ndarray  # (B, k) int32 dense item indices
     scores: np.ndarray  # (B, k) float32 summed SID log-probs
     sids: np.ndarray  # (B, k, L) int32 SID codes
+    # (B,) int32: the most recent history items the engine read for each user (its item and token budgets)
+    kept: np.ndarray | None = None
     # seconds: prefill, rationale, decode, topk, total (+ filters: building node masks, when filtered)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -105,6 +107,7 @@ class Recommender:
             item_index=np.full((n, k), -1, np.int32),
             scores=np.full((n, k), -np.inf, np.float32),
             sids=np.full((n, k, levels), -1, np.int32),
+            kept=np.zeros(n, np.int32),
         )
         timings, masking = Timings(), 0.0
         order = np.argsort([len(d) for d in dense], kind="stable")  # bucket by history length
@@ -113,7 +116,8 @@ class Recommender:
             t1 = time.perf_counter()
             node_mask, mask_row = filters.masks(self.catalog.trie, rows) if filters else (None, None)
             masking += time.perf_counter() - t1
-            nodes, scores = self._search([dense[r] for r in rows], beams, timings, node_mask, mask_row)
+            nodes, scores, kept = self._search([dense[r] for r in rows], beams, timings, node_mask, mask_row)
+            res.kept[rows] = kept
             self._fill(res, rows, nodes, scores, k, filters)
         res.timings = {**timings.as_dict(), **({"filters": masking} if filters else {}),
                        "total": time.perf_counter() - t0, "users": float(n)}
@@ -191,13 +195,13 @@ class Recommender:
         return k, beams
 
     def _search(self, dense: list[np.ndarray], beams: int, timings: Timings, node_mask: np.ndarray | None = None,
-                mask_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Pad one bucket to (B,T) ids + mask, run the beam search, return leaves + scores of its rows.
-        ``node_mask`` (M, N) / ``mask_row`` (rows,): the bucket's item filters (None = unfiltered)."""
+                mask_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Pad one bucket to (B,T) ids + mask, run the beam search, return leaves + scores of its rows and the
+        history items each kept. ``node_mask`` (M, N) / ``mask_row`` (rows,): the bucket's item filters."""
         e = self.engine
         rows = len(dense)
         batch = e.static_batch or rows
-        hist = self.encoder.many(dense)  # each user's history ids, within the engine's budget
+        hist, kept = self.encoder.many_kept(dense)  # each user's history ids, within the engine's budget
         t = e.static_hist or max(len(h) for h in hist)
         ids = np.full((batch, t), e.prompt.pad_id, np.int64)
         mask = np.zeros((batch, t), np.int64)
@@ -211,7 +215,7 @@ class Recommender:
             search.step()
         timings.add(search.timings)
         nodes, scores = search.leaves()
-        return nodes[:rows], scores[:rows]
+        return nodes[:rows], scores[:rows], kept
 
     def _fill(self, res: Recommendations, rows: np.ndarray, nodes: np.ndarray, scores: np.ndarray, k: int,
               filters: item_filters.RequestFilters | None = None) -> None:

@@ -16,7 +16,9 @@ What is a per-row error and what stops the job:
   never turns one systematic failure into thousands of error rows.
 
 A history longer than the engine keeps is truncated to its most recent items (as the engine was
-trained) and the record says so (``"truncated": n`` items dropped), so the job can count it.
+trained) and the record says so (``"truncated": n`` items dropped), so the job can count it: beyond
+``max_history`` items, or beyond the token budget of a prompt assembled from text (the recommender
+reports the items each user's prompt kept, ``Recommendations.kept``).
 """
 
 from __future__ import annotations
@@ -173,7 +175,8 @@ def recommend_rows(rec: RecommenderLike, rows: Sequence[Row], opts: RowOptions,
             record = {"user_id": batch[j].user_id, "items": [str(x) for x in res.items[j][keep]],
                       "scores": [round(float(s), 6) for s in res.scores[j][keep]],
                       "sids": [sid_text(s) for s in res.sids[j][keep]]}
-            dropped = len(batch[j].history) - rec.max_history
+            dropped = len(batch[j].history) - (int(res.kept[j]) if getattr(res, "kept", None) is not None
+                                               else rec.max_history)  # (item and token budgets)
             if dropped > 0:
                 record["truncated"] = dropped
             out[i] = record
