@@ -33,8 +33,7 @@ from typing import Any
 from pauserec.errors import CheckpointError
 
 TEXT_VOCAB = 2048  # BPE pieces besides the special tokens (the model's vocabulary stays the real one)
-BYTES_PER_PARAM = 4  # float32 (the default dtype; bfloat16: 2)
-DTYPES = {"float32": 4, "bfloat16": 2}
+DTYPES = {"float32": 4, "bfloat16": 2}  # stored weight type -> bytes per parameter
 SHARD_BYTES = 2_000_000_000  # safetensors shard size (a bigger single tensor gets a shard of its own)
 ROW_CHUNK = 8192  # rows drawn at a time (bounds the float32 temporary of a bfloat16 tensor)
 
@@ -144,7 +143,7 @@ def shape_table(layers: int | None = None, hidden: int | None = None) -> list[di
             "hidden": cfg["hidden_size"], "intermediate": cfg["intermediate_size"],
             "q_heads": cfg["num_attention_heads"], "kv_heads": cfg["num_key_value_heads"],
             "head_dim": cfg["head_dim"], "vocab": cfg["vocab_size"], "tied": cfg["tie_word_embeddings"],
-            "parameters": params, "weight_bytes": params * BYTES_PER_PARAM,
+            "parameters": params, "weight_bytes": params * DTYPES["float32"],
         })
     return rows
 
@@ -174,15 +173,6 @@ def random_model(arch: str, config: dict[str, Any], seed: int = 0):
         if emb.padding_idx is not None:  # as an HF from-scratch init leaves it
             emb.weight[emb.padding_idx].zero_()
     return model.float().eval()
-
-
-def check_finite(model, chunk: int = 1 << 22) -> None:
-    """CheckpointError naming the first parameter or buffer with a NaN or inf (checked in chunks: no big temporaries)."""
-    import torch
-
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in t.detach().reshape(-1).split(chunk)):
-            raise CheckpointError(f"parameter {name} of the random model is not finite; this is a bug, please report it")
 
 
 def mean_row(weight, chunk: int = 8192):

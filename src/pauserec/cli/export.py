@@ -27,7 +27,8 @@ def export(
     items: Path = typer.Option(None, "--items", help="Item fields the prompt renders (titles): LC-Rec .item.json "
                                "or MiniOneRec info .txt."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (activations per row) | int4 (weight-only, MatMulNBits)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (activations per row) | int4 "
+                                  "(weight-only, MatMulNBits)."),
     int4_compute: str = typer.Option("int8", "--int4-compute", help="int4: int8 (activations quantised per block: "
                                      "integer kernels, faster) | fp32 (activations stay float)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
@@ -39,7 +40,8 @@ def export(
     static: bool = typer.Option(False, "--static", help="Freeze batch, beams and history length (TensorRT)."),
     batch: int = typer.Option(None, "--batch", help="Static batch size (users per call)."),
     beams: int = typer.Option(None, "--beams", help="Static beam width."),
-    max_history: int = typer.Option(None, "--max-history", help="Items of history kept (default: the checkpoint card's, or the --prompt layout's)."),
+    max_history: int = typer.Option(None, "--max-history", help="Items of history kept (default: the checkpoint "
+                                    "card's, or the --prompt layout's)."),
     backend: str = typer.Option("onnx", "--backend", help="onnx | tensorrt (also builds .plan files)."),
     atol: float = typer.Option(None, "--atol", help="fp32 validation tolerance on log-probs (default 1e-4)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),

@@ -145,7 +145,7 @@ def load_sources(cfg) -> Sources:
             if not has_card:
                 raise  # a pauserec card's ids stand without it; a foreign prompt needs its tokenizer
     streamed = None
-    if getattr(cfg, "stream", False):
+    if cfg.stream:
         if (path / "adapter_config.json").is_file():
             raise CheckpointError(f"{path} is a PEFT adapter: --stream reads a complete checkpoint's safetensors; merge "
                                   "the adapter into its base first (peft merge_and_unload, save_pretrained), or export "

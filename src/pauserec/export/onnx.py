@@ -70,6 +70,7 @@ def attach_weights(path: Path, module) -> None:
     from onnx import numpy_helper
 
     from pauserec.export.stream import is_stand_in
+    from pauserec.export.weights import point_to
 
     model = onnx.load(str(path), load_external_data=False)
     state = module.state_dict()
@@ -84,13 +85,8 @@ def attach_weights(path: Path, module) -> None:
         array = streamed.real(t) if streamed is not None and is_stand_in(t) else np.ascontiguousarray(t.cpu().numpy())
         t = numpy_helper.from_array(array, vi.name)
         if array.nbytes >= 1024:
-            location = f"w{n}.bin"
-            (path.parent / location).write_bytes(t.raw_data)
-            t.ClearField("raw_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
+            (path.parent / f"w{n}.bin").write_bytes(t.raw_data)
+            point_to(t, f"w{n}.bin", 0, array.nbytes)
         model.graph.initializer.append(t)
         del array, t
     onnx.save(model, str(path))

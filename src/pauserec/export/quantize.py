@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pauserec.errors import ExportError
+from pauserec.export.weights import point_to
 
 ZERO_POINT = 128  # activations are stored as uint8 around 128: MLAS's fastest integer GEMM is u8 x s8
 TINY = 1e-12  # an all-zero row gets a positive scale (and zeros)
@@ -53,28 +54,18 @@ class _Writer:
         self.fh = open(dst.parent / self.location, "wb")
 
     def tensor(self, array: np.ndarray, name: str):
-        from onnx import TensorProto, numpy_helper
+        from onnx import numpy_helper
 
         t = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        if array.nbytes < 1024:
-            return t
-        offset = self.fh.tell()
-        self.fh.write(t.raw_data)
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
+        if array.nbytes >= 1024:
+            self.raw(t, t.raw_data)
         return t
 
     def raw(self, t, data: bytes) -> None:
-        """Re-point initializer ``t`` (already external elsewhere) at a copy of ``data`` in this file."""
+        """Point initializer ``t`` at a copy of ``data`` appended to this file."""
         offset = self.fh.tell()
         self.fh.write(data)
-        del t.external_data[:]
-        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(len(data)))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
+        point_to(t, self.location, offset, len(data))
 
 
 def to_int8_rows(src: Path, dst: Path) -> Path:

@@ -19,6 +19,19 @@ from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
 INLINE_BYTES = 1024  # smaller tensors (shapes, scalars) stay in the graph file
 
 
+def point_to(t, location: str, offset: int, length: int) -> None:
+    """Make initializer ``t`` an external one whose bytes are ``location[offset : offset + length]``."""
+    from onnx import TensorProto
+
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+
+
 def _tensor_bytes(t, base: Path) -> bytes:
     from onnx import TensorProto, numpy_helper
 
@@ -80,15 +93,7 @@ def consolidate(graphs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
                     w.write(b"\0" * pad)
                     seen[key] = (w.tell(), len(data))
                     w.write(data)
-                offset, length = seen[key]
-                t.ClearField("raw_data")
-                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-                    t.ClearField(field)
-                del t.external_data[:]
-                t.data_location = TensorProto.EXTERNAL
-                for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = k, v
+                point_to(t, WEIGHTS_FILE, *seen[key])
                 del data
             _inline_attribute_tensors(model.graph, src.parent)
             dst = out_dir / src.name
