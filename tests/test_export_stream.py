@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from test_export import exported, make_checkpoint, tiny_model  # noqa: E402
 
@@ -117,3 +117,20 @@ def test_what_streaming_refuses(tmp_path_factory, tmp_path):
     with pytest.raises(ExportError, match="non-finite.*up_proj"):
         export_engine(ExportConfig(checkpoint=bad, out=tmp_path / "e2", stream=True))
     assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+
+
+def test_a_pipelines_own_checkpoint_streams_to_hf_generates_top10(tmp_path):
+    """An LC-Rec-format checkpoint (Llama, BOS, byte-level BPE with SID tokens added after training, its own
+    prompt): the streamed engine equals the in-memory one and ranks as HF generate does on prompts that the HF
+    tokenizer made (streaming skips export's own generate check; this is it)."""
+    from test_export_external import LCREC_0, _export, _histories, _setup, assert_same_top10, hf_top10
+
+    ckpt, index, _ = _setup(tmp_path, "lcrec", ("a", "b", "c", "d"), "llama", tied=False)
+    normal = _export(tmp_path, ckpt, "lcrec.index.json", prompt="lc-rec:0", check_users=0).out
+    streamed = _export(tmp_path, ckpt, "lcrec.index.json", prompt="lc-rec:0", stream=True).out
+    assert _sha(streamed / "weights.bin") == _sha(normal / "weights.bin")
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    histories = _histories(4)
+    prompts = [tok(LCREC_0.replace("{inters}", ", ".join("".join(index[i]) for i in h[-20:])))["input_ids"]
+               for h in histories]
+    assert_same_top10(streamed, histories, hf_top10(ckpt, prompts, index))
