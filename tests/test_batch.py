@@ -593,3 +593,18 @@ def test_a_lock_file_left_by_another_user(tmp_path, monkeypatch):
     with pytest.raises(lock.LockedError, match=r"belongs to .* cannot be opened.*rm "):
         with lock.hold(path, "output recs.jsonl"):
             pass
+
+
+def test_an_onnxruntime_upgrade_makes_another_job(trained_engines, tmp_path, monkeypatch):
+    """Fusions of another onnxruntime round floats differently (int8 scores moved by up to 0.043 at the 0.6B
+    shape between 1.24 and 1.32): the version is part of the engine's identity, so a resume across it is refused."""
+    import onnxruntime
+
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime.batch import _differences, job_identity
+
+    write_users(tmp_path / "users.jsonl", n=4)
+    rec = Recommender(Engine.load(trained_engines["pause"], graphs=False))
+    before = job_identity(cfg_for(tmp_path), rec)
+    monkeypatch.setattr(onnxruntime, "__version__", "9.99.0")
+    assert _differences(before, job_identity(cfg_for(tmp_path), rec)) == ["the engine (onnxruntime)"]

@@ -169,11 +169,15 @@ class Recommender:
             raise DataError(f"k={k} is more than the {self.catalog.n_items:,} items of the catalog; lower k")
 
     def fingerprint(self) -> dict[str, str]:
-        """What identifies this engine's results: its manifest (which checksums every file), the catalog and
-        the backend that runs it."""
+        """What identifies this engine's results: its manifest (which checksums every file), the catalog, the
+        backend that runs it and the onnxruntime version (its fusions round floats differently between versions,
+        which moves int8 scores by up to a few 1e-2)."""
+        import onnxruntime
+
         h = hashlib.sha256("\n".join(map(str, self.catalog.item_ids)).encode())
         h.update(np.ascontiguousarray(self.catalog.sids, dtype=np.int32).tobytes())
         return {"manifest_sha256": sha256_file(self.engine.path / MANIFEST_FILE), "catalog_sha256": h.hexdigest(),
+                "onnxruntime": onnxruntime.__version__,
                 "provider": self.engine.provider}  # CPU and GPU numerics may order near-ties differently
 
     def sid_text(self, codes: np.ndarray) -> str:
