@@ -134,3 +134,148 @@ def test_a_pipelines_own_checkpoint_streams_to_hf_generates_top10(tmp_path):
     prompts = [tok(LCREC_0.replace("{inters}", ", ".join("".join(index[i]) for i in h[-20:])))["input_ids"]
                for h in histories]
     assert_same_top10(streamed, histories, hf_top10(ckpt, prompts, index))
+
+
+# -- the HF top-10, one decoder layer at a time -------------------------------------------------------------------
+DENSE_HISTORIES = [np.array([1, 5]), np.array([7]), np.array([2, 9, 3, 12, 20, 0, 8]), np.array([21, 4, 4])]
+
+
+def _hf(tmp_path_factory, arch: str, kind: str):
+    from pauserec.bench.baseline_hf import HFBaseline
+
+    hf = HFBaseline(make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", arch, kind))
+    return hf, hf._prompts(DENSE_HISTORIES)
+
+
+def _assert_same_top(items, scores, want_items, want_scores):
+    from pauserec.export.pipeline import same_top
+
+    assert items.shape == want_items.shape and items.dtype == np.int32 and scores.dtype == np.float32
+    for b in range(len(items)):
+        assert same_top(items[b], scores[b], want_items[b], want_scores[b], 1e-4), (b, items[b], want_items[b])
+
+
+@pytest.mark.parametrize("arch,kind", [("qwen3", "pause"), ("qwen2", "direct"), ("llama", "direct")])
+def test_layer_by_layer_top10_is_hf_generates(tmp_path_factory, arch, kind):
+    from pauserec.export.stream import StreamedWeights, layerwise_topk
+
+    hf, prompts = _hf(tmp_path_factory, arch, kind)
+    want = hf.recommend_prompts(prompts, 10, 10)
+    items, scores = layerwise_topk(StreamedWeights(hf.ckpt), prompts, hf.spec, hf.catalog, beams=10, k=10)
+    _assert_same_top(items, scores, want.item_index, want.scores)
+    assert (items >= 0).all()
+
+
+def _sid_beam_search(model, prompt, spec, catalog, beams: int, k: int):
+    """The ``sid`` rule's beam search, written out: whole-model forwards of prompt + each beam's SID tokens, log-probs
+    renormalised over the level's codes, children of a beam's prefix read from the catalog's SIDs."""
+    table, sids = spec.sid_table(), catalog.trie.sid_codes
+    live = [((), 0.0)]  # (codes so far, score)
+    for level in range(spec.levels):
+        ids = table[level, : spec.codebook_sizes[level]]
+        cands = []
+        for codes, score in live:
+            seq = list(prompt) + [int(table[lv, c]) for lv, c in enumerate(codes)]
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0, -1].double().numpy()
+            sub = logits[ids]
+            lp = sub - (sub.max() + np.log(np.exp(sub - sub.max()).sum()))
+            below = sorted({int(s[level]) for s in sids if tuple(int(c) for c in s[:level]) == codes})
+            cands += [(codes + (c,), score + lp[c]) for c in below]
+        live = sorted(cands, key=lambda c: -c[1])[:beams]
+    sid_of = {tuple(int(c) for c in s): i for i, s in enumerate(sids)}
+    ranked = [(int(item), score) for codes, score in live for item in catalog.trie.items_of_sid(sid_of[codes])][:k]
+    items, scores = np.full(k, -1, np.int32), np.full(k, -np.inf, np.float32)
+    items[: len(ranked)], scores[: len(ranked)] = [i for i, _ in ranked], [s for _, s in ranked]
+    return items, scores
+
+
+def test_layer_by_layer_top10_with_sid_scoring(tmp_path_factory):
+    from pauserec.export.stream import StreamedWeights, layerwise_topk
+
+    hf, prompts = _hf(tmp_path_factory, "qwen3", "pause")
+    items, scores = layerwise_topk(StreamedWeights(hf.ckpt), prompts, hf.spec, hf.catalog, beams=6, k=8, scoring="sid")
+    want = [_sid_beam_search(hf.model, p, hf.spec, hf.catalog, beams=6, k=8) for p in prompts]
+    _assert_same_top(items, scores, np.stack([w[0] for w in want]), np.stack([w[1] for w in want]))
+    full, _ = layerwise_topk(StreamedWeights(hf.ckpt), prompts, hf.spec, hf.catalog, beams=6, k=8)
+    assert not np.array_equal(full, items)  # the rule changes the ranking on this model
+
+
+def test_layer_by_layer_top10_refuses_cot(tmp_path_factory):
+    from pauserec.data import Catalog
+    from pauserec.data.prompts import TrainingCard
+    from pauserec.export.stream import StreamedWeights, layerwise_topk
+
+    ckpt = make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", "llama", "cot")
+    spec, catalog = TrainingCard.load(ckpt).prompt, Catalog.load(ckpt / "catalog.npz")
+    with pytest.raises(ExportError, match="rationales.*without --stream"):
+        layerwise_topk(StreamedWeights(ckpt), [np.array([6, 7, 2])], spec, catalog, beams=4)
+
+
+def test_layer_by_layer_top10_over_a_real_vocabulary(tmp_path_factory):
+    """151,936 tokens (the head read in 19 blocks): SID tokens across a block boundary and at the vocabulary's end."""
+    from test_export import REAL_VOCAB, real_shape_checkpoint
+
+    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.export.stream import StreamedWeights, layerwise_topk
+
+    ckpt = real_shape_checkpoint(tmp_path_factory.mktemp("real-topk"), "direct")
+    hf = HFBaseline(ckpt)
+    sid_ids = [list(range(8190, 8194)), list(range(100_000, 100_005)), list(range(REAL_VOCAB - 6, REAL_VOCAB))]
+    hf = HFBaseline.from_parts(hf.model, hf.spec.replace(sid_token_ids=sid_ids), hf.catalog)
+    prompts = hf._prompts(DENSE_HISTORIES)
+    want = hf.recommend_prompts(prompts, 10, 10)
+    items, scores = layerwise_topk(StreamedWeights(ckpt), prompts, hf.spec, hf.catalog, beams=10, k=10)
+    _assert_same_top(items, scores, want.item_index, want.scores)
+
+
+@pytest.mark.parametrize("arch,kind,precision", [("qwen3", "pause", "int8"), ("qwen2", "direct", "int4")])
+def test_streamed_quantized_export_never_writes_fp32_weights(tmp_path_factory, monkeypatch, arch, kind, precision):
+    """--stream at int8 / int4: the quantizer reads the checkpoint; no float32 copy of a MatMul weight is written
+    anywhere (every file the export writes is watched), the engine recommends what the in-memory export's does,
+    and its ranking is judged against the HF model's own top-10, computed one layer at a time."""
+    import re
+
+    import onnx
+
+    from pauserec.export import quantize
+    from pauserec.export.weights import is_lazy
+
+    seen = []
+    real_quantize = quantize.quantize_graphs
+
+    def watched(graphs, out_dir, precision, lazy=None, accuracy_level=None):
+        for path, _ in graphs.values():  # the fp32 graphs handed to the quantizer
+            g = onnx.load(str(path), load_external_data=False).graph
+            inits = {t.name: t for t in g.initializer}
+            weights = [inits[n.input[1]] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
+                       and re.search(r"\.(w\d+_|head_t)", n.input[1])]  # decoder projections, head (not SID rows)
+            seen.append((len(weights), all(is_lazy(t) for t in weights), (path.parent / "weights.bin").stat().st_size))
+        return real_quantize(graphs, out_dir, precision, lazy, accuracy_level)
+
+    normal = exported(tmp_path_factory, arch, kind, f"-{precision}", precision=precision, quant_sample=16)
+    monkeypatch.setattr(quantize, "quantize_graphs", watched)
+    streamed = exported(tmp_path_factory, arch, kind, f"-{precision}-stream", precision=precision, quant_sample=16,
+                        stream=True)
+    assert seen and all(n > 0 and lazy for n, lazy, _ in seen)  # every MatMul weight read from the checkpoint
+    fp32_bytes = sum(np.prod(t.shape) * 4 for t in tiny_model(arch).parameters())
+    assert all(size < fp32_bytes / 4 for _, _, size in seen)  # what fp32 bytes were written: embedding rows, norms
+    m = json.loads((streamed / "manifest.json").read_text())
+    ranking = [c for c in m["validation"] if c.get("case") == "ranking sample"][0]
+    assert ranking["reference"] == "hf-layerwise" and ranking["sample"] == 16
+    normal_ranking = [c for c in json.loads((normal / "manifest.json").read_text())["validation"]
+                      if c.get("case") == "ranking sample"][0]
+    assert normal_ranking["reference"] == "fp32-engine"
+    assert ranking["top10_overlap"] == normal_ranking["top10_overlap"]  # the HF top-10 is the fp32 engine's
+    a, b = _recommend(normal), _recommend(streamed)
+    assert a.items.tolist() == b.items.tolist()
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-6, rtol=0)
+
+
+def test_streamed_quantized_cot_is_refused_before_export(tmp_path_factory):
+    from pauserec.export import ExportConfig, export_engine
+
+    ckpt = make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", "llama", "cot")
+    with pytest.raises(ExportError, match="cot model"):
+        export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path_factory.mktemp("cot-int8") / "e", precision="int8",
+                                   stream=True))

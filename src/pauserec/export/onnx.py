@@ -1,4 +1,4 @@
-"""torch graph -> ONNX file: export, checker, and the reduced precisions (fp16, int8, int4).
+"""torch graph -> ONNX file: export, checker, and fp16 (int8 and int4: ``pauserec.export.quantize``).
 
 Exporter: the TorchScript-based ``torch.onnx.export(dynamo=False)`` at opset 18. Our wrappers are
 plain tensor code (no HF cache classes), which it exports in about a second per graph with graphs as
@@ -14,11 +14,11 @@ import warnings
 from pathlib import Path
 
 from pauserec.errors import ExportError
+from pauserec.export.quantize import INT4_BLOCK
 from pauserec.runtime.spec import GraphSpec
 
 OPSETS = {"torchscript": 18, "dynamo": 23}
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Softmax", "LogSoftmax")  # norms and softmaxes stay in float32
-INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a small size cost
 LOWERING = {
     "fp16": "float16 weights and KV (norms and softmaxes in float32)",
     "int8": "int8 MatMul weights per column, activations quantised per row (batch-invariant)",
@@ -70,7 +70,7 @@ def attach_weights(path: Path, module) -> None:
     from onnx import numpy_helper
 
     from pauserec.export.stream import is_stand_in
-    from pauserec.export.weights import point_to
+    from pauserec.export.weights import LAZY_FILE, point_to
 
     model = onnx.load(str(path), load_external_data=False)
     state = module.state_dict()
@@ -82,6 +82,12 @@ def attach_weights(path: Path, module) -> None:
     model.graph.input.extend(keep)
     for n, vi in enumerate(weights):
         t = state[vi.name]
+        if streamed is not None and streamed.defer and is_stand_in(t):  # read from the checkpoint when quantised
+            proto = onnx.TensorProto(name=vi.name, data_type=onnx.TensorProto.FLOAT, dims=tuple(t.shape))
+            point_to(proto, LAZY_FILE, streamed.lazy_ref(t), 4 * t.numel())
+            (path.parent / LAZY_FILE).touch()
+            model.graph.initializer.append(proto)
+            continue
         array = streamed.real(t) if streamed is not None and is_stand_in(t) else np.ascontiguousarray(t.cpu().numpy())
         t = numpy_helper.from_array(array, vi.name)
         if array.nbytes >= 1024:
@@ -146,17 +152,15 @@ def save_external(model, dst: Path) -> None:
     check(dst)
 
 
-def lower(precision: str, src: Path, dst: Path, keep: list[str], int4_accuracy: int | None = None) -> Path:
-    """The ``precision`` version of the fp32 graph ``src`` (weights in ``src``'s weights.bin) at ``dst``;
-    ``keep``: the inputs and outputs whose type stays (``float_io``); ``int4_accuracy``: MatMulNBits'
-    accuracy_level (None: fp32 compute; 4: activations quantised to int8 per block, integer dot products)."""
-    if precision == "fp16":
-        return to_fp16(src, dst, keep)
-    if precision == "int8":
-        return to_int8(src, dst)
-    if precision == "int4":
-        return to_int4(src, dst, int4_accuracy)
-    raise ExportError(f"unknown precision {precision!r}")
+def to_fp16_graphs(sources: dict[str, tuple[Path, str, list[str]]], work: Path, out_dir: Path) -> dict[str, Path]:
+    """fp16 versions of the fp32 graphs (name -> (graph, file name, ``keep``)), consolidated into ``out_dir``."""
+    from pauserec.export.weights import consolidate
+
+    raw = {}
+    for n, (path, file, keep) in sources.items():
+        (work / n).mkdir(parents=True)
+        raw[n] = to_fp16(path, work / n / file, keep)
+    return consolidate(raw, out_dir)
 
 
 def _toposort(graph) -> None:
@@ -176,35 +180,6 @@ def _toposort(graph) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def to_int8(src: Path, dst: Path) -> Path:
-    """int8 weights per column, activations quantised per row (``pauserec.export.quantize``)."""
-    from pauserec.export.quantize import to_int8_rows
-
-    return to_int8_rows(src, dst)
-
-
-def to_int4(src: Path, dst: Path, accuracy_level: int | None = None) -> Path:
-    """int4 weights: every MatMul with a constant weight becomes MatMulNBits, computing in float32
-    (``accuracy_level`` None) or with int8 activations (4: MLAS's integer kernels, AVX2 / AVX-512 VNNI / AMX)."""
-    import logging
-
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quant = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True,
-                                         accuracy_level=accuracy_level)
-            quant.process()
-            model = quant.model.model
-    finally:
-        logging.disable(logging.NOTSET)
-    save_external(model, dst)
-    return dst
 
 
 def graph_inputs_and_initializers(path: Path) -> tuple[list[str], dict[str, object]]:

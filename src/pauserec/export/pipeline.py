@@ -128,6 +128,13 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     prompt_check = check_prompts(cfg, src)
     clock["prompt_check"] = time.perf_counter() - t1
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
+    deferred = src.streamed is not None and cfg.precision in ("int8", "int4")
+    if deferred and spec.kind == "cot":
+        raise ExportError(f"--stream at {cfg.precision} ranks the engine against the HF model computed one layer at "
+                          "a time, which does not generate a cot model's rationales; export this cot model without "
+                          "--stream, or with --stream at fp32 or fp16")
+    if deferred:  # the fp32 graphs name the checkpoint's tensors; the quantizer reads them: no fp32 weights written
+        src.streamed.defer = True
     built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix, src.streamed)
     specs = graph_specs(built.shape)
     env = {n: resolve_dims(n, built.shape, cfg.batch, cfg.beams, src.spec.max_history_tokens) for n in specs} if cfg.static else None
@@ -170,8 +177,11 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     validate_args = dict(refs=refs, encoder=src.encoder, shape=shape, static_env=static_env,
                          seed=cfg.seed, threads=cfg.threads)
     atol = cfg.atol if cfg.atol is not None else validate.ATOL["fp32"]
-    checks = validate.validate_graphs(files=files32, atol=atol, **validate_args)
-    if merged:
+    if deferred:  # no fp32 engine exists: the quantized graphs are checked against the same references below
+        say("validate", f"no fp32 graphs to run (--stream at {cfg.precision}): the {cfg.precision} graphs are reported "
+            "against the HF references, and ranked against the HF model's own top-10")
+    checks = [] if deferred else validate.validate_graphs(files=files32, atol=atol, **validate_args)
+    if merged and not deferred:
         say("validate", f"{merged} (one prepacked session) against the same references")
         release_memory()  # the graphs' sessions and mapped weights go first: one copy resident at a time
         checks += validate.merged_checks(validate.validate_graphs(
@@ -362,7 +372,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     """fp16 / int8 / int4 graphs from the validated fp32 ones, judged by ranking agreement."""
     import numpy as np
 
-    from pauserec.export import bundle, onnx, validate, weights
+    from pauserec.export import bundle, onnx, quantize, validate
 
     say(cfg.precision, onnx.LOWERING[cfg.precision] + (f", {cfg.int4_compute} compute" if cfg.precision == "int4" else ""))
     lowered = stage / "_lowered"
@@ -371,39 +381,43 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     if common["merged"]:  # the merged model is lowered like the graphs (its weights are theirs: stored once)
         sources["merged"] = (fp32_dir / common["merged"], common["merged"],
                              [f"{n}/{x}" for n, s in specs.items() for x in onnx.float_io(s)])
-    raw = {}
-    for n, (path, file, keep) in sources.items():
-        (lowered / n).mkdir(parents=True)
-        raw[n] = onnx.lower(cfg.precision, path, lowered / n / file, keep, INT4_COMPUTE[cfg.int4_compute])
-    files = weights.consolidate(raw, stage)
+    if cfg.precision == "fp16":
+        files = onnx.to_fp16_graphs(sources, lowered, stage)
+        shutil.rmtree(lowered)
+    else:
+        files = quantize.quantize_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
+                                         cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute])
     files.pop("merged", None)
-    shutil.rmtree(lowered)
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
     kv = np.float16 if cfg.precision == "fp16" else np.float32
     checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,
                                       precision=cfg.precision, **validate_args)
-    for folder, precision in ((fp32_dir, "fp32"), (stage, cfg.precision)):
+    deferred = src.streamed is not None and src.streamed.defer
+    for folder, precision in ((stage, cfg.precision),) if deferred else ((fp32_dir, "fp32"), (stage, cfg.precision)):
         src.catalog.save(folder / bundle.CATALOG_FILE)
         bundle.finish(folder, bundle.build_manifest(**common, precision=precision, backend="onnx", validation=[],
                                                    plans={}))
-    say(cfg.precision, f"top-10 agreement with fp32 on {cfg.quant_sample} users")
-    report = _ranking_report(cfg, src, fp32_dir, stage)
+    reference = "the HF model (one decoder layer at a time)" if deferred else "fp32"
+    say(cfg.precision, f"top-10 agreement with {reference} on {cfg.quant_sample} users")
+    report = _ranking_report(cfg, src, None if deferred else fp32_dir, stage)
+    report["reference"] = "hf-layerwise" if deferred else "fp32-engine"
     if cfg.precision == "int4":
         report["int4_compute"] = cfg.int4_compute
     if report["top10_overlap"] < cfg.min_agreement:
         raise ExportError(
-            f"the {cfg.precision} engine agrees with fp32 on only {report['top10_overlap']:.3f} of the top-10 "
+            f"the {cfg.precision} engine agrees with {reference} on only {report['top10_overlap']:.3f} of the top-10 "
             f"(floor {cfg.min_agreement}; top-1 agreement {report['top1_agreement']:.3f}) on {report['sample']} "
             "users; nothing was written. Use a higher precision (fp16 > int8 > int4), or lower --min-agreement "
             "if that ranking change is acceptable")
     return checks, report
 
 
-def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, providers=("cpu", "cpu")) -> dict:
-    """Sample of the test split (``--data``), else of random catalog histories (no targets then)."""
+def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path | None, q_dir: Path, providers=("cpu", "cpu")) -> dict:
+    """Sample of the test split (``--data``), else of random catalog histories (no targets then); the reference is
+    the engine at ``fp32_dir``, or (None: a streamed quantized export) the HF model one decoder layer at a time."""
     import numpy as np
 
-    from pauserec.export.validate import compare_quantized
+    from pauserec.export.validate import compare_quantized, compare_with_reference
 
     n = cfg.quant_sample
     ids = src.catalog.item_ids
@@ -414,7 +428,15 @@ def _ranking_report(cfg: ExportConfig, src, fp32_dir: Path, q_dir: Path, provide
         rng = np.random.default_rng(cfg.seed)
         histories = [[ids[i] for i in rng.integers(0, len(ids), size=int(rng.integers(1, src.spec.max_history + 1)))]
                      for _ in range(n)]
-    return compare_quantized(fp32_dir, q_dir, histories, targets, beams=cfg.beams or 20, providers=providers)
+    beams = cfg.beams or 20
+    if fp32_dir is not None:
+        return compare_quantized(fp32_dir, q_dir, histories, targets, beams=beams, providers=providers)
+    from pauserec.export.stream import layerwise_topk
+
+    prompts = [src.encoder.full(src.catalog.indices_of(h)[0]) for h in histories]
+    items, _ = layerwise_topk(src.streamed, prompts, src.spec, src.catalog, beams, min(10, beams), cfg.scoring)
+    ref = np.where(items >= 0, np.asarray(src.catalog.item_ids, dtype=object)[np.maximum(items, 0)], "").astype(str)
+    return compare_with_reference(q_dir, histories, ref, targets, beams=beams, provider=providers[1])
 
 
 def test_split_sample(cfg: ExportConfig, src, n: int) -> tuple[list[list[str]], list[str], object]:

@@ -1,9 +1,10 @@
-"""int8 with one activation scale per row: a user's scores never depend on the other users of a batch.
+"""int8 and int4 engines from the fp32 graphs, one weight at a time, written straight into ``weights.bin``.
 
-ONNX Runtime's dynamic quantization (``quantize_dynamic``) quantises each MatMul's input with one scale for the
-whole tensor, so a row's int8 values, and a user's scores, change with the largest activation of any user in
-the same batch (2 of 8 users got another top-10 in a batch than alone on a small pause engine). Here every
-MatMul by a constant 2-D weight ``W`` (K, N) becomes
+**int8, one activation scale per row** (a user's scores never depend on the other users of a batch). ONNX
+Runtime's dynamic quantization (``quantize_dynamic``) quantises each MatMul's input with one scale for the whole
+tensor, so a row's int8 values, and a user's scores, change with the largest activation of any user in the same
+batch (2 of 8 users got another top-10 in a batch than alone on a small pause engine). Here every MatMul by a
+constant 2-D weight ``W`` (K, N) becomes
 
     s_a   = max |A| over K, per row / 127                      (..., 1)    one scale per row
     A_q   = uint8(round(A / s_a) + 128)                        (..., K)    zero point 128
@@ -13,21 +14,34 @@ MatMul by a constant 2-D weight ``W`` (K, N) becomes
 with ``W_q = round(W / s_w)`` symmetric int8 per output column (``s_w = max |W[:, n]| / 127``). Inputs that
 several MatMuls share (q/k/v, gate/up) are quantised once. A row's output depends on that row alone.
 
-The pass reads the source graph's weights one tensor at a time (from its external data) and appends each
-result to the destination's data file, so it never holds the model's weights at once.
+**int4, weight only**: every such MatMul becomes ONNX Runtime's ``MatMulNBits`` (symmetric, blocks of
+``INT4_BLOCK`` along K), its weights quantised by ONNX Runtime's own ``quantize_matmul_4bits`` (the kernel its
+``MatMulNBitsQuantizer`` calls), column block by column block; ``accuracy_level`` 4 computes with int8
+activations quantised per block of one row (batch-invariant as well).
+
+Weights are read from a :class:`TensorSource`: the fp32 graphs' external data (memory-mapped), or, for an export
+that streams, the checkpoint itself (``pauserec.export.stream``: the fp32 weights are never written anywhere). A
+weight is read in blocks of output columns (``COLUMN_BYTES`` of float32 at a time: the Qwen3-8B head is 2.5 GB
+as float32), quantised once however many graphs multiply by it, and appended to the engine's ``weights.bin``
+(64-byte aligned, each distinct content stored once) by one :class:`WeightsWriter` shared by every graph.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 
 from pauserec.errors import ExportError
-from pauserec.export.weights import point_to
+from pauserec.export.weights import INLINE_BYTES, LAZY_FILE, _tensor_bytes, point_to
+from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
 
 ZERO_POINT = 128  # activations are stored as uint8 around 128: MLAS's fastest integer GEMM is u8 x s8
 TINY = 1e-12  # an all-zero row gets a positive scale (and zeros)
+INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a small size cost
+COLUMN_BYTES = 256 << 20  # float32 bytes of a weight read and quantised at a time
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,96 +60,245 @@ def reference_matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (aq @ wq.astype(np.int32)).astype(np.float32) * sa * sw
 
 
-class _Writer:
-    """Appends tensors to one external-data file beside the destination graph."""
+def quantize_int4(w: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(K, N) float32 -> MatMulNBits' B (N, ceil(K / block), block / 2) uint8 and scales (N * blocks,) float32,
+    symmetric (the default zero point 8), by ONNX Runtime's ``quantize_matmul_4bits`` called as its quantizer calls it
+    (K padded with zero rows; the padding's nibbles stay 0: the kernel reads K values)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    def __init__(self, dst: Path) -> None:
-        self.location = dst.name + ".data"
-        self.fh = open(dst.parent / self.location, "wb")
+    k, n = w.shape
+    blocks = -(-k // block)
+    if blocks * block != k:
+        w = np.pad(w, ((0, blocks * block - k), (0, 0)))
+    packed = np.zeros((n, blocks, block // 2), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, -(-blocks // 2)), np.uint8)  # (unused: symmetric)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w, np.float32), scales, zero_points, block, n, k, True)
+    return packed, scales.reshape(-1)
+
+
+class TensorSource:
+    """The values of a graph's initializers: bytes in external-data files beside the graph (``base``), or, for
+    tensors whose location is ``LAZY_FILE``, the checkpoint read by ``lazy`` (a ``StreamedWeights``)."""
+
+    def __init__(self, base: Path, lazy=None) -> None:
+        self.base, self.lazy = Path(base), lazy
+
+    @staticmethod
+    def _info(t) -> dict | None:
+        from onnx import TensorProto
+
+        return {e.key: e.value for e in t.external_data} if t.data_location == TensorProto.EXTERNAL else None
+
+    def key(self, t) -> tuple | None:
+        """What identifies ``t``'s values across the graphs of one engine (None: inline, not shared)."""
+        info = self._info(t)
+        return None if info is None else (info["location"], int(info.get("offset", 0)), t.data_type, tuple(t.dims))
+
+    def _lazy_index(self, t) -> int | None:
+        info = self._info(t)
+        if info is None or info["location"] != LAZY_FILE:
+            return None
+        if self.lazy is None:
+            raise ExportError(f"{t.name} is to be read from the checkpoint but no checkpoint reader was given; "
+                              "report this as a pauserec bug")
+        return int(info["offset"])
+
+    def bytes(self, t) -> bytes:
+        index = self._lazy_index(t)
+        return _tensor_bytes(t, self.base) if index is None else self.lazy.lazy_columns(index).tobytes()
+
+    def columns(self, t, start: int, stop: int) -> np.ndarray:
+        """Columns ``[start, stop)`` of the 2-D float32 initializer ``t`` as a contiguous (K, stop - start) array."""
+        index = self._lazy_index(t)
+        if index is not None:
+            return self.lazy.lazy_columns(index, start, stop)
+        info = self._info(t)
+        if info is None:
+            from onnx import numpy_helper
+
+            return np.ascontiguousarray(numpy_helper.to_array(t)[:, start:stop], np.float32)
+        mapped = np.memmap(self.base / info["location"], np.float32, "r", int(info.get("offset", 0)), tuple(t.dims))
+        return np.ascontiguousarray(mapped[:, start:stop])
+
+
+class WeightsWriter:
+    """The engine's ``weights.bin``, appended to by every lowered graph: ALIGN-aligned tensors, each distinct
+    content (sha256) stored once; a weight already quantised for another graph is not quantised again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.fh = open(self.path, "wb")
+        self.seen: dict[str, tuple[int, int]] = {}  # sha256 -> (offset, length)
+        self.quantized: dict[tuple, list] = {}  # (source key, precision) -> [(suffix, TensorProto)]
+
+    def raw(self, t, data: bytes) -> None:
+        """Point initializer ``t`` at ``data`` in weights.bin (written unless the same bytes already are)."""
+        key = hashlib.sha256(data).hexdigest()
+        if key not in self.seen:
+            self.fh.write(b"\0" * (-self.fh.tell() % ALIGN))
+            self.seen[key] = (self.fh.tell(), len(data))
+            self.fh.write(data)
+        point_to(t, WEIGHTS_FILE, *self.seen[key])
 
     def tensor(self, array: np.ndarray, name: str):
+        """An initializer ``name`` holding ``array``: inline when small, else in weights.bin."""
         from onnx import numpy_helper
 
         t = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        if array.nbytes >= 1024:
+        if array.nbytes >= INLINE_BYTES:
             self.raw(t, t.raw_data)
         return t
 
-    def raw(self, t, data: bytes) -> None:
-        """Point initializer ``t`` at a copy of ``data`` appended to this file."""
-        offset = self.fh.tell()
-        self.fh.write(data)
-        point_to(t, self.location, offset, len(data))
+    def close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
 
 
-def to_int8_rows(src: Path, dst: Path) -> Path:
-    """The per-row int8 version of the graph ``src`` at ``dst`` (its weights in ``dst.name + '.data'``)."""
+def _column_blocks(t) -> list[tuple[int, int]]:
+    k, n = (int(d) for d in t.dims)
+    step = max(1, COLUMN_BYTES // (4 * max(k, 1)))
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def _quantized_weight(t, source: TensorSource, writer: WeightsWriter, precision: str, name: str) -> list:
+    """The initializers that replace the (K, N) float32 weight ``t`` (named ``name + suffix``), computed once per
+    source tensor and precision."""
+    from onnx import TensorProto
+
+    key = (source.key(t), precision)
+    if key[0] is None or key not in writer.quantized:
+        parts = []
+        for start, stop in _column_blocks(t):
+            w = source.columns(t, start, stop)
+            if not np.isfinite(w).all():
+                raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training "
+                                  "diverged or the checkpoint is damaged; export an earlier checkpoint")
+            parts.append(quantize_weight(w) if precision == "int8" else quantize_int4(w))
+            del w
+        if precision == "int8":
+            arrays = {"/q8": np.concatenate([p[0] for p in parts], axis=1), "/q8_scale": np.concatenate([p[1] for p in parts])}
+        else:
+            arrays = {"/q4": np.concatenate([p[0] for p in parts]), "/q4_scale": np.concatenate([p[1] for p in parts])}
+        del parts
+        made = [(suffix, writer.tensor(a, t.name + suffix)) for suffix, a in arrays.items()]
+        if key[0] is None:
+            return [(s, x) for s, x in made]
+        writer.quantized[key] = made
+    out = []
+    for suffix, proto in writer.quantized[key]:
+        copy = TensorProto()
+        copy.CopyFrom(proto)
+        copy.name = name + suffix
+        out.append((suffix, copy))
+    return out
+
+
+def _int8_activation(a: str) -> tuple[list, str, str]:
+    """Nodes that quantise activation ``a`` per row: (nodes, uint8 tensor, row scale)."""
+    from onnx import TensorProto, helper
+
+    p = f"{a}/q8"
+    nodes = [helper.make_node("Abs", [a], [f"{p}/abs"], name=f"{p}/abs"),
+             helper.make_node("ReduceMax", [f"{p}/abs", "q8/axes"], [f"{p}/max"], name=f"{p}/max", keepdims=1),
+             helper.make_node("Max", [f"{p}/max", "q8/tiny"], [f"{p}/max1"], name=f"{p}/max1"),
+             helper.make_node("Div", [f"{p}/max1", "q8/127"], [f"{p}/scale"], name=f"{p}/scale"),
+             helper.make_node("Div", [a, f"{p}/scale"], [f"{p}/div"], name=f"{p}/div"),
+             helper.make_node("Round", [f"{p}/div"], [f"{p}/round"], name=f"{p}/round"),
+             helper.make_node("Add", [f"{p}/round", "q8/off"], [f"{p}/shift"], name=f"{p}/shift"),
+             helper.make_node("Cast", [f"{p}/shift"], [f"{p}/u8"], name=f"{p}/u8", to=TensorProto.UINT8)]
+    return nodes, f"{p}/u8", f"{p}/scale"
+
+
+INT8_CONSTS = {"q8/axes": np.array([-1], np.int64), "q8/tiny": np.array(TINY, np.float32),
+               "q8/127": np.array(127.0, np.float32), "q8/off": np.array(float(ZERO_POINT), np.float32),
+               "q8/zp": np.array(ZERO_POINT, np.uint8)}
+
+
+def quantize_graph(src: Path, dst: Path, precision: str, writer: WeightsWriter, source: TensorSource,
+                   accuracy_level: int | None = None) -> Path:
+    """The ``precision`` (int8 / int4) version of the fp32 graph ``src`` at ``dst``, its tensors in ``writer``'s
+    weights.bin (``dst`` must sit beside it). Every MatMul by a 2-D float32 initializer is rewritten."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from pauserec.export.onnx import check
-    from pauserec.export.weights import _tensor_bytes
 
+    if precision not in ("int8", "int4"):
+        raise ExportError(f"quantize_graph lowers to int8 or int4, not {precision!r}")
+    if dst.parent != writer.path.parent:
+        raise ExportError(f"{dst} must be written beside {writer.path} (its external data); report this as a bug")
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    targets = {n.name: n for n in graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
+    targets = {n.name for n in graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
                and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
                and inits[n.input[1]].data_type == TensorProto.FLOAT}
     if not targets:
-        raise ExportError(f"{src.name} has no MatMul by a float32 weight to quantise to int8")
-    consts = {"q8/axes": np.array([-1], np.int64), "q8/tiny": np.array(TINY, np.float32),
-              "q8/127": np.array(127.0, np.float32), "q8/off": np.array(float(ZERO_POINT), np.float32),
-              "q8/zp": np.array(ZERO_POINT, np.uint8)}
-    writer = _Writer(dst)
-    try:
-        new_inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
-        done_weights: set[str] = set()
-        quantized_acts: dict[str, tuple[str, str]] = {}  # activation -> (uint8 tensor, row scale)
-        nodes = []
-        for node in graph.node:
-            if node.name not in targets:
-                nodes.append(node)
-                continue
-            a, w = node.input[0], node.input[1]
-            if a not in quantized_acts:
-                p = f"{a}/q8"
-                nodes += [helper.make_node("Abs", [a], [f"{p}/abs"], name=f"{p}/abs"),
-                          helper.make_node("ReduceMax", [f"{p}/abs", "q8/axes"], [f"{p}/max"], name=f"{p}/max", keepdims=1),
-                          helper.make_node("Max", [f"{p}/max", "q8/tiny"], [f"{p}/max1"], name=f"{p}/max1"),
-                          helper.make_node("Div", [f"{p}/max1", "q8/127"], [f"{p}/scale"], name=f"{p}/scale"),
-                          helper.make_node("Div", [a, f"{p}/scale"], [f"{p}/div"], name=f"{p}/div"),
-                          helper.make_node("Round", [f"{p}/div"], [f"{p}/round"], name=f"{p}/round"),
-                          helper.make_node("Add", [f"{p}/round", "q8/off"], [f"{p}/shift"], name=f"{p}/shift"),
-                          helper.make_node("Cast", [f"{p}/shift"], [f"{p}/u8"], name=f"{p}/u8", to=TensorProto.UINT8)]
-                quantized_acts[a] = (f"{p}/u8", f"{p}/scale")
-            aq, sa = quantized_acts[a]
-            if w not in done_weights:
-                t = inits[w]
-                data = np.frombuffer(_tensor_bytes(t, src.parent), np.float32).reshape(tuple(t.dims))
-                wq, sw = quantize_weight(data)
-                new_inits += [writer.tensor(wq, f"{w}/q8"), writer.tensor(sw, f"{w}/q8_scale")]
-                done_weights.add(w)
-                del data, wq
-            q = f"{node.name}/q8"
-            nodes += [helper.make_node("MatMulInteger", [aq, f"{w}/q8", "q8/zp"], [f"{q}/acc"], name=f"{q}/matmul"),
-                      helper.make_node("Cast", [f"{q}/acc"], [f"{q}/accf"], name=f"{q}/cast", to=TensorProto.FLOAT),
-                      helper.make_node("Mul", [f"{q}/accf", sa], [f"{q}/rows"], name=f"{q}/rows"),
-                      helper.make_node("Mul", [f"{q}/rows", f"{w}/q8_scale"], [node.output[0]], name=f"{q}/cols")]
-        used = {x for n in nodes for x in n.input}
-        kept = []
-        for t in graph.initializer:  # the rest (and a weight also read otherwise, a tied lookup) move to dst's file
-            if t.name not in used:
-                continue
-            if t.data_location == TensorProto.EXTERNAL:
-                writer.raw(t, _tensor_bytes(t, src.parent))
-            kept.append(t)
-        del graph.node[:]
-        graph.node.extend(nodes)
-        del graph.initializer[:]
-        graph.initializer.extend(kept + new_inits)
-    finally:
-        writer.fh.close()
+        raise ExportError(f"{src.name} has no MatMul by a float32 weight to quantise to {precision}")
+    new_inits = [numpy_helper.from_array(v, k) for k, v in INT8_CONSTS.items()] if precision == "int8" else []
+    done: dict[str, dict] = {}  # weight -> {suffix: name}
+    activations: dict[str, tuple[str, str]] = {}  # int8: activation -> (uint8 tensor, row scale)
+    nodes = []
+    for node in graph.node:
+        if node.name not in targets:
+            nodes.append(node)
+            continue
+        a, w = node.input[0], node.input[1]
+        if w not in done:
+            made = _quantized_weight(inits[w], source, writer, precision, w)
+            new_inits += [p for _, p in made]
+            done[w] = {s: p.name for s, p in made}
+        q = done[w]
+        if precision == "int4":
+            k, n = (int(d) for d in inits[w].dims)
+            attrs = dict(K=k, N=n, bits=4, block_size=INT4_BLOCK, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
+            nodes.append(helper.make_node("MatMulNBits", [a, q["/q4"], q["/q4_scale"]], [node.output[0]],
+                                          name=f"{node.name}/q4", domain="com.microsoft", **attrs))
+            continue
+        if a not in activations:
+            act_nodes, aq, sa = _int8_activation(a)
+            nodes += act_nodes
+            activations[a] = (aq, sa)
+        aq, sa = activations[a]
+        p = f"{node.name}/q8"
+        nodes += [helper.make_node("MatMulInteger", [aq, q["/q8"], "q8/zp"], [f"{p}/acc"], name=f"{p}/matmul"),
+                  helper.make_node("Cast", [f"{p}/acc"], [f"{p}/accf"], name=f"{p}/cast", to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"{p}/accf", sa], [f"{p}/rows"], name=f"{p}/rows"),
+                  helper.make_node("Mul", [f"{p}/rows", q["/q8_scale"]], [node.output[0]], name=f"{p}/cols")]
+    used = {x for n in nodes for x in n.input}
+    kept = []
+    for t in graph.initializer:  # the rest (and a weight also read otherwise, a tied lookup) go to weights.bin
+        if t.name not in used:
+            continue
+        if t.data_location == TensorProto.EXTERNAL:
+            writer.raw(t, source.bytes(t))
+        kept.append(t)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    if precision == "int4" and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
+    writer.fh.flush()
     check(dst)
     return dst
+
+
+def quantize_graphs(graphs: dict[str, tuple[Path, str]], out_dir: Path, precision: str, lazy=None,
+                    accuracy_level: int | None = None) -> dict[str, Path]:
+    """Every graph (name -> (fp32 graph file, file name in ``out_dir``)) at ``precision``, sharing one
+    ``out_dir/weights.bin``; ``lazy``: the checkpoint reader of a streamed export. Returns the written files."""
+    writer = WeightsWriter(out_dir / WEIGHTS_FILE)
+    try:
+        return {n: quantize_graph(path, out_dir / file, precision, writer, TensorSource(path.parent, lazy), accuracy_level)
+                for n, (path, file) in graphs.items()}
+    finally:
+        writer.close()
+
+
+def to_int8_rows(src: Path, dst: Path) -> Path:
+    """The per-row int8 version of the single graph ``src`` at ``dst`` (its weights in ``dst``'s weights.bin)."""
+    return quantize_graphs({"graph": (src, dst.name)}, dst.parent, "int8")["graph"]

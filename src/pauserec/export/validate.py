@@ -393,10 +393,20 @@ def compare_quantized(ref_dir: Path, q_dir: Path, histories: list[list[str]], ta
 
     k = min(10, beams)
     ref = Recommender(Engine.load(ref_dir, provider=providers[0])).recommend(histories, k=k, beams=beams)
-    q = Recommender(Engine.load(q_dir, provider=providers[1])).recommend(histories, k=k, beams=beams)
-    overlap = float(np.mean([len(set(a[a != ""]) & set(b[b != ""])) / 10 for a, b in zip(ref.items, q.items)]))
-    out = {"sample": len(histories), "top10_overlap": overlap, "top1_agreement": float(np.mean(ref.items[:, 0] == q.items[:, 0]))}
+    return compare_with_reference(q_dir, histories, ref.items, targets, beams, providers[1])
+
+
+def compare_with_reference(q_dir: Path, histories: list[list[str]], ref_items: np.ndarray, targets: list[str] | None,
+                           beams: int = 20, provider: str = "cpu") -> dict:
+    """``compare_quantized`` against a reference top-10 given as item ids (B, 10), "" padding: the fp32 engine's,
+    or the HF model's computed one decoder layer at a time (``pauserec.export.stream.layerwise_topk``)."""
+    from pauserec.runtime import Engine, Recommender
+
+    q = Recommender(Engine.load(q_dir, provider=provider)).recommend(histories, k=min(10, beams), beams=beams)
+    ref_items = np.asarray(ref_items)
+    overlap = float(np.mean([len(set(a[a != ""]) & set(b[b != ""])) / 10 for a, b in zip(ref_items, q.items)]))
+    out = {"sample": len(histories), "top10_overlap": overlap, "top1_agreement": float(np.mean(ref_items[:, 0] == q.items[:, 0]))}
     if targets is not None:
-        hit = lambda r: float(np.mean([t in row for t, row in zip(targets, r.items)]))  # noqa: E731
-        out.update({"hit10_fp32": hit(ref), "hit10_lowered": hit(q), "hit10_change": hit(q) - hit(ref)})
+        hit = lambda items: float(np.mean([t in row for t, row in zip(targets, items)]))  # noqa: E731
+        out.update({"hit10_fp32": hit(ref_items), "hit10_lowered": hit(q.items), "hit10_change": hit(q.items) - hit(ref_items)})
     return out

@@ -17,6 +17,10 @@ from pauserec.errors import ExportError
 from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
 
 INLINE_BYTES = 1024  # smaller tensors (shapes, scalars) stay in the graph file
+# A streamed int8 / int4 export's fp32 graphs name their weights' values without holding them: the initializer is
+# external in this (empty) file, its "offset" the index of a recipe of ``pauserec.export.stream.StreamedWeights``
+# (a checkpoint tensor, rows, transposed). Only the quantizer (``TensorSource``) reads them, from the checkpoint.
+LAZY_FILE = "checkpoint.stream"
 
 
 def point_to(t, location: str, offset: int, length: int) -> None:
@@ -32,11 +36,19 @@ def point_to(t, location: str, offset: int, length: int) -> None:
         entry.key, entry.value = k, v
 
 
+def is_lazy(t) -> bool:
+    """``t``'s values are read from the checkpoint when quantised (see ``LAZY_FILE``)."""
+    return any(e.key == "location" and e.value == LAZY_FILE for e in t.external_data)
+
+
 def _tensor_bytes(t, base: Path) -> bytes:
     from onnx import TensorProto, numpy_helper
 
     if t.data_location == TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
+        if info["location"] == LAZY_FILE:
+            raise ExportError(f"{t.name} is read from the checkpoint by the quantizer only (a streamed int8/int4 "
+                              "export); report this as a pauserec bug")
         f = base / info["location"]
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else f.stat().st_size - offset
@@ -69,7 +81,8 @@ def _inline_attribute_tensors(graph, base: Path) -> None:
 
 
 def consolidate(graphs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
-    """Write ``out_dir/weights.bin`` and each graph (same file name) pointing into it; returns the graph files."""
+    """Write ``out_dir/weights.bin`` and each graph (same file name) pointing into it; returns the graph files.
+    Tensors read from the checkpoint later (``LAZY_FILE``) keep their references."""
     import onnx
     from onnx import TensorProto
 
@@ -80,6 +93,9 @@ def consolidate(graphs: dict[str, Path], out_dir: Path) -> dict[str, Path]:
         for name, src in graphs.items():
             model = onnx.load(str(src), load_external_data=False)
             for t in model.graph.initializer:
+                if is_lazy(t):
+                    (out_dir / LAZY_FILE).touch()
+                    continue
                 data = _tensor_bytes(t, src.parent)
                 if len(data) < INLINE_BYTES:
                     if t.data_location == TensorProto.EXTERNAL:  # bring a small external tensor inline
