@@ -126,7 +126,8 @@ def _print_summary(report) -> None:
     for graph, err in report.max_abs_err.items():
         table.add_row(f"max |err| {graph}", f"{err:.2e}")
     if report.quantized:
-        table.add_row(f"{report.precision} vs fp32", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+        against = "HF (layer by layer)" if report.quantized.get("reference") == "hf-layerwise" else "fp32"
+        table.add_row(f"{report.precision} vs {against}", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in report.quantized.items()))
     for name, size in report.files.items():
         table.add_row(name, f"{size / 1e6:.2f} MB")
