@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from pauserec.errors import EngineError
@@ -107,6 +108,13 @@ def _intact(entry: Path, manifest_bytes: bytes) -> bool:
         return False
 
 
+def _used(entry: Path) -> None:
+    """Stamp the entry's last use (eviction order) from the fine-grained clock: a file's own mtime comes from the
+    kernel's coarse one, which can give two uses milliseconds apart the same time."""
+    now = time.time_ns()
+    os.utime(entry / ENTRY_FILE, ns=(now, now))
+
+
 def _remove(entry: Path) -> None:
     """Remove a cache entry: renamed away first (one step), so no process finds it half-deleted."""
     gone = entry.parent / f".{entry.name}.gone-{os.getpid()}"
@@ -170,13 +178,13 @@ def local_engine(engine: str | Path, cache: Path | None = None) -> tuple[Path, b
     root = (cache or cache_root()) / "engines"
     dest = root / f"{os.path.basename(base) or 'engine'}-{key}"
     if _intact(dest, manifest_bytes):
-        os.utime(dest / ENTRY_FILE)  # last use, for eviction
+        _used(dest)
         return dest, True
     cap = cache_cap_bytes()  # (a bad setting is reported before gigabytes are copied)
     root.mkdir(parents=True, exist_ok=True)
     with hold(root / f".{dest.name}.lock", f"the engine cache entry {dest}", wait=True):
         if _intact(dest, manifest_bytes):  # another process copied it while this one waited
-            os.utime(dest / ENTRY_FILE)
+            _used(dest)
             return dest, True
         for stale in root.glob(f".{dest.name}.tmp-*"):  # a copy killed half-way (its lock died with it)
             shutil.rmtree(stale, ignore_errors=True)
@@ -193,6 +201,7 @@ def local_engine(engine: str | Path, cache: Path | None = None) -> tuple[Path, b
                 _copy(fs, f"{base}/{name}", tmp / name, digest, uri)
             sizes = {name: (tmp / name).stat().st_size for name in [MANIFEST_FILE, *manifest.files]}
             (tmp / ENTRY_FILE).write_text(json.dumps(sizes))
+            _used(tmp)
             _fsync_dir(tmp)
             os.replace(tmp, dest)
             _fsync_dir(root)
