@@ -68,7 +68,7 @@ RUN = '''
 import json, sys, time
 from pathlib import Path
 from pauserec.bench.rss import peak_rss_kib
-from pauserec.runtime.batch import BatchConfig, run_batch
+from pauserec.frontends.batch import BatchConfig, run_batch
 mode, engine, inp, out, threads = sys.argv[1:6]
 if mode == "stub":
     from pauserec.data import Catalog
@@ -122,9 +122,9 @@ def throughput(args) -> dict:
     from ray.cluster_utils import Cluster
 
     from pauserec.data import Catalog
-    from pauserec.runtime.batch import BatchConfig
+    from pauserec.frontends.batch import BatchConfig
     from pauserec.runtime.engine_cache import CACHE_ENV
-    from pauserec.runtime.ray_job import run_ray
+    from pauserec.frontends.ray_job import run_ray
 
     ids = list(Catalog.load(args.engine / "catalog.npz").item_ids)
     runs: list[dict] = []

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pauserec.errors import DataError, EngineError, JobError, PauserecError
-from pauserec.runtime.batch import BatchConfig, run_batch
+from pauserec.frontends.batch import BatchConfig, run_batch
 
 KNOWN = {str(i) for i in range(50)}
 
@@ -172,7 +172,7 @@ def test_data_errors_stay_per_row_but_engine_failures_stop_the_job(tmp_path):
 def test_a_full_disk_stops_the_job(tmp_path, monkeypatch):
     import errno
 
-    from pauserec.runtime import batch
+    from pauserec.frontends import batch
 
     write_users(tmp_path / "users.jsonl", n=12)
 
@@ -188,7 +188,7 @@ def test_a_full_disk_stops_the_job(tmp_path, monkeypatch):
 def test_a_full_disk_while_merging_says_so_and_closes_the_output(tmp_path, monkeypatch, fmt):
     import errno
 
-    from pauserec.runtime import batch
+    from pauserec.frontends import batch
 
     write_users(tmp_path / "users.jsonl", n=20)
     cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / f"recs.{fmt}", batch_size=4)
@@ -234,7 +234,7 @@ def test_two_runs_started_together_one_runs_one_is_refused(tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_batch import FakeRecommender
-        from pauserec.runtime.batch import BatchConfig, run_batch
+        from pauserec.frontends.batch import BatchConfig, run_batch
         from pauserec.errors import PauserecError
         cfg = BatchConfig(input=Path({str(tmp_path / 'users.jsonl')!r}), output=Path({str(tmp_path / 'recs.jsonl')!r}),
                           batch_size=4, resume=True)
@@ -312,7 +312,7 @@ def _start_and_kill(tmp_path: Path, out: Path, patch: str = "", wait_parts: int 
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_batch import FakeRecommender
-        from pauserec.runtime.batch import BatchConfig, run_batch
+        from pauserec.frontends.batch import BatchConfig, run_batch
         def die():
             os.kill(os.getpid(), signal.SIGKILL)
         real_replace, real_rmtree = os.replace, shutil.rmtree
@@ -501,7 +501,7 @@ def test_batch_size_enters_the_job_only_where_scores_depend_on_it(tmp_path):
     make the batch size part of the job: a resume with another batch size is another job."""
     from types import SimpleNamespace
 
-    from pauserec.runtime.batch import _differences, job_identity
+    from pauserec.frontends.batch import _differences, job_identity
 
     write_users(tmp_path / "users.jsonl", n=8)
 
@@ -601,7 +601,7 @@ def test_an_onnxruntime_upgrade_makes_another_job(trained_engines, tmp_path, mon
     import onnxruntime
 
     from pauserec.runtime import Engine, Recommender
-    from pauserec.runtime.batch import _differences, job_identity
+    from pauserec.frontends.batch import _differences, job_identity
 
     write_users(tmp_path / "users.jsonl", n=4)
     rec = Recommender(Engine.load(trained_engines["pause"], graphs=False))

@@ -47,7 +47,7 @@ def test_install_lines_keep_their_extras(prog, path, cmd):
 def test_named_defaults_are_the_codes(tmp_path):
     from pathlib import Path
 
-    from pauserec.runtime.batch import BatchConfig
+    from pauserec.frontends.batch import BatchConfig
 
     text = _help(main_app, ("recommend",))
     assert "the output's name without its suffix + .errors.jsonl" in text

@@ -431,7 +431,7 @@ def test_items_dropped_by_the_token_budget_are_counted(tmp_path):
     """A text-assembled history that its token budget cuts below max_history items: the recommendation says how
     many items the engine read, and a batch job counts the row as truncated (the history's items minus those)."""
     from pauserec.runtime import Engine, Recommender
-    from pauserec.runtime.batch import BatchConfig, run_batch
+    from pauserec.frontends.batch import BatchConfig, run_batch
 
     ckpt, index, items = _setup(tmp_path, "budget", ("a", "b", "c"), "qwen3", tied=False)
     layout = {"name": "titled", "template": "Items the user bought: {history}.\nNext item:", "item": '"{title}" {sid}',

@@ -21,9 +21,9 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from pauserec.errors import DataError, PauserecError  # noqa: E402
 from pauserec.runtime import Engine, Recommender  # noqa: E402
-from pauserec.runtime.batch import BatchConfig, run_batch  # noqa: E402
+from pauserec.frontends.batch import BatchConfig, run_batch  # noqa: E402
 from pauserec.runtime.engine_cache import CACHE_ENV  # noqa: E402
-from pauserec.runtime.ray_job import RecommendBatch, plan_pool, run_ray  # noqa: E402
+from pauserec.frontends.ray_job import RecommendBatch, plan_pool, run_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +193,8 @@ def test_a_killed_driver_is_resumed_and_a_second_run_is_refused(trained_engines,
     script = textwrap.dedent(f"""
         import ray
         from pathlib import Path
-        from pauserec.runtime.batch import BatchConfig
-        from pauserec.runtime.ray_job import run_ray
+        from pauserec.frontends.batch import BatchConfig
+        from pauserec.frontends.ray_job import run_ray
         ray.init(address={cluster.address!r}, log_to_driver=False)
         cfg = BatchConfig(input=Path({str(tmp_path / 'users.jsonl')!r}), output=Path({str(out)!r}), k=5, beams=8,
                           batch_size=4)
@@ -263,7 +263,7 @@ def test_an_actor_refuses_an_engine_other_than_the_jobs(trained_engines, tmp_pat
     """The driver fingerprinted one engine (job.json names it); an actor that loads another from the same path (the
     engine was re-exported or re-synced while the job ran, simulated by the driver's fingerprint) stops the job."""
     from pauserec.errors import JobError
-    from pauserec.runtime.ray_job import check_same_engine
+    from pauserec.frontends.ray_job import check_same_engine
 
     engine = trained_engines["pause"]
     ids = list(Engine.load(engine).catalog.item_ids)

@@ -1,4 +1,4 @@
-"""`pauserec recommend`: the batch job over JSONL/Parquet (pauserec.runtime.batch; --ray: pauserec.runtime.ray_job)."""
+"""`pauserec recommend`: the batch job over JSONL/Parquet (pauserec.frontends.batch; --ray: pauserec.frontends.ray_job)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def recommend(
                                     "many as the nodes hold)."),
 ) -> None:
     """Recommend items for every user of a JSONL/Parquet file; bad rows go to an errors file."""
-    from pauserec.runtime.batch import BatchConfig
+    from pauserec.frontends.batch import BatchConfig
 
     cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams, batch_size=batch_size,
                       resume=resume, overwrite=overwrite, unique=unique, user_field=user_field,
@@ -55,7 +55,7 @@ def recommend(
 def _progress_bar(cfg):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pauserec.runtime.batch import count_rows
+    from pauserec.frontends.batch import count_rows
 
     columns = (TextColumn("recommend"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} users/s"), TimeRemainingColumn())
@@ -73,7 +73,7 @@ def _progress_bar(cfg):
 
 def _run_local(cfg, engine: str, provider: str, threads: int | None, progress):
     from pauserec.runtime import Engine, Recommender
-    from pauserec.runtime.batch import run_batch
+    from pauserec.frontends.batch import run_batch
 
     rec = Recommender(Engine.load(engine, provider=provider, threads=threads), batch_size=cfg.batch_size)
     return run_batch(cfg, rec, progress=progress)
@@ -87,7 +87,7 @@ def _run_ray(cfg, engine: str, address: str | None, concurrency: int | None, thr
         import ray  # noqa: F401
     except ImportError:
         raise BackendUnavailable("--ray needs Ray: pip install 'pauserec[ray]'") from None
-    from pauserec.runtime.ray_job import run_ray
+    from pauserec.frontends.ray_job import run_ray
 
     return run_ray(cfg, engine, address=address, concurrency=concurrency, threads=threads,
                    provider=provider, progress=progress,

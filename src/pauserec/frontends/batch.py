@@ -7,7 +7,7 @@ lists of item ids)::
 
 Every input row ends up exactly once, in input order, in one of two files: the output (its
 recommendations) or the errors file (row number, user id, reason). The per-row rules are in
-:mod:`pauserec.runtime.rows`; a failure of the job itself (engine, memory, disk) stops the job
+:mod:`pauserec.frontends.rows`; a failure of the job itself (engine, memory, disk) stops the job
 with :class:`JobError` instead of being written as per-row errors.
 
 Files, for ``--output recs.jsonl``: ``recs.jsonl``, ``recs.errors.jsonl``, ``recs.summary.json``
@@ -53,7 +53,7 @@ import numpy as np
 
 from pauserec.errors import DataError, JobError, PauserecError
 from pauserec.runtime.lock import hold
-from pauserec.runtime.rows import (RecommenderLike, Row, RowOptions, default_sid_text, parse_line, parse_record,
+from pauserec.frontends.rows import (RecommenderLike, Row, RowOptions, default_sid_text, parse_line, parse_record,
                                    reason_kind, recommend_rows)
 
 PARTS_SUFFIX = ".parts"
@@ -118,7 +118,7 @@ class BatchReport:
 
 
 class ChunkRunner:
-    """What turns chunks of parsed rows into their records (``pauserec.runtime.rows.recommend_rows``).
+    """What turns chunks of parsed rows into their records (``pauserec.frontends.rows.recommend_rows``).
 
     ``map`` yields one list of records per chunk, in the order of the chunks; it may work on several
     chunks at once (the Ray job's actor pool) but must never reorder, drop or repeat them. Everything

@@ -1,6 +1,6 @@
 """Scale-out on a Ray cluster: the batch job's rows recommended by a pool of actors, one engine per actor.
 
-``pauserec recommend --ray`` is :func:`pauserec.runtime.batch.run_batch` with a :class:`RayRunner`
+``pauserec recommend --ray`` is :func:`pauserec.frontends.batch.run_batch` with a :class:`RayRunner`
 in place of the local recommender: the driver reads and numbers the input rows, hands chunks of
 ``--batch-size`` rows to the actors and writes their records as the local job does (parts, resume,
 merge, errors file, summary, ``--unique``, one writer per output). One job, two runners: the output
@@ -47,8 +47,8 @@ from typing import Any
 
 from pauserec.errors import JobError, PauserecError
 from pauserec.runtime.backends import available_cpus
-from pauserec.runtime.batch import BatchConfig, BatchReport, ChunkRunner, run_batch
-from pauserec.runtime.rows import Row, RowOptions, parse_line, parse_record, recommend_rows
+from pauserec.frontends.batch import BatchConfig, BatchReport, ChunkRunner, run_batch
+from pauserec.frontends.rows import Row, RowOptions, parse_line, parse_record, recommend_rows
 
 IN_FLIGHT = 2  # chunks per actor: one running, one waiting, so no actor idles between chunks
 MAX_ATTEMPTS = 3  # actors a chunk may lose (node removed, worker killed) before the job stops
