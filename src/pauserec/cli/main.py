@@ -1,4 +1,4 @@
-"""`pauserec`: the umbrella command (data, train, eval, recommend, catalog, demo).
+"""`pauserec`: the umbrella command (data, train, eval, recommend, serve, catalog, demo).
 
 Each group lives in its own module and imports heavy libraries (torch, onnxruntime) only inside
 its commands, so `pauserec --help` and `pauserec data info` stay fast.
@@ -43,6 +43,10 @@ def _register() -> None:
     from pauserec.cli import recommend as recommend_cli
 
     app.command("recommend")(recommend_cli.recommend)
+
+    from pauserec.cli import serve as serve_cli
+
+    app.command("serve")(serve_cli.serve)
 
     from pauserec.cli import demo as demo_cli
 

@@ -109,7 +109,8 @@ def parse_line(line: str, opts: RowOptions) -> Row:
 
 
 # -- recommending ---------------------------------------------------------------------------------
-def _check_row(rec: RecommenderLike, row: Row) -> str | None:
+def check_row(rec: RecommenderLike, row: Row) -> str | None:
+    """Why ``row`` cannot be recommended for by ``rec`` (None when it can): its parse reason, its history, its filters."""
     if row.reason:
         return row.reason
     reason = rec.validate_history(row.history)
@@ -139,7 +140,8 @@ def _filters(group: list[Row], opts: RowOptions) -> dict[str, Any]:
     return out
 
 
-def _error(row: Row, reason: str) -> dict[str, Any]:
+def error_record(row: Row, reason: str) -> dict[str, Any]:
+    """The record of a row that cannot be recommended for (the errors file's line, the server's 4xx body)."""
     rec: dict[str, Any] = {"user_id": row.user_id, "reason": reason}
     if row.line is not None:
         rec["line"] = row.line
@@ -152,9 +154,9 @@ def recommend_rows(rec: RecommenderLike, rows: Sequence[Row], opts: RowOptions,
     out: list[dict[str, Any] | None] = [None] * len(rows)
     good: list[int] = []
     for i, row in enumerate(rows):
-        reason = _check_row(rec, row)
+        reason = check_row(rec, row)
         if reason:
-            out[i] = _error(row, reason)
+            out[i] = error_record(row, reason)
         else:
             good.append(i)
     # A DataError for a group is retried row by row, so one bad row cannot sink its neighbours.
@@ -166,7 +168,7 @@ def recommend_rows(rec: RecommenderLike, rows: Sequence[Row], opts: RowOptions,
             res = rec.recommend([r.history for r in batch], k=opts.k, beams=opts.beams, **_filters(batch, opts))
         except DataError as e:
             if len(group) == 1:
-                out[group[0]] = _error(batch[0], str(e))
+                out[group[0]] = error_record(batch[0], str(e))
             else:
                 groups.extend([[i] for i in group])
             continue

@@ -160,6 +160,17 @@ class Engine:
         used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged, tf32)
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
+    def with_catalog(self, catalog: Catalog | str | Path) -> Engine:
+        """This engine's graphs (the same sessions, nothing reloaded) serving another catalog: a ``Catalog``, a
+        SID index file or a catalog .npz, checked as ``Engine.load(catalog=...)`` checks it (DataError saying
+        what differs). ``self`` is unchanged and keeps serving its own catalog."""
+        from pauserec.runtime.catalog_update import fit_catalog, read_catalog
+
+        fitted = fit_catalog(read_catalog(catalog), self.manifest, self.path)
+        other = Engine(self.path, self.manifest, fitted, self.sessions, self.provider, self.threads, self.source)
+        other.ops = self.ops
+        return other
+
     @property
     def batch_invariant(self) -> bool:
         """Whether a user's scores are the same alone and in any batch. False only for int8 engines exported
