@@ -318,3 +318,20 @@ def test_sigterm_under_load_loses_nothing_and_answers_nothing_twice(engine, rec,
     served = int(re.search(r"stopped: (\d+) recommendations answered", text).group(1))
     assert set(outcomes) <= {"answered", "refused", "reset"}, sorted(set(outcomes))
     assert served == outcomes.count("answered") and "refused" in outcomes
+
+
+def test_the_load_benchmark_measures_a_server_it_starts(engine, tmp_path):
+    """`pauserec-bench serve` end to end on a tiny engine (short: what it reports, not how fast)."""
+    from pauserec.bench.serve_load import LoadConfig, run_load, serve_markdown
+
+    cfg = LoadConfig(engine=engine, rates=(2.0, 40.0), duration=2.0, warmup=1, history_len=5, users=16, k=5, beams=8,
+                     max_batch=8, max_wait_ms=50, threads=1)
+    result = run_load(cfg, tmp_path, progress=lambda m: None)
+    single, levels = result["one_at_a_time"], result["levels"]
+    assert single["answered"] >= 1 and single["batch_max"] == 1 and single["failed"] == 0
+    assert [lv["offered_rps"] for lv in levels] == [2.0, 40.0]
+    assert all(lv["answered"] + lv["refused_503"] == lv["sent"] and lv["failed"] == 0 for lv in levels)
+    assert levels[1]["batch_max"] > 1  # 40 req/s on a tiny engine: requests share batches
+    assert result["server_batches"]["+Inf"] >= 1 and result["server"]["beams"] == 8
+    assert "one request at a time" in serve_markdown(result)
+    assert "stopped:" in (tmp_path / "server.log").read_text()  # the server it started was stopped gracefully

@@ -169,6 +169,10 @@ def markdown(result: dict) -> str:
         from pauserec.bench.ablation import ablation_markdown
 
         return ablation_markdown(result) + environment_line(result)
+    if kind == "serve":
+        from pauserec.bench.serve_load import serve_markdown
+
+        return serve_markdown(result) + environment_line(result)
     heads = headline_lines(result)
     top = "".join(f"- {h}\n" for h in heads) + ("\n" if heads else "")
     body = latency_markdown(result) if kind == "latency" else quality_markdown(result)

@@ -111,6 +111,46 @@ def latency(
     console.print(f"wrote {', '.join(files.values())}", highlight=False)
 
 
+@app.command("serve")
+@handle_errors
+def serve_load(
+    engine: Path = typer.Argument(..., help="Engine directory: served here (or its catalog gives the histories "
+                                  "for --url)."),
+    url: str = typer.Option(None, "--url", help="Load a server already running there instead of starting one."),
+    rates: str = typer.Option("0.5,1,2,4", "--rates", help="Offered request rates (req/s), comma-separated."),
+    duration: float = typer.Option(30.0, "--duration", min=1, help="Seconds of arrivals per rate (and of the "
+                                   "one-at-a-time run)."),
+    history_len: int = typer.Option(20, "--history-len", min=1, help="Items per random history."),
+    k: int = typer.Option(10, "--k", min=1),
+    beams: int = typer.Option(20, "--beams", min=1),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="The server's --max-batch."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="The server's --max-wait-ms."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="The server's --max-queue."),
+    threads: int = typer.Option(None, "--threads", help="The server's intra-op threads."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for serve.json/.md and server.log."),
+) -> None:
+    """pauserec serve under load: one request at a time, then Poisson arrivals at rising rates (throughput,
+    p50/p99, batch sizes, the knee)."""
+    from pauserec.bench.report import finish
+    from pauserec.bench.serve_load import LoadConfig, run_load, serve_markdown, write
+
+    try:
+        rate_list = tuple(float(x) for x in rates.split(",") if x.strip())
+    except ValueError:
+        rate_list = ()
+    if not rate_list or min(rate_list) <= 0:
+        raise typer.BadParameter(f"--rates must be a comma-separated list of positive numbers, got {rates!r}")
+    cfg = LoadConfig(engine=engine, url=url, rates=rate_list, duration=duration, history_len=history_len, k=k,
+                     beams=beams, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
+                     seed=seed)
+    result = run_load(cfg, out, progress=lambda m: err_console.print(f"[dim]{m}[/]", highlight=False))
+    result = finish(result, "serve", threads=threads, manifests=_manifests((engine,)))
+    files = write(result, out)
+    console.print(serve_markdown(result), markup=False, soft_wrap=True)
+    console.print(f"wrote {', '.join(files.values())}", highlight=False)
+
+
 @app.command("optimum-env")
 @handle_errors
 def optimum_env(
