@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -245,34 +241,16 @@ def test_catalog_reload_is_checked_first_and_can_be_rolled_back(engine, rec, tmp
     assert 'pauserec_catalog_reloads_total{result="loaded"} 1.0' in metrics
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_sigterm_under_load_loses_nothing_and_answers_nothing_twice(engine, rec, tmp_path):
     """A real `pauserec serve` process, requests arriving all the time, SIGTERM: every request the server took
     is answered (its count of answers equals what the clients received, so none was answered twice or lost on the
     way), the rest are refused at connect (or reset, unread, when they reached the socket as it closed)."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    from pauserec.bench.serve_load import start_server
+
     log = tmp_path / "serve.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "pauserec"), "serve", str(engine), "--port", str(port),
-                                 "--k", "5", "--beams", "8", "--threads", "1", "--max-wait-ms", "20"],
-                                stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(engine, ["--k", "5", "--beams", "8", "--threads", "1", "--max-wait-ms", "20"], log)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError(f"the server did not start: {log.read_text()}")
         ids = rec.catalog.item_ids
         outcomes: list[str] = []
         stop = threading.Event()

@@ -10,6 +10,8 @@ quoting the numbers.
   throughput of a server that never batches (every batch is one request);
 - *rate r*: requests sent at exponentially distributed gaps of mean 1/r for ``duration`` seconds
   (arrivals do not wait for answers, as users' do not), then every answer awaited;
+- *library*: the one-at-a-time requests through ``Recommender.recommend`` in this process, after the
+  server has stopped: what HTTP, JSON and the queue add to one request;
 - *knee*: the highest offered rate the server kept up with (answered >= 95 % of the offered rate,
   nothing refused, p50 within 5x one-at-a-time's p50); its throughput against one-at-a-time's.
 """
@@ -59,35 +61,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_server(engine: Path | str, args: list[str], log: Path, timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """Start ``pauserec serve ENGINE ARGS`` on a free port, output to ``log``; return it and its URL once /health
+    answers (PauserecError with the log's end if it exits or stays silent)."""
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-c", "from pauserec.cli.main import app; app()", "serve", str(engine),
+           "--port", str(port), *args]
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise PauserecError(f"pauserec serve exited ({proc.returncode}) before it served: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise PauserecError(f"pauserec serve did not answer /health within {timeout:.0f} s; its log: {log}")
+
+
 @contextmanager
 def running_server(cfg: LoadConfig, log: Path):
     """Yield the URL of a `pauserec serve` started for ``cfg`` (stopped with SIGTERM at the end)."""
     if cfg.url:
         yield cfg.url.rstrip("/")
         return
-    import httpx
-
-    port = _free_port()
-    cmd = [sys.executable, "-c", "from pauserec.cli.main import app; app()", "serve", str(cfg.engine),
-           "--port", str(port), "--k", str(cfg.k), "--beams", str(cfg.beams), "--max-batch", str(cfg.max_batch),
-           "--max-wait-ms", str(cfg.max_wait_ms), "--max-queue", str(cfg.max_queue), *cfg.server_args]
+    args = ["--k", str(cfg.k), "--beams", str(cfg.beams), "--max-batch", str(cfg.max_batch),
+            "--max-wait-ms", str(cfg.max_wait_ms), "--max-queue", str(cfg.max_queue), *cfg.server_args]
     if cfg.threads:
-        cmd += ["--threads", str(cfg.threads)]
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        args += ["--threads", str(cfg.threads)]
+    proc, url = start_server(cfg.engine, args, log)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise PauserecError(f"pauserec serve exited ({proc.returncode}) before it served: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise PauserecError(f"pauserec serve did not answer /health within 600 s; its log: {log}")
         yield url
     finally:
         if proc.poll() is None:
@@ -172,6 +181,27 @@ async def _open_loop(url: str, hists: list[list[str]], cfg: LoadConfig, rate: fl
     return _summary(answers, max(wall, cfg.duration), rate)
 
 
+def _library_one_at_a_time(hists: list[list[str]], cfg: LoadConfig) -> dict[str, Any] | None:
+    """The same requests as one-at-a-time, through ``Recommender.recommend`` in this process (no HTTP, no queue):
+    what the server adds to one request. None with --url (the engine may not be on this machine)."""
+    if cfg.url or cfg.engine is None:
+        return None
+    from pauserec.runtime import Engine, Recommender
+
+    rec = Recommender(Engine.load(cfg.engine, threads=cfg.threads), batch_size=cfg.max_batch)
+    for i in range(cfg.warmup):
+        rec.recommend([hists[i % len(hists)]], k=cfg.k, beams=cfg.beams)
+    times, t0, i = [], time.perf_counter(), 0
+    while time.perf_counter() - t0 < cfg.duration or not times:
+        t1 = time.perf_counter()
+        rec.recommend([hists[i % len(hists)]], k=cfg.k, beams=cfg.beams)
+        times.append(time.perf_counter() - t1)
+        i += 1
+    lat = np.array(times)
+    return {"answered": len(times), "p50_ms": float(np.percentile(lat, 50) * 1000),
+            "p99_ms": float(np.percentile(lat, 99) * 1000), "throughput_rps": len(times) / (time.perf_counter() - t0)}
+
+
 def knee(single: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The highest offered rate the server kept up with (see the module docstring), or None."""
     kept = [lv for lv in levels if lv["throughput_rps"] >= 0.95 * lv["offered_rps"] and not lv["refused_503"]
@@ -185,13 +215,11 @@ def knee(single: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any]
 def run_load(cfg: LoadConfig, out: Path, progress=print) -> dict[str, Any]:
     """Measure one server (see the module docstring); the result dict of ``pauserec-bench serve``."""
     try:
-        import httpx  # noqa: F401
+        import httpx
     except ImportError:
         raise BackendUnavailable("pauserec-bench serve needs httpx: pip install 'pauserec[serve]'") from None
     out.mkdir(parents=True, exist_ok=True)
     with running_server(cfg, out / "server.log") as url:
-        import httpx
-
         health = httpx.get(f"{url}/health", timeout=10).json()
         hists = _histories(cfg, url)
         progress(f"one request at a time for {cfg.duration:.0f} s")
@@ -205,8 +233,10 @@ def run_load(cfg: LoadConfig, out: Path, progress=print) -> dict[str, Any]:
             progress(f"  {lv['throughput_rps']:.2f} req/s answered, p50 {lv['p50_ms']:.0f} ms, p99 {lv['p99_ms']:.0f} ms,"
                      f" batch mean {lv['batch_mean']:.1f} max {lv['batch_max']}, 503: {lv['refused_503']}")
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    progress("the same requests one at a time through the library (no server)")
+    library = _library_one_at_a_time(hists, cfg)
     cfg_d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    return {"config": cfg_d, "server": health, "one_at_a_time": single, "levels": levels,
+    return {"config": cfg_d, "server": health, "one_at_a_time": single, "library_one_at_a_time": library, "levels": levels,
             "knee": knee(single, levels), "server_batches": _batch_histogram(metrics)}
 
 
@@ -222,7 +252,10 @@ def _batch_histogram(metrics: str) -> dict[str, float]:
 
 def serve_markdown(result: dict[str, Any]) -> str:
     s, kn, cfg = result["one_at_a_time"], result.get("knee"), result["config"]
-    head = (f"- one request at a time: **{s['throughput_rps']:.2f} req/s**, p50 {s['p50_ms']:,.0f} ms\n"
+    lib = result.get("library_one_at_a_time")
+    head = (f"- one request at a time: **{s['throughput_rps']:.2f} req/s**, p50 {s['p50_ms']:,.0f} ms"
+            + (f" (the library alone: p50 {lib['p50_ms']:,.1f} ms; the server adds {s['p50_ms'] - lib['p50_ms']:,.1f} ms)"
+               if lib else "") + "\n"
             + (f"- knee: **{kn['throughput_rps']:.2f} req/s** at {kn['offered_rps']:g} req/s offered, p50 "
                f"{kn['p50_ms']:,.0f} ms, p99 {kn['p99_ms']:,.0f} ms, mean batch {kn['batch_mean']:.1f}: "
                f"**{kn['vs_one_at_a_time']:.2f}x** one at a time\n" if kn else
