@@ -52,7 +52,8 @@ from pauserec.frontends.rows import Row, RowOptions, parse_line, parse_record, r
 
 IN_FLIGHT = 2  # chunks per actor: one running, one waiting, so no actor idles between chunks
 MAX_ATTEMPTS = 3  # actors a chunk may lose (node removed, worker killed) before the job stops
-START_TIMEOUT = float(os.environ.get("PAUSEREC_RAY_START_TIMEOUT", 600))  # seconds with no actor able to run
+# seconds with no actor placed on a node (an actor's engine copy and checks come after, and are not counted)
+START_TIMEOUT = float(os.environ.get("PAUSEREC_RAY_START_TIMEOUT", 600))
 TEXT_COLUMN = "text"  # what ray.data.read_text names a line
 
 
@@ -127,18 +128,30 @@ def check_same_engine(got: dict[str, str], expected: dict[str, str], engine: str
 
 
 class PoolWorker:
-    """One engine on one actor: recommends chunks of parsed rows (``ray.remote`` is applied by the pool)."""
+    """One engine on one actor: recommends chunks of parsed rows (``ray.remote`` is applied by the pool).
+
+    Constructing it does nothing heavy, so an actor is up as soon as Ray places it; :meth:`load` then opens the
+    engine (copying it into the node's cache first when it is a URI, and checking every file): the pool's start
+    timeout measures placement only, never the copy of a big engine."""
 
     def __init__(self, engine: str, provider: str, batch_size: int, opts: RowOptions,
                  expected: dict[str, str] | None = None) -> None:
+        self.engine, self.provider, self.batch_size, self.expected = engine, provider, batch_size, expected
+        self.threads = actor_cpus()
+        self.opts, self.rows, self.rec = opts, 0, None
+
+    def ready(self) -> bool:
+        return True
+
+    def load(self) -> dict[str, Any]:
         from pauserec.runtime import Engine, Recommender
 
-        self.threads = actor_cpus()
-        self.rec = Recommender(Engine.load(engine, provider=provider, threads=self.threads), batch_size=batch_size)
-        if expected is not None:
-            check_same_engine(self.rec.fingerprint(), expected, engine)
-        self.rec.check_request(opts.k, opts.beams)
-        self.opts, self.rows = opts, 0
+        self.rec = Recommender(Engine.load(self.engine, provider=self.provider, threads=self.threads),
+                               batch_size=self.batch_size)
+        if self.expected is not None:
+            check_same_engine(self.rec.fingerprint(), self.expected, self.engine)
+        self.rec.check_request(self.opts.k, self.opts.beams)
+        return self.info()
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -170,7 +183,7 @@ class RayRunner(ChunkRunner):
         self.load: dict = {}  # actors that started and are alive -> chunks in flight
 
     def _start(self, opts: RowOptions, starting: dict) -> None:
-        """Start one actor; ``starting`` maps its first call (``info``, answered once it is up) to it."""
+        """Start one actor; ``starting`` maps its first call (``ready``, answered once it is placed) to it."""
         import ray
 
         gpus = 1 if self.provider in ("cuda", "tensorrt") else 0
@@ -179,13 +192,21 @@ class RayRunner(ChunkRunner):
         actor = cls.remote(self.engine, self.provider, self.batch_size, opts, self.expected)
         self.actors.append(actor)
         self.started += 1
-        starting[actor.info.remote()] = actor
+        starting[actor.ready.remote()] = actor
+
+    def _replace(self, e: BaseException, opts: RowOptions, starting: dict) -> None:
+        """An actor died before it served (its node went away): start another, up to a limit."""
+        self.lost += 1
+        if self.lost > self.plan.actors + 2 * MAX_ATTEMPTS:
+            raise JobError(f"actors keep dying as they start ({_last_line(e)}); check the nodes") from e
+        self._start(opts, starting)
 
     def map(self, chunks: Iterable[list[Row]], opts: RowOptions) -> Iterator[list[dict]]:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        starting: dict = {}  # info ref -> actor not up yet
+        starting: dict = {}  # ready ref -> actor not placed yet
+        loading: dict = {}  # load ref -> actor placed, opening its engine (copy and checks: no time limit)
         for _ in range(self.plan.actors):
             self._start(opts, starting)
         load = self.load  # ready actor -> chunks in flight
@@ -216,23 +237,31 @@ class RayRunner(ChunkRunner):
                 load[actor] += 1
             if exhausted and not running and not retry and not done:
                 return
-            if not load and time.monotonic() - waiting_since > START_TIMEOUT:
+            if not load and not loading and time.monotonic() - waiting_since > START_TIMEOUT:
                 raise JobError(f"no actor of {self.plan.cpus} CPUs could start in {START_TIMEOUT:.0f} s (nodes alive: "
                                f"{', '.join(map(str, cluster_node_cpus())) or 'none'} CPUs); add nodes or lower --threads")
-            ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=5.0)
+            ready, _ = ray.wait([*running, *starting, *loading], num_returns=1, timeout=5.0)
             for ref in ready:
+                if ref in loading:
+                    actor = loading.pop(ref)
+                    try:
+                        ray.get(ref)
+                        load[actor] = 0
+                    except RayTaskError as e:  # the engine cannot load there: a failure of the job itself
+                        raise JobError(f"an actor could not start: {_last_line(e)}") from e
+                    except RayActorError as e:  # died while loading (its node went away): try another
+                        self._replace(e, opts, starting)
+                        waiting_since = time.monotonic()
+                    continue
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
                         ray.get(ref)
-                        load[actor] = 0
+                        loading[actor.load.remote()] = actor
                     except RayActorError as e:
                         if e.actor_init_failed:  # the engine cannot load there: a failure of the job itself
                             raise JobError(f"an actor could not start: {_last_line(e)}") from e
-                        self.lost += 1  # died while starting (its node went away): try another
-                        if self.lost > self.plan.actors + 2 * MAX_ATTEMPTS:
-                            raise JobError(f"actors keep dying as they start ({_last_line(e)}); check the nodes") from e
-                        self._start(opts, starting)
+                        self._replace(e, opts, starting)  # died while starting (its node went away)
                     continue
                 s, rows, attempts, actor = running.pop(ref)
                 try:
@@ -310,7 +339,9 @@ def run_ray(cfg: BatchConfig, engine: str | Path, address: str | None = None, co
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     runner = None
     try:
-        checks = Recommender(Engine.load(engine, provider=provider, graphs=False))  # manifest and catalog only
+        # Manifest and catalog only, no file hashed here: every actor checks every file it loads, and its fingerprint
+        # (the manifest's sha256, which holds every file's) against this one.
+        checks = Recommender(Engine.load(engine, provider=provider, graphs=False, verify=False))
         plan = plan_pool(cluster_node_cpus(), concurrency, threads)
         if warn and plan.warning():
             warn(plan.warning())
