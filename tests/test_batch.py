@@ -304,7 +304,7 @@ def test_refuses_to_clobber(tmp_path):
 
 
 def _start_and_kill(tmp_path: Path, out: Path, patch: str = "", wait_parts: int = 0, batch_size: int = 4,
-                    delay: float = 0.0) -> None:
+                    delay: float = 0.0, options: str = "") -> None:
     """Run the job in a subprocess; SIGKILL it when ``patch`` says so, or once ``wait_parts`` parts exist."""
     script = textwrap.dedent(
         f"""
@@ -320,7 +320,7 @@ def _start_and_kill(tmp_path: Path, out: Path, patch: str = "", wait_parts: int 
     ) + textwrap.dedent(patch) + textwrap.dedent(
         f"""
         cfg = BatchConfig(input=Path({str(tmp_path / 'users.jsonl')!r}), output=Path({str(out)!r}),
-                          batch_size={batch_size})
+                          batch_size={batch_size}{options})
         run_batch(cfg, FakeRecommender(delay={delay}))
         """
     )
@@ -409,6 +409,157 @@ def test_resume_continues_only_the_same_job(tmp_path):
     assert_exactly_once_in_order(cfg_for(tmp_path), 60)
     with pytest.raises(PauserecError, match="from another job"):
         run_batch(cfg_for(tmp_path, k=5, beams=5, resume=True), FakeRecommender())
+
+# -- the duplicate user-id check: bounded memory ---------------------------------------------------
+def _reference_repeats(keys) -> list[list[int]]:
+    """[row, first row with the same key] of every repeated key, in row order: a dict of first rows."""
+    first, out = {}, []
+    for key, row in keys:
+        if key in first:
+            out.append([row, first[key]])
+        else:
+            first[key] = row
+    return out
+
+
+@pytest.mark.parametrize("run_pairs,fan_in", [(1, 2), (3, 2), (7, 3), (64, 64), (10_000, 64)])
+def test_repeats_are_the_dict_based_answer(tmp_path, run_pairs, fan_in):
+    from pauserec.frontends.batch import SORT_PREFIX, _repeats
+
+    rng = np.random.default_rng(run_pairs)
+    edges = [np.iinfo(np.int64).min, -1, 0, 1, np.iinfo(np.int64).max]
+    for n, distinct in ((0, 1), (1, 1), (200, 1), (500, 40), (500, 2000)):
+        keys = rng.integers(0, distinct, n).tolist()
+        keys = [edges[k] if k < len(edges) else k * 7_919 - 10**15 for k in keys]  # extremes and negatives
+        rows = np.cumsum(rng.integers(1, 4, n)).tolist()  # rows ascend, with gaps (rows without a user id)
+        pairs = list(zip(keys, rows))
+        with _repeats(iter(pairs), tmp_path, run_pairs, fan_in, max(1, run_pairs // 2)) as (count, repeats):
+            got = list(repeats)
+            if run_pairs < n:
+                assert list(tmp_path.glob(f"{SORT_PREFIX}*"))  # sorted on disk
+        assert count == len(got) and got == _reference_repeats(pairs), (n, distinct)
+        assert not list(tmp_path.iterdir())  # its runs are removed
+
+
+def _synthetic_keys(n: int):
+    """(key, row) for n rows: about a third of them repeat an earlier key, keys spread over int64."""
+    for row in range(n):
+        key = (row % (2 * n // 3) * 0x9E3779B97F4A7C15) % 2**64
+        yield key - 2**63, row
+
+
+def _repeats_peak(tmp_path: Path, n: int) -> tuple[int, int, str]:
+    import hashlib
+    import tracemalloc
+
+    from pauserec.frontends.batch import _repeats
+
+    digest = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        with _repeats(_synthetic_keys(n), tmp_path, 100, 8, 64) as (count, repeats):
+            for row, first in repeats:  # consumed as the merge writes the output: nothing kept
+                digest.update(b"%d,%d;" % (row, first))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return peak, count, digest.hexdigest()
+
+
+def test_the_duplicate_check_keeps_memory_flat_in_the_number_of_rows(tmp_path):
+    """The reported failure: ~116 bytes per row (11 GB at 10^8 rows). Ten times the rows must not take more
+    memory, and the answer must stay the dict-based one."""
+    import hashlib
+
+    peaks = {}
+    for n in (10_000, 100_000):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        peak, count, digest = _repeats_peak(folder, n)
+        ref = _reference_repeats(_synthetic_keys(n))
+        assert count == len(ref) and count > n // 4
+        assert digest == hashlib.sha256(b"".join(b"%d,%d;" % (r, f) for r, f in ref)).hexdigest()
+        assert not list(folder.iterdir())
+        peaks[n] = peak
+    # At most 2 x 8 runs are read at once, 64 pairs at a time, and 100 pairs sorted in memory: ~0.3 MB whatever
+    # the number of rows (the old check held ~1 MB at 10^4 rows and ~10 MB at 10^5).
+    assert max(peaks.values()) < 512_000, peaks
+    assert peaks[100_000] < 2 * peaks[10_000], peaks  # ten times the rows, not ten times the memory
+
+
+def _unique_users(path: Path, n: int) -> None:
+    """n rows over 37 user ids: most rows repeat an earlier user."""
+    path.write_text("".join(json.dumps({"user_id": f"u{i * 11 % 37}", "history": [str(i % 50)]}) + "\n"
+                            for i in range(n)))
+
+
+def test_duplicates_sorted_on_disk_match_the_rows_and_survive_a_kill_mid_sort(tmp_path, monkeypatch):
+    """With runs of 8 pairs merged 2 at a time, the job still names the first row of each repeated id; a job
+    killed while its sorted runs are on disk resumes to the same files, and the runs are gone."""
+    from pauserec.frontends import batch
+
+    monkeypatch.setattr(batch, "SORT_RUN", 8)
+    monkeypatch.setattr(batch, "MERGE_FAN_IN", 2)
+    _unique_users(tmp_path / "users.jsonl", 120)
+    cfg = cfg_for(tmp_path, batch_size=16, unique=True)
+    report = run_batch(cfg, FakeRecommender())
+    ok, bad = assert_exactly_once_in_order(cfg, 120)
+    users = [f"u{i * 11 % 37}" for i in range(120)]
+    expected = {row: f"duplicate user id (first at row {users.index(u)}); --unique is set"
+                for row, u in enumerate(users) if users.index(u) < row}
+    assert {r["row"]: r["reason"] for r in bad} == expected and report.duplicates == 120 - 37
+    assert [r["row"] for r in ok] == [users.index(u) for u in sorted(set(users), key=users.index)]
+    want = {p: p.read_bytes() for p in (cfg.output, cfg.errors_path)}
+
+    out = tmp_path / "killed" / "recs.jsonl"
+    out.parent.mkdir()
+    (out.parent / "users.jsonl").write_bytes((tmp_path / "users.jsonl").read_bytes())
+    _start_and_kill(out.parent, out, batch_size=16, options=", unique=True", patch="""
+        import pauserec.frontends.batch as b
+        b.SORT_RUN, b.MERGE_FAN_IN, real_spill, spills = 8, 2, b._ExternalSort._spill, []
+        def spill(self):
+            real_spill(self)
+            spills.append(1)
+            if len(spills) == 5: die()
+        b._ExternalSort._spill = spill
+    """)
+    parts = out.with_name(out.name + ".parts")
+    assert len(list(parts.glob(".sort-keys-*"))) >= 2 and not out.exists()  # runs, some already merged
+    killed = BatchConfig(input=out.parent / "users.jsonl", output=out, batch_size=16, unique=True, resume=True)
+    report = run_batch(killed, FakeRecommender())
+    assert report.skipped_done == 120 and report.duplicates == 120 - 37
+    assert_exactly_once_in_order(killed, 120)
+    assert {p.name: p.read_bytes() for p in (killed.output, killed.errors_path)} == {p.name: b for p, b in want.items()}
+
+
+def test_a_full_disk_while_sorting_user_ids_stops_the_job_and_leaves_no_runs(tmp_path, monkeypatch):
+    import errno
+    from array import array
+
+    from pauserec.frontends import batch
+
+    monkeypatch.setattr(batch, "SORT_RUN", 8)
+    monkeypatch.setattr(batch, "MERGE_FAN_IN", 2)
+    _unique_users(tmp_path / "users.jsonl", 120)
+    cfg = cfg_for(tmp_path, batch_size=16, unique=True)
+    writes = []
+
+    class FillingDisk(array):  # the merge of sorted runs writes its blocks with array.tofile
+        def tofile(self, f):
+            writes.append(f.name)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", f.name)
+            super().tofile(f)
+
+    monkeypatch.setattr(batch, "array", FillingDisk)
+    with pytest.raises(JobError, match=r"while merging the parts into the output .*disk is full.*--resume"):
+        run_batch(cfg, FakeRecommender())
+    assert len(writes) == 3 and not list(cfg.parts_dir.glob(".sort-*"))  # written, merged or not: all removed
+    assert not cfg.output.exists() and not list(tmp_path.glob(".recs.*.tmp-*"))
+    monkeypatch.setattr(batch, "array", array)
+    report = run_batch(cfg_for(tmp_path, batch_size=16, unique=True, resume=True), FakeRecommender())
+    assert report.skipped_done == 120 and report.duplicates == 120 - 37
+    assert_exactly_once_in_order(cfg, 120)
 
 
 def test_recommend_cli_on_a_real_engine(trained_engines, tmp_path):
