@@ -1,6 +1,6 @@
 """Latency / throughput of several engines (and HF baselines) on the same users, in one run.
 
-Measurement rules (DESIGN §12): every system sees the same batches; systems are interleaved
+Measurement rules: every system sees the same batches; systems are interleaved
 round-robin inside each iteration so machine noise hits all of them alike; we report p50/p95/p99
 of batch latency, per-user time, throughput, the time split inside the runtime and peak RSS (each
 system measured in a fresh subprocess, since a process's peak RSS only grows), and the 1-minute load
@@ -9,7 +9,7 @@ average while it ran (a shared machine's noise, on the record).
 Same answers: every system's top-k on every timed call is compared with the HF ``generate``
 baseline of the same checkpoint (``agreement``: users with identical ordered top-10, mean overlap,
 largest score difference). Baselines: HF ``generate`` in this process, and optimum's
-``ORTModelForCausalLM.generate`` in its own environment (``pauserec.bench.optimum``).
+``ORTModelForCausalLM.generate`` in its own environment (``pauserec.bench.optimum_baseline``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def export(
     recompute_prefix: bool = typer.Option(False, "--recompute-prefix", help="Ablation: do not fuse the instruction "
                                           "prefix's KV into the graphs; every row recomputes it (same results)."),
     min_agreement: float = typer.Option(0.8, "--min-agreement", help="fp16/int8/int4: least top-10 overlap with "
-                                        "the fp32 engine on the sample, else the export fails."),
+                                        "the fp32 engine (int8/int4 with --stream: with the HF model, one decoder "
+                                        "layer at a time) on the sample, else the export fails."),
     static: bool = typer.Option(False, "--static", help="Freeze batch, beams and history length (TensorRT)."),
     batch: int = typer.Option(None, "--batch", help="Static batch size (users per call)."),
     beams: int = typer.Option(None, "--beams", help="Static beam width."),
@@ -54,7 +55,8 @@ def export(
     prompt_sample: int = typer.Option(64, "--prompt-sample", min=1, help="Users whose prompt ids must equal the "
                                       "checkpoint's own HF tokenizer's."),
     check_users: int = typer.Option(8, "--check-users", min=0, help="Users whose top-10 must equal HF generate + "
-                                    "trie on prompts built by the checkpoint's own tokenizer (0: skip)."),
+                                    "trie on prompts built by the checkpoint's own tokenizer (0: skip; only fp32 "
+                                    "with --scoring full and without --stream)."),
     guard_users: int = typer.Option(500, "--guard-users", min=0, help="With --data: test users of the Hit@10 "
                                     "against popularity guard."),
     exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (opset 18, fast) | dynamo (opset 23)."),

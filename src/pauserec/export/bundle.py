@@ -5,6 +5,8 @@ An engine directory::
     manifest.json   format_version, kind, pause_k, SID levels, PromptSpec, graph I/O, shapes,
                     scoring rule, precision, exporter + opset, source checkpoint sha256, sha256 of every file
     prefill.onnx    decode.onnx    think.onnx (cot)    [*.plan: TensorRT]   (graphs, no weights)
+    [merged.onnx]   every graph in one model, for one CPU session (``pauserec.export.merge``; not static
+                    engines, nor when this onnxruntime cannot run it)
     weights.bin     every distinct weight tensor once, referenced by all graphs
     catalog.npz     Catalog.save (SIDs, trie, collision groups)
 

@@ -1,4 +1,4 @@
-"""One input row -> one output record: the per-row rules shared by the local job and the Ray job.
+"""One input row -> one output record: the per-row rules shared by the local job, the Ray job and the server.
 
 A row carries a user id and a history of external item ids (and, optionally, per-row ``exclude`` /
 ``allow`` lists of item ids). :func:`parse_record` turns a decoded record into a :class:`Row` that

@@ -1,4 +1,5 @@
-"""An engine directory, loaded: manifest checks, catalog, one backend session per graph (no torch)."""
+"""An engine directory, loaded: manifest checks, catalog, one backend session per graph, or one for all of them
+on an engine's merged model (no torch)."""
 
 from __future__ import annotations
 

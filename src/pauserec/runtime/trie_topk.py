@@ -6,7 +6,8 @@ One public entry point, :func:`trie_topk`, over three implementations with ident
 - ``cpu``: the native C++ kernel ``pauserec._trie_topk_cpu`` (built at install time);
 - ``cuda``: the CUDA kernel ``pauserec._trie_topk_cuda`` (built when nvcc was found at install time,
   usable when a GPU whose compute capability the build covers and a driver are present). It keeps
-  the trie resident on the device (:func:`device_trie`) and runs on device memory.
+  the trie resident on the device (``CudaOps.cached_trie`` in :mod:`pauserec.runtime.device`) and runs
+  on device memory.
 
 ``impl="auto"`` follows the data: log-probs that already live on a CUDA device (an ONNX Runtime
 ``OrtValue`` on "cuda", or any object with ``__cuda_array_interface__``) go to the CUDA kernel;
