@@ -118,7 +118,7 @@ def test_compare_page_is_one_self_contained_file(latency_run, tmp_path):
 
 def test_git_revision_fallbacks(monkeypatch):
     from pauserec.bench import env
-    from pauserec.bench.report import environment_line
+    from pauserec.bench.env import environment_line
 
     monkeypatch.setattr(env, "_git", lambda cwd: None)  # not a checkout (an installed package)
     monkeypatch.setattr(env, "_build_info", lambda: "0123456789abcdef0123")
@@ -214,7 +214,7 @@ def test_optimum_worker_fixes_what_optimum_gets_wrong_for_qwen3(tmp_path):
 def test_environment_names_the_cpus_instruction_sets(tmp_path, monkeypatch):
     """Two CPUs of one model name can differ in what MLAS uses (AVX2 only, AVX-512 VNNI, AMX): the record says which."""
     from pauserec.bench import env
-    from pauserec.bench.report import environment_line
+    from pauserec.bench.env import environment_line
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"

@@ -260,7 +260,7 @@ def plot_ablation(result: dict, path: Path) -> Path | None:
 
 
 def write_ablation(result: dict, out: Path) -> dict[str, str]:
-    from pauserec.bench.report import environment_line
+    from pauserec.bench.env import environment_line
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "ablation.json", "md": out / "ablation.md"}

@@ -139,3 +139,15 @@ def environment(threads: int | None = None) -> dict:
         "git_source": source,
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def environment_line(result: dict) -> str:
+    env = result.get("environment", {})
+    git = env.get("git_sha")
+    isa = env.get("cpu_isa") or {}
+    cpu = env.get("cpu", "?") + (f" (family {isa.get('family')} model {isa.get('model')}; "
+                                 f"{' '.join(isa.get('isa') or []) or 'no AVX2'})" if isa else "")
+    return (f"\n_{cpu}, {env.get('cores', '?')} cores, threads {env.get('threads') or 'default'}, "
+            f"git {str(git)[:12] if git else 'unknown'}"
+            + (f" ({env['git_source']})" if git and env.get("git_source") not in (None, "checkout") else "")
+            + f", {env.get('timestamp', '')}_\n")

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from pauserec.bench.env import environment
+from pauserec.bench.env import environment, environment_line  # noqa: F401 - environment_line: part of this module's face
 from pauserec.errors import PauserecError
 
 SCHEMA = "pauserec-bench/1"
@@ -149,18 +149,6 @@ def quality_markdown(result: dict) -> str:
             f"{m['ndcg@5']:.4f} | {m['ndcg@10']:.4f} | {m.get('invalid_rate', 0):.4f} |"
         )
     return head + "\n".join(rows) + "\n"
-
-
-def environment_line(result: dict) -> str:
-    env = result.get("environment", {})
-    git = env.get("git_sha")
-    isa = env.get("cpu_isa") or {}
-    cpu = env.get("cpu", "?") + (f" (family {isa.get('family')} model {isa.get('model')}; "
-                                 f"{' '.join(isa.get('isa') or []) or 'no AVX2'})" if isa else "")
-    return (f"\n_{cpu}, {env.get('cores', '?')} cores, threads {env.get('threads') or 'default'}, "
-            f"git {str(git)[:12] if git else 'unknown'}"
-            + (f" ({env['git_source']})" if git and env.get("git_source") not in (None, "checkout") else "")
-            + f", {env.get('timestamp', '')}_\n")
 
 
 def markdown(result: dict) -> str:

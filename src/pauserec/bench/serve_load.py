@@ -285,7 +285,7 @@ def serve_markdown(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], out: Path) -> dict[str, str]:
-    from pauserec.bench.report import environment_line
+    from pauserec.bench.env import environment_line
 
     files = {"json": out / "serve.json", "md": out / "serve.md"}
     files["json"].write_text(json.dumps(result, indent=2) + "\n")

@@ -14,16 +14,10 @@ import warnings
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.export.quantize import INT4_BLOCK
 from pauserec.runtime.spec import GraphSpec
 
 OPSETS = {"torchscript": 18, "dynamo": 23}
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Softmax", "LogSoftmax")  # norms and softmaxes stay in float32
-LOWERING = {
-    "fp16": "float16 weights and KV (norms and softmaxes in float32)",
-    "int8": "int8 MatMul weights per column, activations quantised per row (batch-invariant)",
-    "int4": f"int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, block {INT4_BLOCK})",
-}
 
 
 def exporter_info(exporter: str) -> dict:

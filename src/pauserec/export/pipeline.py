@@ -374,7 +374,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
 
     from pauserec.export import bundle, onnx, quantize, validate
 
-    say(cfg.precision, onnx.LOWERING[cfg.precision] + (f", {cfg.int4_compute} compute" if cfg.precision == "int4" else ""))
+    say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", {cfg.int4_compute} compute" if cfg.precision == "int4" else ""))
     lowered = stage / "_lowered"
     fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     sources = {n: (files32[n], s.file, onnx.float_io(s)) for n, s in specs.items()}

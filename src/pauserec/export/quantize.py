@@ -41,6 +41,12 @@ from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
 ZERO_POINT = 128  # activations are stored as uint8 around 128: MLAS's fastest integer GEMM is u8 x s8
 TINY = 1e-12  # an all-zero row gets a positive scale (and zeros)
 INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a small size cost
+# What each reduced precision does to the fp32 graphs, as export reports it.
+LOWERING = {
+    "fp16": "float16 weights and KV (norms and softmaxes in float32)",
+    "int8": "int8 MatMul weights per column, activations quantised per row (batch-invariant)",
+    "int4": f"int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, block {INT4_BLOCK})",
+}
 COLUMN_BYTES = 256 << 20  # float32 bytes of a weight read and quantised at a time
 
 
