@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pauserec.data.prompts import PromptSpec, TrainingCard
+from pauserec.data.prompts import CARD_FILE, PromptSpec, TrainingCard
 from pauserec.errors import CheckpointError
 
 
@@ -37,9 +37,14 @@ def build_token_trie(spec: PromptSpec, sid_codes: np.ndarray) -> dict:
 
 
 class HFBaseline:
-    """Loads a pauserec checkpoint with transformers and recommends through ``generate``."""
+    """Loads a checkpoint with transformers and recommends through ``generate``.
 
-    def __init__(self, ckpt: str | Path, threads: int | None = None):
+    A checkpoint ``pauserec train`` wrote carries its prompt and catalog (its training card). Any other
+    checkpoint (trained elsewhere, exported by preset or prompt file) is run on the prompt of ``engine``, the
+    engine exported from it: its catalog and, token for token, the prompts that engine feeds its graphs
+    (``PromptEncoder.full``), so both systems answer the same prompts. ``prompt_source`` says which it used."""
+
+    def __init__(self, ckpt: str | Path, threads: int | None = None, engine: str | Path | None = None):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -51,13 +56,27 @@ class HFBaseline:
         if threads:
             torch.set_num_threads(threads)
         self.ckpt = Path(ckpt)
-        self.card = TrainingCard.load(self.ckpt)
-        self.spec = self.card.prompt
-        catalog_path = self.ckpt / "catalog.npz"
-        if not catalog_path.is_file():
-            raise CheckpointError(f"{catalog_path} not found; re-run `pauserec train` to write it")
-        self.catalog = Catalog.load(catalog_path)
-        self._setup(AutoModelForCausalLM.from_pretrained(self.ckpt, dtype=torch.float32).eval(), self.spec, self.catalog)
+        self.encoder = None
+        if (self.ckpt / CARD_FILE).is_file() or engine is None:
+            if not (self.ckpt / CARD_FILE).is_file():
+                raise CheckpointError(f"{self.ckpt} has no {CARD_FILE} (it was not trained by `pauserec train`): pass "
+                                      "the engine exported from it too; `pauserec-bench latency ENGINE --hf-baseline "
+                                      "CKPT` pairs them by the checkpoint's sha256")
+            self.card = TrainingCard.load(self.ckpt)
+            spec = self.card.prompt
+            catalog_path = self.ckpt / "catalog.npz"
+            if not catalog_path.is_file():
+                raise CheckpointError(f"{catalog_path} not found; re-run `pauserec train` to write it")
+            catalog = Catalog.load(catalog_path)
+            self.prompt_source = "the checkpoint's training card"
+        else:
+            from pauserec.runtime import Engine
+
+            e = Engine.load(engine, graphs=False, verify=False)
+            spec, catalog, self.encoder = e.prompt, e.catalog, e.encoder
+            self.prompt_source = f"the prompt of engine {Path(engine).name} ({spec.assembly} assembly)"
+        model = AutoModelForCausalLM.from_pretrained(self.ckpt, dtype=torch.float32).eval()
+        self._setup(model, spec, catalog)
 
     @classmethod
     def from_parts(cls, model, spec: PromptSpec, catalog) -> HFBaseline:
@@ -68,6 +87,7 @@ class HFBaseline:
 
     def _setup(self, model, spec: PromptSpec, catalog) -> None:
         self.model, self.spec, self.catalog = model, spec, catalog
+        self.encoder = getattr(self, "encoder", None)
         self.trie = build_token_trie(self.spec, self.catalog.sids)
         table = self.spec.sid_table()
         self._sid_of_tokens = {
@@ -75,6 +95,8 @@ class HFBaseline:
         }
 
     def _prompts(self, histories: list[np.ndarray]) -> list[np.ndarray]:
+        if self.encoder is not None:  # the engine's own prompts (text assembly and chat templates included)
+            return [self.encoder.full(np.asarray(h, dtype=np.int64)) for h in histories]
         return [self.spec.prompt_ids(self.catalog.sids[np.asarray(h, dtype=np.int64)]) for h in histories]
 
     def _left_pad(self, seqs: list[np.ndarray]):

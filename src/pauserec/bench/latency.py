@@ -107,17 +107,37 @@ class _HFSystem:
     scoring = "full"
     label = None
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, engine: Path | None = None):
         from pauserec.bench.baseline_hf import HFBaseline
         from pauserec.export.bundle import checkpoint_sha256
 
-        self.base = HFBaseline(path, threads=threads)
+        self.base = HFBaseline(path, threads=threads, engine=engine)
         self.path, self.kind, self.catalog = path, self.base.spec.kind, self.base.catalog
+        self.engine = engine  # whose prompt it runs (a checkpoint without a training card)
         self.sha = checkpoint_sha256(Path(path))
+        self.facts = {"prompt": self.base.prompt_source}
 
     def run(self, histories_idx: list[np.ndarray], k: int, beams: int):
         res = self.base.recommend(histories_idx, k=k, beams=beams)
         return res.timings, res.item_index, res.scores
+
+
+def engine_of(ckpt: Path, engines: tuple[Path, ...]) -> Path | None:
+    """For a checkpoint without a training card: the engine exported from it (its manifest's source sha256),
+    whose prompt and catalog its HF baseline runs; None for a pauserec checkpoint. PauserecError if none is."""
+    from pauserec.data.prompts import CARD_FILE
+    from pauserec.export.bundle import checkpoint_sha256
+    from pauserec.runtime.engine import read_manifest
+
+    if (Path(ckpt) / CARD_FILE).is_file():
+        return None
+    sha = checkpoint_sha256(Path(ckpt))
+    for e in engines:
+        if read_manifest(Path(e)).source.get("sha256") == sha:
+            return Path(e)
+    raise PauserecError(f"--hf-baseline {ckpt} has no {CARD_FILE} (not trained by `pauserec train`), and none of the "
+                        "engines given was exported from it (their manifests' source sha256 differ): pass the engine "
+                        "exported from this checkpoint too, so the baseline runs the engine's prompt and catalog")
 
 
 SUFFIX = {"engine": "", "engine+prepack": " (prepacked)", "engine-unpacked": " (unpacked)",
@@ -134,7 +154,7 @@ def load_systems(cfg: LatencyConfig) -> tuple[list, list[dict]]:
 
     systems = [_EngineSystem(Path(p), cfg.threads, prepack) for p in cfg.engines
                for prepack in ((False, True) if cfg.prepack else (None,))]
-    systems += [_HFSystem(Path(p), cfg.threads) for p in cfg.hf_baselines]
+    systems += [_HFSystem(Path(p), cfg.threads, engine_of(Path(p), cfg.engines)) for p in cfg.hf_baselines]
     skipped = []
     for p in cfg.optimum_baselines:
         try:
@@ -251,11 +271,15 @@ def hf_reference(systems, i: int) -> int | None:
     return (same or kind or [None])[0]
 
 
-def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | None) -> float | None:
-    """Peak RSS of a fresh process that loads one system and serves one batch."""
+def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | None,
+                engine: Path | None = None) -> float | None:
+    """Peak RSS of a fresh process that loads one system and serves one batch (``engine``: the engine whose prompt
+    an HF baseline of a checkpoint without a training card runs)."""
     cmd = [sys.executable, "-m", "pauserec.bench.rss", system, str(path), "--batch", str(batch), "--beams", str(beams)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if engine is not None:
+        cmd += ["--engine", str(engine)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return None
@@ -278,7 +302,8 @@ def run_latency(cfg: LatencyConfig, tick: Callable[[], None] | None = None) -> d
             if s.system == "optimum-generate":
                 r.peak_rss_mb = s.peak_rss_mb()  # the worker's own peak, over every batch it served
             elif cfg.rss:
-                r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads)
+                r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads,
+                                            getattr(s, "engine", None) if s.system == "hf-generate" else None)
             results.append(asdict(r))
     finally:
         close_all(systems)

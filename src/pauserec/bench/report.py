@@ -98,6 +98,9 @@ def latency_markdown(result: dict) -> str:
             )
     text = head + "\n".join(rows) + "\n"
     text += agreement_markdown(result)
+    for s in result["systems"]:
+        if s["system"] == "hf-generate" and (s.get("facts") or {}).get("prompt"):
+            text += f"\nHF baseline {s['name']}: runs {s['facts']['prompt']}\n"
     facts = [s for s in result["systems"] if s["system"] == "optimum-generate" and s.get("facts")]
     for s in facts:
         f = s["facts"]

@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--engine", type=Path, default=None, help="hf-generate of a checkpoint without a training card: "
+                    "the engine whose prompt and catalog it runs")
     args = ap.parse_args(argv)
     from pauserec.bench.latency import _EngineSystem, _HFSystem
 
     if args.system == "hf-generate":
-        system = _HFSystem(args.path, args.threads)
+        system = _HFSystem(args.path, args.threads, args.engine)
     else:
         prepack = {"engine": None, "engine+prepack": True, "engine-unpacked": False}[args.system]
         system = _EngineSystem(args.path, args.threads, prepack=prepack)
