@@ -11,10 +11,13 @@ The pre-tokenizer is the one real Qwen2/Qwen3 (resp. Llama 3) checkpoints ship: 
 (1) the GPT-2 regex never lets punctuation and newlines share a pre-token, so no such merge could exist, and
 (2) transformers 5's ``AutoTokenizer`` loads any ``model_type == "qwen2"`` checkpoint as ``Qwen2Tokenizer``, which
 rebuilds its pre-tokenizer from the Qwen regex whatever ``tokenizer.json`` says: with another regex the HF tokenizer
-and ``tokenizer.json`` (what a runtime reads) would silently disagree. :func:`make_checkpoint` asserts they agree.
+and ``tokenizer.json`` read on its own disagree (``pre_tokenizer="gpt2"`` builds that case on purpose; the export then
+ships the tokenizer transformers builds). Otherwise :func:`make_checkpoint` asserts they agree.
 
 * :func:`make_checkpoint` - a Qwen2 / Qwen3 / Llama(3) causal LM + tokenizer with SID tokens added after training,
-  as plain (``add_tokens``) or special tokens, optionally padded vocabulary, untied head, bf16, sharded safetensors.
+  as plain (``add_tokens``) or special tokens, optionally padded vocabulary, untied head, bf16, sharded safetensors;
+  ``pre_tokenizer="gpt2"`` trains a custom byte-level BPE instead (``ByteLevel(use_regex=True)``, what
+  ``ByteLevelBPETokenizer`` trains), which ``Qwen2Tokenizer`` replaces on load: file and HF tokenizer then disagree.
 * :func:`sid_vocab`, :func:`write_index`, :func:`write_items` - LC-Rec / MiniOneRec style ``.index.json`` and
   ``.item.json`` files.
 * :data:`QWEN3_CHAT_TEMPLATE` - a small Qwen3-like chat template honouring ``enable_thinking=False``.
@@ -100,8 +103,10 @@ _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _QWEN_THINK = ("<think>", "</think>")
 _LLAMA_BOS, _LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
-# arch -> serialized trained base tokenizer (tokenizers JSON); filled lazily, copied before adding tokens.
-_BASE_TOKENIZERS: dict[str, str] = {}
+# (arch, pre_tokenizer) -> serialized trained base tokenizer (tokenizers JSON); filled lazily, copied before adding
+# tokens.
+_BASE_TOKENIZERS: dict[tuple[str, str], str] = {}
+PRE_TOKENIZERS = ("checkpoint", "gpt2")
 _BPE_VOCAB_SIZE = 700
 
 
@@ -137,11 +142,14 @@ LLAMA3_PRETOKENIZE_REGEX = (
 _TOKENIZER_CLASS = {"qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer", "llama": "PreTrainedTokenizerFast"}
 
 
-def base_tokenizer_json(arch: str) -> str:
-    """The trained (cached) base tokenizer of ``arch`` as tokenizers JSON, before SID / extra tokens are added."""
+def base_tokenizer_json(arch: str, pre_tokenizer: str = "checkpoint") -> str:
+    """The trained (cached) base tokenizer of ``arch`` as tokenizers JSON, before SID / extra tokens are added;
+    ``pre_tokenizer`` "checkpoint": the regex real checkpoints of ``arch`` ship, "gpt2": ByteLevel's own regex."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    if arch not in _BASE_TOKENIZERS:
+    if pre_tokenizer not in PRE_TOKENIZERS:
+        raise ValueError(f"pre_tokenizer must be one of {PRE_TOKENIZERS}, got {pre_tokenizer!r}")
+    if (arch, pre_tokenizer) not in _BASE_TOKENIZERS:
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
         from tokenizers import processors, trainers
 
@@ -156,7 +164,7 @@ def base_tokenizer_json(arch: str) -> str:
                 pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
-        )
+        ) if pre_tokenizer == "checkpoint" else pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=_BPE_VOCAB_SIZE,
@@ -176,15 +184,16 @@ def base_tokenizer_json(arch: str) -> str:
         else:
             # Qwen3 style: <think> / </think> are added but not special (they survive skip_special_tokens).
             tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in _QWEN_THINK])
-        _BASE_TOKENIZERS[arch] = tk.to_str()
-    return _BASE_TOKENIZERS[arch]
+        _BASE_TOKENIZERS[arch, pre_tokenizer] = tk.to_str()
+    return _BASE_TOKENIZERS[arch, pre_tokenizer]
 
 
-def _make_tokenizer(arch: str, extra_tokens: Sequence[str], sid_tokens: Sequence[str], special: bool, chat_template):
+def _make_tokenizer(arch: str, extra_tokens: Sequence[str], sid_tokens: Sequence[str], special: bool, chat_template,
+                    pre_tokenizer: str = "checkpoint"):
     from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer.from_str(base_tokenizer_json(arch))  # a fresh copy of the cached trained base
+    tk = Tokenizer.from_str(base_tokenizer_json(arch, pre_tokenizer))  # a fresh copy of the cached trained base
     if arch == "llama":
         kw = {"bos_token": _LLAMA_BOS, "eos_token": _LLAMA_EOS}
     else:
@@ -270,13 +279,15 @@ def make_checkpoint(
     seed: int = 0,
     hidden: int = 64,
     layers: int = 2,
+    pre_tokenizer: str = "checkpoint",
 ) -> Path:
     """Write a tiny random causal-LM checkpoint (config, safetensors, tokenizer) of ``arch`` to ``out``; return it.
 
     The tokenizer is the cached trained BPE of ``arch`` plus ``extra_tokens`` then ``sid_tokens`` (in that order),
     added as special tokens when ``sid_as_special`` else as plain added tokens. ``vocab_size`` is ``len(tokenizer)``
     rounded up to ``pad_vocab_multiple``. ``dtype`` is "float32" or "bfloat16"; ``max_shard_size`` (e.g. "200KB")
-    shards the safetensors.
+    shards the safetensors. ``pre_tokenizer="gpt2"``: a custom byte-level BPE (see :func:`base_tokenizer_json`); for
+    qwen2/qwen3 transformers 5 then loads a tokenizer other than ``tokenizer.json`` (not asserted equal here).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -289,7 +300,7 @@ def make_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = _make_tokenizer(arch, extra_tokens, sid_tokens, sid_as_special, chat_template)
+    tok = _make_tokenizer(arch, extra_tokens, sid_tokens, sid_as_special, chat_template, pre_tokenizer)
     vocab = len(tok)
     if pad_vocab_multiple:
         vocab = -(-vocab // pad_vocab_multiple) * pad_vocab_multiple
@@ -323,7 +334,8 @@ def make_checkpoint(
     # What AutoTokenizer gives must agree with tokenizer.json read on its own (what a runtime would read).
     raw = raw_tokenizer(out)
     probe = CORPUS_PROMPTS[0] + "".join((*extra_tokens, *sid_tokens)[:8]) + " Café 2024, ok?\n\n"
-    assert reloaded(probe)["input_ids"] == raw.encode(probe).ids, "AutoTokenizer disagrees with tokenizer.json"
+    if pre_tokenizer == "checkpoint":
+        assert reloaded(probe)["input_ids"] == raw.encode(probe).ids, "AutoTokenizer disagrees with tokenizer.json"
     return out
 
 

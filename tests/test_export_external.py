@@ -269,6 +269,151 @@ def test_chat_layout_renders_the_checkpoints_template(tmp_path):
     assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index))
 
 
+def _sources(tmp_path, ckpt, index_name, layout: dict, **cfg):
+    """The export's inputs (prompt resolved, chat template rendered and pinned), then its prompt checks; no graphs."""
+    from pauserec.export import ExportConfig
+    from pauserec.export.bundle import load_sources
+    from pauserec.export.pipeline import check_prompts
+
+    path = tmp_path / f"{layout.get('name', 'layout')}.json"
+    path.write_text(json.dumps(layout))
+    src = load_sources(ExportConfig(checkpoint=ckpt, out=tmp_path / "never", index=ckpt.parent / index_name,
+                                    prompt=str(path), **cfg))
+    return src, check_prompts(ExportConfig(checkpoint=ckpt, out=tmp_path / "never", prompt_sample=16), src)
+
+
+def _chat_ids(tok, layout: dict, sids: str, **kwargs) -> list[int]:
+    """apply_chat_template alone (tokenize=True) on one user's messages."""
+    chat = layout["chat"]
+    msgs = [{"role": "system", "content": chat["system"]}] if "system" in chat else []
+    msgs.append({"role": "user", "content": chat["user"].replace("{history}", sids)})
+    return list(tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, **kwargs)["input_ids"])
+
+
+TRIM_TEMPLATE = (  # Llama / Qwen2.5 style: the message content trimmed
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_chat_reference_is_apply_chat_template_alone(tmp_path):
+    """A template that trims the message: the engine (the template rendered once, {history} filled in later) is
+    judged by apply_chat_template on each user's own messages; an item text that the trim cuts is refused, the
+    difference shown, and a layout whose message survives the trim gives apply_chat_template's ids exactly."""
+    ckpt, index, _ = _setup(tmp_path, "trim", ("a", "b", "c"), "qwen3", chat_template=TRIM_TEMPLATE)
+    listed = {"name": "listed", "chat": {"system": "You recommend.", "user": "Items:\n{history}"},
+              "item": "- {sid}\n", "max_history": 4}  # the last item's newline ends the message: trimmed away
+    with pytest.raises(ExportError, match=r"(?s)\(the history\).*texts differ at character \d+: engine .*\\n<\|im_end"
+                                          r".*trims or rewrites"):
+        _sources(tmp_path, ckpt, "trim.index.json", listed)
+    inline = {"name": "inline", "chat": {"system": "You recommend.", "user": "  Items: {history}\n"},
+              "separator": ", ", "max_history": 4}  # the trim cuts only the layout's own spaces
+    src, check = _sources(tmp_path, ckpt, "trim.index.json", inline)
+    assert check["identical"] == 16 and check["item_texts_identical"] == N_ITEMS
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    for h in _histories(5):
+        dense = np.array([src.catalog.index_of(i) for i in h[-4:]])
+        want = _chat_ids(tok, inline, ", ".join("".join(index[i]) for i in h[-4:]))
+        assert src.encoder.full(dense).tolist() == want
+
+
+def _chat_head(system: str) -> str:
+    return ("{{- '<|im_start|>system\\n' + " + system + " + '<|im_end|>\\n' }}"
+            "{%- for message in messages %}"
+            "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_chat_template_reading_the_date_is_refused_unless_pinned(tmp_path):
+    """Templates that write the date (transformers' strftime_now clock, or a date_string variable with a default)
+    change meaning after export: refused, naming what they read, unless the layout pins it; a pin is warned about."""
+    import datetime
+
+    from pauserec.export import ExportConfig, export_engine
+
+    clock, _, _ = _setup(tmp_path, "clock", ("a", "b", "c"), "qwen3",
+                         chat_template=_chat_head("'Today is ' + strftime_now('%Y-%m-%d') + '.'"))
+    layout = {"name": "clock", "chat": {"user": "History: {history}"}, "separator": ", ", "max_history": 4}
+    with pytest.raises(ExportError, match=r"renders differently with strftime_now.*'strftime_now': null"):
+        _sources(tmp_path, clock, "clock.index.json", layout)
+    with pytest.raises(DataError, match="strftime_now must be null"):
+        _sources(tmp_path, clock, "clock.index.json", {**layout, "chat": {**layout["chat"],
+                                                                           "pin": {"strftime_now": "2024-01-01"}}})
+    pinned = {**layout, "chat": {**layout["chat"], "pin": {"strftime_now": None}}}
+    (tmp_path / "pinned.json").write_text(json.dumps(pinned))
+    said = []
+    report = export_engine(ExportConfig(checkpoint=clock, out=tmp_path / "e-clock", index=tmp_path / "clock.index.json",
+                                        prompt=str(tmp_path / "pinned.json"), check_users=0, prompt_sample=8),
+                           progress=lambda stage, detail: said.append((stage, detail)))
+    today = datetime.date.today().isoformat()
+    warned = [d for stage, d in said if stage == "WARNING"]
+    assert len(warned) == 1 and "strftime_now is pinned" in warned[0] and today in warned[0]
+    assert report.prompt["warnings"] == warned
+    tok = transformers.AutoTokenizer.from_pretrained(clock)
+    assert f"Today is {today}." in tok.decode(encoder_prompts(report.out, [["0"]])[0])
+
+    dated, index, _ = _setup(tmp_path, "dated", ("a", "b", "c"), "qwen3", chat_template=(
+        "{%- if date_string is not defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+        + _chat_head("'Today Date: ' + date_string")))
+    layout = {"name": "dated", "chat": {"user": "History: {history}"}, "separator": ", ", "max_history": 4}
+    with pytest.raises(ExportError, match=r"renders differently with date_string \(besides the messages\)"):
+        _sources(tmp_path, dated, "dated.index.json", layout)
+    with pytest.raises(DataError, match="sets date_string, a date; move it to chat.pin"):
+        _sources(tmp_path, dated, "dated.index.json",
+                 {**layout, "chat": {**layout["chat"], "template_kwargs": {"date_string": "01 Jan 2025"}}})
+    with pytest.raises(ExportError, match="pins date_str, which the checkpoint's chat template does not read"):
+        _sources(tmp_path, dated, "dated.index.json", {**layout, "chat": {**layout["chat"],
+                                                                          "pin": {"date_str": "01 Jan 2025"}}})
+    pinned = {**layout, "chat": {**layout["chat"], "pin": {"date_string": "01 Jan 2025"}}}
+    src, check = _sources(tmp_path, dated, "dated.index.json", pinned)
+    assert check["warnings"] == ["the chat template's date_string is pinned to '01 Jan 2025': the engine's prompt "
+                                 "keeps that for good, whatever a later rendering of the template would give"]
+    tok = transformers.AutoTokenizer.from_pretrained(dated)
+    h = _histories(1, most=4)[0]
+    want = _chat_ids(tok, pinned, ", ".join("".join(index[i]) for i in h), date_string="01 Jan 2025")
+    assert src.encoder.full(np.array([src.catalog.index_of(i) for i in h])).tolist() == want
+    assert "Today Date: 01 Jan 2025" in tok.decode(want)
+
+
+# -- the engine's tokenizer: the one transformers builds, not the file ----------------------------------------------
+def test_engine_tokenises_as_transformers_builds_the_tokenizer(tmp_path):
+    """A Qwen2 checkpoint whose tokenizer.json is a custom byte-level BPE (GPT-2 regex): transformers 5 loads it as
+    Qwen2Tokenizer with Qwen's own pre-tokenizer. The engine ships and resolves with that tokenizer (its prompts
+    equal AutoTokenizer's), and the export says the file differs."""
+    from tokenizers import Tokenizer
+
+    ckpt, index, items = _setup(tmp_path, "custom", ("a", "b", "c"), "qwen2", tied=False, pre_tokenizer="gpt2")
+    tok, raw = transformers.AutoTokenizer.from_pretrained(ckpt), Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    histories = _histories(6, most=8)
+    texts = ["Items the user bought: " + ", ".join(f'"{items[i]["title"]}" ' + "".join(index[i]) for i in h[-5:]) +
+             ".\nNext item:" for h in histories]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    assert any(raw.encode(t).ids != p for t, p in zip(texts, prompts))  # the file is not what transformers loads
+
+    layout = {"name": "titled", "template": "Items the user bought: {history}.\nNext item:", "item": '"{title}" {sid}',
+              "separator": ", ", "max_history": 5}
+    (tmp_path / "titled.json").write_text(json.dumps(layout))
+    report = _export(tmp_path, ckpt, "custom.index.json", prompt=str(tmp_path / "titled.json"),
+                     items=tmp_path / "custom.item.json", check_users=2)
+    assert report.manifest["prompt"]["assembly"] == "text" and report.prompt["item_texts_identical"] == N_ITEMS
+    assert len(report.prompt["warnings"]) == 1 and "as Qwen2Tokenizer with another pre_tokenizer" in \
+        report.prompt["warnings"][0]
+    assert encoder_prompts(report.out, histories) == prompts
+    shipped = Tokenizer.from_file(str(report.out / "tokenizer.json"))  # read as the runtime reads it
+    assert all(shipped.encode(t).ids == p for t, p in zip(texts, prompts))
+    titles = [f'"{v["title"]}" ' + "".join(index[k]) for k, v in items.items()]
+    assert [e.ids for e in shipped.encode_batch(titles)] == tok(titles)["input_ids"]
+
+    mini = {"name": "mini", "template": ["Can you predict the next possible item that the user may expect?\n\n",
+                                         "History: {history}\n\n### Response:\n"],
+            "tokenize": "segments", "separator": ", ", "max_history": 10}  # MiniOneRec-like, assembled from ids
+    src, check = _sources(tmp_path, ckpt, "custom.index.json", mini)
+    assert src.spec.assembly == "ids" and check["identical"] == 16
+
+
 # -- checkpoint variety: bf16 sharded safetensors; a PEFT LoRA adapter merged at export -------------------------
 def test_bf16_sharded_checkpoint(tmp_path):
     ckpt, _, _ = _setup(tmp_path, "bf16", ("a", "b", "c"), "qwen3", dtype="bfloat16", max_shard_size="100KB")

@@ -112,6 +112,8 @@ def _print_summary(report) -> None:
                   f"{spec['max_history_tokens']} ids)")
     p = report.prompt
     table.add_row("prompt ids vs HF tokenizer", p.get("skipped") or f"identical for {p['identical']} users")
+    if "item_texts_identical" in p:
+        table.add_row("item texts vs HF tokenizer", f"identical for {p['item_texts_identical']} items")
     if "hf_generate" in p:
         table.add_row("top-10 vs HF generate", f"identical for {p['hf_generate']['users']} users "
                       f"(beam {p['hf_generate']['beams']})")
@@ -135,8 +137,8 @@ def _print_summary(report) -> None:
         table.add_row(name, f"{size / 1e6:.2f} MB")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in report.seconds.items()))
     console.print(table)
-    if guard and "warning" in guard:
-        console.print(f"[bold red]WARNING:[/] {guard['warning']}", highlight=False)
+    for warning in [*p.get("warnings", []), *([guard["warning"]] if guard and "warning" in guard else [])]:
+        console.print(f"[bold red]WARNING:[/] {warning}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,11 @@ A ``PromptLayout`` declares, once, everything that decides a model's input ids:
   ``<|sid_begin|>``, ``"\\n\\n### Response:\\n"``.
 * ``chat``: instead of ``template``, the checkpoint's own chat template rendered with a pinned system
   prompt and a user message holding ``{history}`` (plus ``assistant``: text forced after the
-  generation prompt). Rendered once at export into a plain template (``pauserec.export.hf_prompt``).
+  generation prompt). Rendered once at export into a plain template (``pauserec.export.hf_prompt``), so
+  everything else the template reads is declared: ``template_kwargs`` (the switches the pipeline passed,
+  ``enable_thinking``) and ``pin`` (inputs whose export-time value the engine keeps for good: a date,
+  ``{"date_string": "26 Jul 2024"}``, or ``null`` to keep what the template renders at export, e.g. its
+  ``strftime_now`` clock). Export refuses a template that reads anything else that changes its output.
 * ``item``: one history item: ``{sid}`` (its SID tokens, each spelt by ``sid_token``), ``{n}`` (its
   1-based position in the kept history) and any field of the items file (``{title}``); items are
   joined by ``separator``.
@@ -38,6 +42,8 @@ from pauserec.errors import DataError
 
 KINDS = ("direct", "pause", "cot")
 HISTORY, PAUSES = "{history}", "{pauses}"
+CHAT_KEYS = ("system", "user", "assistant", "template_kwargs", "pin")
+CLOCK_INPUTS = ("strftime_now", "date_string")  # template inputs that change with the day: only ever pinned
 TOKENIZE = ("whole", "segments")
 FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 BUILTIN_FIELDS = ("sid", "n")
@@ -137,6 +143,20 @@ class PromptLayout:
                 raise DataError(f"{where}: 'chat' needs a 'user' message text holding {HISTORY}")
             if self.chat["user"].count(HISTORY) != 1:
                 raise DataError(f"{where}: the chat user message must hold {HISTORY} exactly once")
+            unknown = sorted(set(self.chat) - set(CHAT_KEYS))
+            if unknown:
+                raise DataError(f"{where}: unknown chat field(s) {', '.join(unknown)}; known: {', '.join(CHAT_KEYS)}")
+            for key in ("template_kwargs", "pin"):
+                if not isinstance(self.chat.get(key, {}), dict):
+                    raise DataError(f"{where}: chat.{key} must be a JSON object {{name: value}}")
+            clock = [k for k in CLOCK_INPUTS if k in self.chat.get("template_kwargs", {})]
+            if clock:
+                raise DataError(f"{where}: chat.template_kwargs sets {', '.join(clock)}, a date; move it to chat.pin "
+                                "so that the export says the engine keeps that date for good")
+            if self.chat.get("pin", {}).get("strftime_now") is not None:
+                raise DataError(f"{where}: chat.pin.strftime_now must be null (strftime_now is the template's clock "
+                                "and takes no value: null keeps the date it renders at export); to fix another date, "
+                                "pin the variable the template writes it into (date_string)")
         else:
             for kind in self.kinds:
                 self.segments(kind)  # validates every kind's template
@@ -187,6 +207,19 @@ class PromptLayout:
             if not self.pause_token:
                 raise DataError(f"{where}: the template uses {PAUSES} but names no pause_token")
         return segs
+
+    def chat_messages(self, history_text: str) -> list[dict[str, str]]:
+        """A chat layout's messages for one user: the pinned system prompt (if any) and the user message with
+        ``history_text`` in place of ``{history}``."""
+        chat = self.chat
+        system = [{"role": "system", "content": chat["system"]}] if chat.get("system") is not None else []
+        return [*system, {"role": "user", "content": chat["user"].replace(HISTORY, history_text)}]
+
+    def chat_kwargs(self) -> dict[str, Any]:
+        """What a chat layout passes to ``apply_chat_template`` besides the messages: its ``template_kwargs`` and
+        the pinned values (a ``null`` pin is not passed: the template renders it as it does at export)."""
+        pins = {k: v for k, v in self.chat.get("pin", {}).items() if v is not None}
+        return {**self.chat.get("template_kwargs", {}), **pins}
 
     def item_fields(self) -> tuple[str, ...]:
         """Item-file fields the item rendering needs (besides the built-in ``sid`` and ``n``)."""

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ class Sources:
     encoder: PromptEncoder  # the engine's history assembly
     layout: PromptLayout | None = None  # as declared (chat layouts unrendered): the HF reference renders it
     hf_tok: Any = None  # the checkpoint's transformers tokenizer (None: a card checkpoint without tokenizer)
-    tokenizer_file: Path | None = None
+    tokenizer: Any = None  # the tokenizers.Tokenizer the prompt ids come from, shipped by text-assembled engines
+    warnings: list[str] = field(default_factory=list)  # said at export and kept in its report
     item_fields: dict[str, list[str]] | None = None
     streamed: Any = None  # StreamedWeights (--stream): ``model`` is its weightless skeleton
 
@@ -139,13 +140,17 @@ def load_sources(cfg) -> Sources:
         raise CheckpointError(f"{path} has no {TOKENIZER_FILE}: the prompt's ids come from the checkpoint's own "
                               "tokenizer. Save it with tokenizer.save_pretrained (a slow tokenizer: "
                               "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...))")
-    hf_tok = None
+    hf_tok, warnings = None, []
     if tok is not None:
         try:
             hf_tok = hf_prompt.hf_tokenizer(path if (path / TOKENIZER_FILE).is_file() else Path(cfg.base))
         except CheckpointError:
             if not has_card:
                 raise  # a pauserec card's ids stand without it; a foreign prompt needs its tokenizer
+        if hf_tok is not None and not has_card:
+            # pipelines elsewhere tokenise with what transformers builds (pauserec train: with the file itself)
+            tok, drift = hf_prompt.engine_tokenizer(hf_tok, tok)
+            warnings += [drift] if drift else []
     streamed = None
     if cfg.stream:
         if (path / "adapter_config.json").is_file():
@@ -176,6 +181,7 @@ def load_sources(cfg) -> Sources:
         if kind is None:
             raise CheckpointError(f"prompt layout {layout.name!r} has templates for {', '.join(layout.kinds)} "
                                   "models: pass --kind to say which this checkpoint is")
+        warnings += hf_prompt.chat_pins(layout, hf_tok)
         plain = hf_prompt.render_chat(layout, hf_tok)
         hf_prompt.check_token_names(plain, kind, tok)
         fields = read_item_fields(cfg.items, cat, plain.item_fields())
@@ -187,11 +193,9 @@ def load_sources(cfg) -> Sources:
                               bos_id=hf_tok.bos_token_id, item_fields=fields, vocab=vocab,
                               max_rationale=cfg.max_rationale or 64, seed=cfg.seed)
         check_sid_tokens(spec, cat, vocab, None)
-    has_tok_file = (path / TOKENIZER_FILE).is_file()
     encoder = PromptEncoder(spec, cat, tok, fields)
     return Sources(path=path, model=model, spec=spec, catalog=cat, card=card, encoder=encoder, layout=layout,
-                   hf_tok=hf_tok, tokenizer_file=(path if has_tok_file else Path(cfg.base)) / TOKENIZER_FILE
-                   if tok is not None else None, item_fields=fields, streamed=streamed)
+                   hf_tok=hf_tok, tokenizer=tok, warnings=warnings, item_fields=fields, streamed=streamed)
 
 
 def _config_id(value) -> int | None:
@@ -275,10 +279,11 @@ def _load_model(path: Path, base: Path | None, tok):
 
 
 def write_prompt_files(stage: Path, src: Sources) -> None:
-    """What a text-assembled prompt needs at run time: the tokenizer and the item fields it renders."""
+    """What a text-assembled prompt needs at run time: the tokenizer its ids were checked with (the one transformers
+    builds, see ``hf_prompt.engine_tokenizer``) and the item fields it renders."""
     if src.spec.assembly != "text":
         return
-    shutil.copyfile(src.tokenizer_file, stage / TOKENIZER_FILE)
+    src.tokenizer.save(str(stage / TOKENIZER_FILE))
     if src.spec.fields:
         ids = [str(i) for i in src.catalog.item_ids]
         table = {i: {f: src.item_fields[f][n] for f in src.spec.fields} for n, i in enumerate(ids)}

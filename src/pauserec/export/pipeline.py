@@ -122,6 +122,8 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     say("prompt", f"{spec.layout} ({spec.kind}" + (f", k={spec.pause_k}" if spec.kind == "pause" else "") +
         f"): {len(spec.prefix_ids)} prefix + {len(spec.suffix_ids)} suffix ids fused, history assembled from "
         f"{spec.assembly}, at most {spec.max_history} items / {spec.max_history_tokens} ids")
+    for warning in src.warnings:  # (kept in the report's prompt section too)
+        say("WARNING", warning)
     if src.streamed is None:  # (streamed: each tensor is checked as it is read)
         check_finite(src.model)
     t1 = time.perf_counter()
@@ -250,16 +252,20 @@ def check_histories(cfg: ExportConfig, src, n: int) -> list:
 
 
 def check_prompts(cfg: ExportConfig, src) -> dict:
-    """The engine's prompt ids against the checkpoint's HF tokenizer on a sample (ExportError at a difference)."""
+    """The engine's prompt ids against the checkpoint's HF tokenizer on a sample, and every item's text tokenised by
+    both (ExportError at a difference); the export's warnings about the prompt go with them."""
     from pauserec.export import hf_prompt
 
     histories = check_histories(cfg, src, cfg.prompt_sample)
+    said = {"warnings": list(src.warnings)} if src.warnings else {}
     if src.layout is None or src.hf_tok is None:
         why = "the checkpoint has no tokenizer" if src.hf_tok is None else "its card's prompt has no text layout"
         return {"users": 0, "skipped": f"prompt ids not checked against an HF tokenizer: {why}",
-                "histories": histories, "prompts": [src.encoder.full(h) for h in histories]}
+                "histories": histories, "prompts": [src.encoder.full(h) for h in histories], **said}
     prompts = hf_prompt.check_prompts(src.encoder, src.layout, src.hf_tok, src.catalog, histories, src.item_fields)
-    return {"users": len(histories), "identical": len(histories), "histories": histories, "prompts": prompts}
+    items = hf_prompt.check_item_texts(src.layout, src.hf_tok, src.tokenizer, src.catalog, src.item_fields)
+    return {"users": len(histories), "identical": len(histories), "item_texts_identical": items,
+            "histories": histories, "prompts": prompts, **said}
 
 
 def hf_reference_topk(cfg: ExportConfig, src, prompt_check: dict, say) -> dict | None:
