@@ -278,3 +278,30 @@ def test_an_actor_refuses_an_engine_other_than_the_jobs(trained_engines, tmp_pat
     check_same_engine({**same, "provider": "cuda"}, same, "e")  # the provider is not the engine's identity
     with pytest.raises(JobError, match="catalog_sha256"):
         check_same_engine({**same, "catalog_sha256": "x"}, same, "e")
+
+
+def test_the_start_timeout_counts_placement_not_the_engine_load(trained_engines, tmp_path, cluster, driver_cache,
+                                                                 monkeypatch):
+    """An engine that takes longer to open than the start timeout (a big engine copied from slow storage into the
+    node's cache) does not stop the job: the timeout measures how long no actor could be placed."""
+    from pauserec.frontends import ray_job
+
+    class SlowLoad(ray_job.PoolWorker):
+        def load(self):
+            time.sleep(15)  # the copy of a big engine
+            return super().load()
+
+    monkeypatch.setattr(ray_job, "START_TIMEOUT", 8.0)
+    engine = trained_engines["pause"]
+    ids = list(Engine.load(engine).catalog.item_ids)
+    write_users(tmp_path / "users.jsonl", ids, 10)
+    cfg = BatchConfig(input=tmp_path / "users.jsonl", output=tmp_path / "recs.jsonl", k=5, beams=8)
+    checks = Recommender(Engine.load(engine, graphs=False, verify=False))
+    runner = ray_job.RayRunner(engine, plan_pool(ray_job.cluster_node_cpus(), 1, None), expected=checks.fingerprint())
+    runner.worker = SlowLoad
+    t0 = time.perf_counter()
+    try:
+        report = run_batch(cfg, checks, runner=runner)
+    finally:
+        runner.close()
+    assert time.perf_counter() - t0 > 15 and report.ok == 11 and report.errors == 5

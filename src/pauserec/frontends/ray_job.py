@@ -173,6 +173,8 @@ class PoolWorker:
 class RayRunner(ChunkRunner):
     """Chunks -> records on a pool of actors, in order, each chunk's records returned once."""
 
+    worker = PoolWorker  # the actor class (tests slow its engine load down)
+
     def __init__(self, engine: str | Path, plan: PoolPlan, provider: str = "cpu", batch_size: int = 64,
                  expected: dict[str, str] | None = None) -> None:
         """``expected``: the driver's fingerprint of the engine; every actor checks that it loaded that engine."""
@@ -187,7 +189,7 @@ class RayRunner(ChunkRunner):
         import ray
 
         gpus = 1 if self.provider in ("cuda", "tensorrt") else 0
-        cls = ray.remote(PoolWorker).options(num_cpus=self.plan.cpus, num_gpus=gpus, max_restarts=0,
+        cls = ray.remote(self.worker).options(num_cpus=self.plan.cpus, num_gpus=gpus, max_restarts=0,
                                              max_task_retries=0, scheduling_strategy="SPREAD")
         actor = cls.remote(self.engine, self.provider, self.batch_size, opts, self.expected)
         self.actors.append(actor)
