@@ -4,7 +4,6 @@ generate, the optimum baseline's clean skip, the one-page compare, the git revis
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -65,40 +64,6 @@ def test_optimum_baseline_skips_cleanly_without_its_environment(latency_run):
     (skip,) = result["skipped"]
     assert skip["system"] == "optimum-generate" and "pauserec-bench optimum-env" in skip["reason"]
     assert "Engine vs optimum: not measured" in (latency_run / "latency.md").read_text()
-
-
-def test_optimum_requirements_pin_torch():
-    from pauserec.bench.optimum_baseline import requirements
-
-    reqs = requirements()
-    assert "torch==2.13.0" in reqs and any(r.startswith("transformers") and "<4.58" in r for r in reqs)
-
-
-def test_optimum_worker_imports_no_pauserec():
-    """The worker runs in an environment without pauserec (transformers 4.x): it must stand alone."""
-    from pauserec.bench.optimum_baseline import WORKER
-
-    text = WORKER.read_text()
-    assert "import pauserec" not in text and "from pauserec" not in text
-
-
-@pytest.mark.skipif(not os.environ.get("PAUSEREC_OPTIMUM_PYTHON"), reason="no optimum environment "
-                    "(PAUSEREC_OPTIMUM_PYTHON); make one with `pauserec-bench optimum-env DIR`")
-def test_optimum_baseline_matches_hf(tiny_checkpoints, tmp_path):
-    from pauserec.bench.baseline_hf import HFBaseline
-    from pauserec.bench.optimum_baseline import OptimumSystem
-
-    system = OptimumSystem(tiny_checkpoints["pause"], None, 1, tmp_path)
-    try:
-        assert system.facts["session_intra_op_threads"] == 1
-        rng = np.random.default_rng(0)
-        users = [rng.choice(len(system.catalog.item_ids), 6, replace=False) for _ in range(3)]
-        _, items, scores = system.run(users, 10, 8)
-    finally:
-        system.close()
-    hf = HFBaseline(tiny_checkpoints["pause"], threads=1).recommend(users, k=10, beams=8)
-    np.testing.assert_array_equal(items, hf.item_index)
-    np.testing.assert_allclose(scores, hf.scores, atol=1e-4)
 
 
 def test_compare_page_is_one_self_contained_file(latency_run, tmp_path):
@@ -186,29 +151,6 @@ def test_ablation_variants_on_a_tiny_model(tiny_checkpoints, tmp_path):
     md = Path(files["md"]).read_text()
     assert "| idea switched off |" in md and "context KV per beam" in md and "git " in md
     assert "idea switched off" in markdown(result)
-
-
-def test_optimum_worker_fixes_what_optimum_gets_wrong_for_qwen3(tmp_path):
-    """The worker's two corrections: RoPE theta for transformers 4.x configs, and the past-KV head size."""
-    import importlib.util
-    from types import SimpleNamespace
-
-    from pauserec.bench.optimum_baseline import WORKER
-
-    spec = importlib.util.spec_from_file_location("optimum_worker_under_test", WORKER)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    model = SimpleNamespace(config=SimpleNamespace(head_dim=128), embed_size_per_head=64)  # Qwen3-0.6B: 1024 / 16
-    assert worker.fix_head_dim(model) and model.embed_size_per_head == 128
-    assert worker.fix_head_dim(model) == []
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}}))
-    (ckpt / "model.safetensors").write_bytes(b"x")
-    staged, notes = worker.staged_checkpoint(ckpt, tmp_path / "stage")
-    assert json.loads((staged / "config.json").read_text())["rope_theta"] == 1e6 and notes
-    assert (staged / "model.safetensors").read_bytes() == b"x"
-    assert worker.build_trie([[1, 2], [1, 3]]) == {1: {2: {}, 3: {}}}
 
 
 def test_environment_names_the_cpus_instruction_sets(tmp_path, monkeypatch):

@@ -36,47 +36,74 @@ def build_token_trie(spec: PromptSpec, sid_codes: np.ndarray) -> dict:
     return root
 
 
+@dataclass
+class BaselinePrompt:
+    """What a baseline feeds its model: the prompt spec, the catalog and, for a checkpoint trained elsewhere,
+    the encoder of the engine exported from it (text assembly and chat templates included); ``source`` says
+    which. Every baseline (HF ``generate``, optimum, ONNX Runtime GenAI, OpenVINO GenAI) takes its prompts here."""
+
+    spec: PromptSpec
+    catalog: object  # pauserec.data.catalog.Catalog
+    encoder: object | None
+    source: str
+
+    def ids(self, histories: list[np.ndarray]) -> list[np.ndarray]:
+        """Prompt ids per history of dense item indices, up to the first SID token (the rationale for cot)."""
+        if self.encoder is not None:  # the engine's own prompts
+            return [self.encoder.full(np.asarray(h, dtype=np.int64)) for h in histories]
+        return [self.spec.prompt_ids(self.catalog.sids[np.asarray(h, dtype=np.int64)]) for h in histories]
+
+    def sid_tokens(self) -> list[tuple[int, ...]]:
+        """The token ids of each distinct catalog SID, in the trie's SID order."""
+        table = self.spec.sid_table()
+        return [tuple(int(table[lv, c]) for lv, c in enumerate(codes)) for codes in self.catalog.trie.sid_codes]
+
+
+def baseline_prompt(ckpt: str | Path, engine: str | Path | None = None) -> BaselinePrompt:
+    """The prompt of a checkpoint ``pauserec train`` wrote (its training card and catalog), or, for any other
+    checkpoint, the prompt and catalog of ``engine``, the engine exported from it, so that both systems
+    answer the same prompts token for token."""
+    from pauserec.data.catalog import Catalog
+
+    ckpt = Path(ckpt)
+    if (ckpt / CARD_FILE).is_file() or engine is None:
+        if not (ckpt / CARD_FILE).is_file():
+            raise CheckpointError(f"{ckpt} has no {CARD_FILE} (it was not trained by `pauserec train`): pass "
+                                  "the engine exported from it too; `pauserec-bench latency ENGINE --hf-baseline "
+                                  "CKPT` pairs them by the checkpoint's sha256")
+        spec = TrainingCard.load(ckpt).prompt
+        catalog_path = ckpt / "catalog.npz"
+        if not catalog_path.is_file():
+            raise CheckpointError(f"{catalog_path} not found; re-run `pauserec train` to write it")
+        return BaselinePrompt(spec, Catalog.load(catalog_path), None, "the checkpoint's training card")
+    from pauserec.runtime import Engine
+
+    e = Engine.load(engine, graphs=False, verify=False)
+    return BaselinePrompt(e.prompt, e.catalog, e.encoder,
+                          f"the prompt of engine {Path(engine).name} ({e.prompt.assembly} assembly)")
+
+
 class HFBaseline:
     """Loads a checkpoint with transformers and recommends through ``generate``.
 
     A checkpoint ``pauserec train`` wrote carries its prompt and catalog (its training card). Any other
     checkpoint (trained elsewhere, exported by preset or prompt file) is run on the prompt of ``engine``, the
-    engine exported from it: its catalog and, token for token, the prompts that engine feeds its graphs
-    (``PromptEncoder.full``), so both systems answer the same prompts. ``prompt_source`` says which it used."""
+    engine exported from it (``baseline_prompt``); ``prompt_source`` says which it used."""
 
     def __init__(self, ckpt: str | Path, threads: int | None = None, engine: str | Path | None = None):
         import torch
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
-        from pauserec.data.catalog import Catalog
-
         hf_logging.disable_progress_bar()
 
         if threads:
             torch.set_num_threads(threads)
         self.ckpt = Path(ckpt)
-        self.encoder = None
-        if (self.ckpt / CARD_FILE).is_file() or engine is None:
-            if not (self.ckpt / CARD_FILE).is_file():
-                raise CheckpointError(f"{self.ckpt} has no {CARD_FILE} (it was not trained by `pauserec train`): pass "
-                                      "the engine exported from it too; `pauserec-bench latency ENGINE --hf-baseline "
-                                      "CKPT` pairs them by the checkpoint's sha256")
-            self.card = TrainingCard.load(self.ckpt)
-            spec = self.card.prompt
-            catalog_path = self.ckpt / "catalog.npz"
-            if not catalog_path.is_file():
-                raise CheckpointError(f"{catalog_path} not found; re-run `pauserec train` to write it")
-            catalog = Catalog.load(catalog_path)
-            self.prompt_source = "the checkpoint's training card"
-        else:
-            from pauserec.runtime import Engine
-
-            e = Engine.load(engine, graphs=False, verify=False)
-            spec, catalog, self.encoder = e.prompt, e.catalog, e.encoder
-            self.prompt_source = f"the prompt of engine {Path(engine).name} ({spec.assembly} assembly)"
+        prompt = baseline_prompt(self.ckpt, engine)
+        self.encoder, self.prompt_source = prompt.encoder, prompt.source
         model = AutoModelForCausalLM.from_pretrained(self.ckpt, dtype=torch.float32).eval()
-        self._setup(model, spec, catalog)
+        self._setup(model, prompt.spec, prompt.catalog)
 
     @classmethod
     def from_parts(cls, model, spec: PromptSpec, catalog) -> HFBaseline:
@@ -89,15 +116,11 @@ class HFBaseline:
         self.model, self.spec, self.catalog = model, spec, catalog
         self.encoder = getattr(self, "encoder", None)
         self.trie = build_token_trie(self.spec, self.catalog.sids)
-        table = self.spec.sid_table()
-        self._sid_of_tokens = {
-            tuple(int(table[lv, c]) for lv, c in enumerate(codes)): i for i, codes in enumerate(self.catalog.trie.sid_codes)
-        }
+        self.prompt = BaselinePrompt(spec, catalog, self.encoder, getattr(self, "prompt_source", ""))
+        self._sid_of_tokens = {t: i for i, t in enumerate(self.prompt.sid_tokens())}
 
     def _prompts(self, histories: list[np.ndarray]) -> list[np.ndarray]:
-        if self.encoder is not None:  # the engine's own prompts (text assembly and chat templates included)
-            return [self.encoder.full(np.asarray(h, dtype=np.int64)) for h in histories]
-        return [self.spec.prompt_ids(self.catalog.sids[np.asarray(h, dtype=np.int64)]) for h in histories]
+        return self.prompt.ids(histories)
 
     def _left_pad(self, seqs: list[np.ndarray]):
         import torch
@@ -169,19 +192,24 @@ class HFBaseline:
         return HFResult(item_index, scores, timings)
 
 
-def rank_items(seqs: list, seq_scores: np.ndarray, sid_of_tokens: dict, trie, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Beams' SID token sequences [user][beam][level] + scores (B, beams) -> the top-k items (B, k) int32
-    and their scores (B, k) float32, best beam first, collision groups expanded; -1 / -inf padding."""
+def rank_items(seqs: list, seq_scores: np.ndarray | None, sid_of_tokens: dict, trie, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Beams' SID token sequences [user][beam][level], best first, + their scores (B, beams) -> the top-k items
+    (B, k) int32 and their scores (B, k) float32, collision groups expanded in catalog order; -1 / -inf padding.
+    Sequences that are not catalog SIDs are skipped (an unconstrained search returns them), and so is a SID
+    seen before; ``seq_scores`` None (a runtime that returns no beam scores): the items' scores are NaN."""
     batch = len(seqs)
     item_index = np.full((batch, k), -1, np.int32)
     scores = np.full((batch, k), -np.inf, np.float32)
     for b in range(batch):
         ranked: list[tuple[int, float]] = []
-        for tokens, score in zip(seqs[b], seq_scores[b]):
-            sid = sid_of_tokens.get(tuple(tokens))
-            if sid is None or not np.isfinite(score):
+        seen: set[int] = set()
+        for j, tokens in enumerate(seqs[b]):
+            score = np.nan if seq_scores is None else float(seq_scores[b][j])
+            sid = sid_of_tokens.get(tuple(int(t) for t in tokens))
+            if sid is None or sid in seen or (seq_scores is not None and not np.isfinite(score)):
                 continue
-            ranked.extend((int(item), float(score)) for item in trie.items_of_sid(sid))
+            seen.add(sid)
+            ranked.extend((int(item), score) for item in trie.items_of_sid(sid))
         for j, (item, score) in enumerate(ranked[:k]):
             item_index[b, j], scores[b, j] = item, score
     return item_index, scores

@@ -8,8 +8,10 @@ average while it ran (a shared machine's noise, on the record).
 
 Same answers: every system's top-k on every timed call is compared with the HF ``generate``
 baseline of the same checkpoint (``agreement``: users with identical ordered top-10, mean overlap,
-largest score difference). Baselines: HF ``generate`` in this process, and optimum's
-``ORTModelForCausalLM.generate`` in its own environment (``pauserec.bench.optimum_baseline``).
+largest score difference). Baselines: HF ``generate`` in this process; optimum's
+``ORTModelForCausalLM.generate`` and ONNX Runtime GenAI's model builder + beam search each in an
+environment of its own (``pauserec.bench.workers``). A baseline that cannot follow the trie or returns no
+scores (GenAI) is checked against the engine of the same checkpoint and precision instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -44,9 +47,8 @@ class LatencyConfig:
     seed: int = 0
     rss: bool = True
     prepack: bool = False  # also run every engine with ONNX Runtime's per-session prepacked weights
-    optimum_baselines: tuple[Path, ...] = ()  # checkpoints run through optimum ORTModelForCausalLM.generate
-    optimum_python: Path | None = None  # that environment's python (else $PAUSEREC_OPTIMUM_PYTHON)
-    optimum_cache: Path | None = None  # where optimum's export of each checkpoint is kept between runs
+    # baselines in environments of their own (optimum, ONNX Runtime GenAI, OpenVINO GenAI; bench.workers)
+    worker_baselines: tuple = ()  # of pauserec.bench.workers.WorkerBaseline
 
 
 @dataclass
@@ -60,6 +62,7 @@ class SystemResult:
     scoring: str | None = None  # full (log-softmax over the vocabulary, as HF) | sid
     agreement: dict | None = None  # top-10 identity + max score difference vs the HF baseline, same users
     facts: dict = field(default_factory=dict)  # system-specific (optimum: export time, session threads, versions)
+    precision: str | None = None  # an engine's, or a baseline runtime's conversion (GenAI int4 | int8 | fp32)
 
 
 def system_name(kind: str, path) -> str:
@@ -91,6 +94,7 @@ class _EngineSystem:
         self.catalog = self.engine.catalog
         self.sha = self.engine.manifest.source.get("sha256")
         self.scoring = self.engine.manifest.scoring
+        self.precision = self.engine.manifest.precision
         from pauserec.runtime.backends.ort import MergedView
 
         merged = any(isinstance(v, MergedView) for v in self.engine.sessions.values())
@@ -149,18 +153,22 @@ def display_name(s) -> str:
 
 
 def load_systems(cfg: LatencyConfig) -> tuple[list, list[dict]]:
-    """(systems, skipped): an optimum baseline whose environment or export fails is skipped with its reason."""
-    from pauserec.bench.optimum_baseline import OptimumSystem, OptimumUnavailable
+    """(systems, skipped): a baseline whose environment or conversion fails is skipped with its reason."""
+    from pauserec.bench.workers import RUNTIMES, WorkerUnavailable, check_precision
 
+    for wb in cfg.worker_baselines:  # argument errors before minutes of loading
+        if wb.precision is not None:
+            check_precision(RUNTIMES[wb.runtime], wb.precision)
     systems = [_EngineSystem(Path(p), cfg.threads, prepack) for p in cfg.engines
                for prepack in ((False, True) if cfg.prepack else (None,))]
     systems += [_HFSystem(Path(p), cfg.threads, engine_of(Path(p), cfg.engines)) for p in cfg.hf_baselines]
     skipped = []
-    for p in cfg.optimum_baselines:
+    for wb in cfg.worker_baselines:
         try:
-            systems.append(OptimumSystem(Path(p), cfg.optimum_python, cfg.threads, cfg.optimum_cache))
-        except OptimumUnavailable as e:
-            skipped.append({"system": "optimum-generate", "path": str(p), "reason": str(e)})
+            systems.append(wb.start(cfg.threads, engine_of(Path(wb.checkpoint), cfg.engines)))
+        except WorkerUnavailable as e:
+            skipped.append({"system": RUNTIMES[wb.runtime].system, "path": str(wb.checkpoint),
+                            "precision": wb.precision, "reason": str(e)})
     if not systems:
         raise PauserecError("give at least one engine directory (or --hf-baseline checkpoint) to measure")
     ref = systems[0].catalog.item_ids
@@ -271,6 +279,29 @@ def hf_reference(systems, i: int) -> int | None:
     return (same or kind or [None])[0]
 
 
+def engine_reference(systems, i: int) -> int | None:
+    """The engine a baseline is paired with: the same checkpoint at the same precision, else the same checkpoint
+    (the default engine first), else the same kind."""
+    engines = [j for j, s in enumerate(systems) if s.system.startswith("engine")]
+    engines.sort(key=lambda j: systems[j].system != "engine")
+    sha = getattr(systems[i], "sha", None)
+    same = [j for j in engines if sha and getattr(systems[j], "sha", None) == sha]
+    precision = getattr(systems[i], "precision", None)
+    exact = [j for j in same if precision and getattr(systems[j], "precision", None) == precision]
+    kind = [j for j in engines if systems[j].kind == systems[i].kind]
+    return (exact or same or kind or [None])[0]
+
+
+def answer_reference(systems, i: int) -> int | None:
+    """The system whose answers system i's are checked against: its HF baseline, or, for a baseline that does
+    not follow the trie or returns no scores, the engine it is paired with."""
+    runtime = getattr(systems[i], "runtime", None)
+    if runtime is None or (runtime.trie and runtime.scores):
+        return hf_reference(systems, i)
+    ref = engine_reference(systems, i)
+    return ref if ref is not None else hf_reference(systems, i)
+
+
 def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | None,
                 engine: Path | None = None) -> float | None:
     """Peak RSS of a fresh process that loads one system and serves one batch (``engine``: the engine whose prompt
@@ -295,11 +326,14 @@ def run_latency(cfg: LatencyConfig, tick: Callable[[], None] | None = None) -> d
         results = []
         for i, s in enumerate(systems):
             r = SystemResult(name=display_name(s), kind=s.kind, system=s.system, path=str(s.path), by_batch=stats[i],
-                             scoring=getattr(s, "scoring", None), facts=dict(getattr(s, "facts", {}) or {}))
-            ref = hf_reference(systems, i)
+                             scoring=getattr(s, "scoring", None), facts=dict(getattr(s, "facts", {}) or {}),
+                             precision=getattr(s, "precision", None))
+            ref = answer_reference(systems, i)
             if ref is not None:
                 r.agreement = {"reference": display_name(systems[ref]), **agreement(answers[i], answers[ref])}
-            if s.system == "optimum-generate":
+                if not getattr(getattr(s, "runtime", None), "scores", True):
+                    r.agreement["max_score_diff"] = None  # the runtime returns no beam scores
+            if hasattr(s, "runtime"):
                 r.peak_rss_mb = s.peak_rss_mb()  # the worker's own peak, over every batch it served
             elif cfg.rss:
                 r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads,
@@ -320,16 +354,6 @@ def reference_index(results: list[dict]) -> int:
     return next((i for i, r in enumerate(results) if r["system"] == "hf-generate"), 0)
 
 
-def _engine_for(results: list[dict], systems, base: int) -> int | None:
-    """The engine that serves the same checkpoint as baseline ``base`` (else the same kind)."""
-    engines = [i for i, r in enumerate(results) if r["system"].startswith("engine")]
-    engines.sort(key=lambda i: results[i]["system"] != "engine")  # the default engine first
-    sha = getattr(systems[base], "sha", None) if systems else None
-    same = [i for i in engines if sha and getattr(systems[i], "sha", None) == sha]
-    kind = [i for i in engines if results[i]["kind"] == results[base]["kind"]]
-    return (same or kind or [None])[0]
-
-
 def _speedups(results: list[dict], fast: int, slow: int) -> dict:
     a, b = results[fast], results[slow]
     return {"engine": a["name"], "baseline": b["name"],
@@ -347,10 +371,14 @@ def ratios(results: list[dict], systems=None) -> dict:
     for r in results:
         out["vs_first"][r["name"]] = {bs: _p50(r, bs) / _p50(first, bs) for bs in r["by_batch"]}
         out["speedup_vs_reference"][r["name"]] = {bs: _p50(results[ref], bs) / _p50(r, bs) for bs in r["by_batch"]}
-    for key, system in (("engine_vs_hf", "hf-generate"), ("engine_vs_optimum", "optimum-generate")):
-        base = next((i for i, r in enumerate(results) if r["system"] == system), None)
-        eng = None if base is None else _engine_for(results, systems, base)
-        if eng is not None:
+    views = [SimpleNamespace(system=r["system"], kind=r["kind"], precision=r.get("precision"),
+                             sha=getattr(systems[j], "sha", None) if systems else None) for j, r in enumerate(results)]
+    for base, r in enumerate(results):  # each kind of baseline (the first of it) against the engine it pairs with
+        if r["system"].startswith("engine"):
+            continue
+        key = "engine_vs_" + r["system"].removesuffix("-generate") + (f"_{r['precision']}" if r.get("precision") else "")
+        eng = engine_reference(views, base)
+        if key not in out["headline"] and eng is not None:
             out["headline"][key] = _speedups(results, eng, base)
     engines = [r for r in results if r["system"].startswith("engine")]
     pause = next((r for r in engines if r["kind"] == "pause"), None)

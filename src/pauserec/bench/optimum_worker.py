@@ -3,43 +3,30 @@
     python optimum_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json [--threads N]
 
 It never imports pauserec (whose training side needs transformers 5): the benchmark sends it token
-ids and gets token ids back. What a user would write instead of pauserec: Hugging Face optimum's
-``ORTModelForCausalLM`` exported from the checkpoint, then ``generate(num_beams=K,
-prefix_allowed_tokens_fn=trie)`` on ONNX Runtime.
-
-Protocol, one JSON object per line. Startup: stdout gets ``{"ready": true, ...facts}`` or
-``{"error": ..., "stage": ...}`` (then exit 1). Then each stdin line ``{"prompts": [[ids]...],
-"beams": K}`` gets ``{"sequences": [[[SID tokens] per beam] per user], "scores": [[...]],
-"generate_s": s}``; ``{"quit": true}`` or end of input stops it. SETUP.json: ``{"sid_tokens":
-[[tok, ...] per catalog SID], "pad_id": int}``.
+ids and gets token ids back (the protocol of ``pauserec.bench.workers``). What a user would write
+instead of pauserec: Hugging Face optimum's ``ORTModelForCausalLM`` exported from the checkpoint, then
+``generate(num_beams=K, prefix_allowed_tokens_fn=trie)`` on ONNX Runtime.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
-import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 
 ONNX_DIR = "onnx"
 # Run as a script, Python puts this folder first on sys.path, where pauserec's own modules would
-# shadow installed packages; this worker imports only the optimum environment's.
+# shadow installed packages; this worker imports only the optimum environment's (and, by path, the
+# protocol file beside it).
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
-
-
-def say(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def log(msg: str) -> None:
-    sys.stderr.write(f"[optimum worker] {msg}\n")
-    sys.stderr.flush()
+_spec = importlib.util.spec_from_file_location("pauserec_worker_protocol", Path(__file__).with_name("worker_protocol.py"))
+protocol = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(protocol)
+PACKAGES = ("optimum", "optimum-onnx", "transformers", "torch", "onnxruntime", "numpy")
 
 
 def build_trie(sid_tokens: list[list[int]]) -> dict:
@@ -52,13 +39,9 @@ def build_trie(sid_tokens: list[list[int]]) -> dict:
     return root
 
 
-def staged_checkpoint(ckpt: Path, stage: Path) -> tuple[Path, list[str]]:
-    """The checkpoint with its config.json written for transformers 4.x; returns (dir, what was changed).
-
-    transformers 5 writes RoPE as ``rope_parameters``; 4.x reads ``rope_theta`` / ``rope_scaling``
-    and would silently fall back to its default theta.
-    """
-    cfg = json.loads((ckpt / "config.json").read_text())
+def transformers4_config(cfg: dict) -> list[str]:
+    """config.json edits for transformers 4.x: transformers 5 writes RoPE as ``rope_parameters``; 4.x reads
+    ``rope_theta`` / ``rope_scaling`` and would silently fall back to its default theta."""
     notes: list[str] = []
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict):
@@ -70,14 +53,7 @@ def staged_checkpoint(ckpt: Path, stage: Path) -> tuple[Path, list[str]]:
             notes.append("rope_parameters -> rope_scaling")
     if "dtype" in cfg and "torch_dtype" not in cfg:
         cfg["torch_dtype"] = cfg["dtype"]
-    stage.mkdir(parents=True, exist_ok=True)
-    for f in ckpt.iterdir():
-        if f.is_file() and f.name != "config.json":
-            target = stage / f.name
-            if not target.exists():
-                os.symlink(f.resolve(), target)
-    (stage / "config.json").write_text(json.dumps(cfg, indent=2))
-    return stage, notes
+    return notes
 
 
 def session_options(threads: int | None):
@@ -110,13 +86,14 @@ def load_model(ckpt: Path, cache: Path, threads: int | None) -> tuple[object, di
         torch.set_num_threads(int(threads))
     opts = session_options(threads)
     onnx_dir = cache / ONNX_DIR
-    facts: dict = {"export_s": None, "config_changes": []}
+    facts: dict = {"convert_s": None, "config_changes": [],
+                   "convert_command": "ORTModelForCausalLM.from_pretrained(CKPT, export=True)"}
     if not (onnx_dir / "model.onnx").is_file():
-        src, facts["config_changes"] = staged_checkpoint(ckpt, cache / "checkpoint")
+        src, facts["config_changes"] = protocol.staged_checkpoint(ckpt, cache / "checkpoint", transformers4_config)
         t0 = time.perf_counter()
         model = ORTModelForCausalLM.from_pretrained(src, export=True, use_cache=True, use_io_binding=False,
                                                     provider="CPUExecutionProvider", session_options=opts)
-        facts["export_s"] = time.perf_counter() - t0
+        facts["convert_s"] = time.perf_counter() - t0
         tmp = cache / (ONNX_DIR + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
@@ -131,7 +108,7 @@ def load_model(ckpt: Path, cache: Path, threads: int | None) -> tuple[object, di
     model = ORTModelForCausalLM.from_pretrained(onnx_dir, use_cache=True, use_io_binding=False,
                                                 provider="CPUExecutionProvider", session_options=opts)
     facts["patches"] = fix_head_dim(model)
-    facts["session_intra_op_threads"] = session_threads(model)
+    facts["session_options"] = {"intra_op_num_threads": session_threads(model)}
     facts["onnx_bytes"] = sum(f.stat().st_size for f in onnx_dir.iterdir() if f.is_file())
     return model, facts
 
@@ -148,32 +125,22 @@ def fix_head_dim(model) -> list[str]:
     return []
 
 
-def smoke_test(model, trie: dict, pad_id: int, levels: int, prompt: list[int]) -> None:
-    """One tiny constrained generate at start-up, so a model optimum cannot run fails here, not mid-benchmark."""
-    generate(model, trie, pad_id, levels, [prompt], 2)
+def start(args, setup: dict, stage) -> tuple[tuple, dict]:
+    stage.name = "import"
+    import optimum.onnxruntime  # noqa: F401
+
+    stage.name = "export"
+    model, facts = load_model(args.checkpoint, args.cache, args.threads)
+    return (model, build_trie(setup["sid_tokens"])), facts
 
 
-def versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("optimum", "optimum-onnx", "transformers", "torch", "onnxruntime", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def generate(model, trie: dict, pad_id: int, levels: int, prompts: list[list[int]], beams: int) -> dict:
+def generate(state: tuple, setup: dict, prompts: list[list[int]], beams: int) -> dict:
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(p)
-        mask[i, width - len(p):] = 1
+    model, trie = state
+    pad_id, levels = int(setup["pad_id"]), len(setup["sid_tokens"][0])
+    ids, mask = (torch.from_numpy(a) for a in protocol.left_pad(prompts, pad_id))
+    width = ids.shape[1]
 
     def allowed(batch_id: int, input_ids) -> list[int]:
         node = trie
@@ -194,42 +161,5 @@ def generate(model, trie: dict, pad_id: int, levels: int, prompts: list[list[int
     return {"sequences": seqs, "scores": scores, "generate_s": dt}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="optimum_worker.py")
-    ap.add_argument("--checkpoint", type=Path, required=True)
-    ap.add_argument("--cache", type=Path, required=True)
-    ap.add_argument("--setup", type=Path, required=True)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    stage = "import"
-    try:
-        import optimum.onnxruntime  # noqa: F401
-
-        stage = "export"
-        setup = json.loads(args.setup.read_text())
-        trie = build_trie(setup["sid_tokens"])
-        levels = len(setup["sid_tokens"][0])
-        args.cache.mkdir(parents=True, exist_ok=True)
-        model, facts = load_model(args.checkpoint, args.cache, args.threads)
-        stage = "generate (start-up check)"
-        smoke_test(model, trie, int(setup["pad_id"]), levels, setup["sid_tokens"][0])
-    except Exception as e:  # report why, whatever optimum raised
-        log(traceback.format_exc())
-        say({"error": f"{type(e).__name__}: {e}", "stage": stage, "traceback": traceback.format_exc()[-4000:],
-             "versions": versions()})
-        return 1
-    say({"ready": True, "versions": versions(), **facts})
-    for line in sys.stdin:
-        req = json.loads(line)
-        if req.get("quit"):
-            break
-        try:
-            say(generate(model, trie, int(setup["pad_id"]), levels, req["prompts"], int(req["beams"])))
-        except Exception as e:
-            log(traceback.format_exc())
-            say({"error": f"{type(e).__name__}: {e}", "stage": "generate", "traceback": traceback.format_exc()[-4000:]})
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(protocol.serve("optimum", None, start, generate, PACKAGES))

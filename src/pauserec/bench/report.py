@@ -45,20 +45,22 @@ def _times(by_batch: dict) -> str:
 
 
 def headline_lines(result: dict) -> list[str]:
-    """The answers a reader wants first: engine vs HF generate x, engine vs optimum x, pause vs cot %,
+    """The answers a reader wants first: engine vs HF generate x, engine vs each other runtime x, pause vs cot %,
     and whether the answers are the same (top-10 identity against HF generate)."""
     if result.get("benchmark") != "latency":
         return []
     r = result.get("ratios", {})
     head = r.get("headline", {})
     lines = []
-    for key, what in (("engine_vs_hf", "HF generate"), ("engine_vs_optimum", "optimum ORTModelForCausalLM.generate")):
-        h = head.get(key)
-        if h:
+    for key, h in head.items():
+        what = headline_name(key)
+        if what and h:
             lines.append(f"Engine vs {what}: faster by {_times(h['by_batch'])} ({h['engine']} vs {h['baseline']}, "
                          "p50 batch latency)")
     for s in result.get("skipped", []):
-        lines.append(f"Engine vs optimum: not measured ({s['reason']})")
+        what = _runtime_of(s.get("system"))
+        lines.append(f"Engine vs {what.what if what else s.get('system')}"
+                     f"{' ' + s['precision'] if s.get('precision') else ''}: not measured ({s['reason']})")
     pvc = r.get("pause_vs_cot", {})
     if pvc:
         lines.append("Pause vs CoT latency (engines, p50): " + ", ".join(f"**{v['text']}** at batch {bs}"
@@ -101,18 +103,57 @@ def latency_markdown(result: dict) -> str:
     for s in result["systems"]:
         if s["system"] == "hf-generate" and (s.get("facts") or {}).get("prompt"):
             text += f"\nHF baseline {s['name']}: runs {s['facts']['prompt']}\n"
-    facts = [s for s in result["systems"] if s["system"] == "optimum-generate" and s.get("facts")]
-    for s in facts:
-        f = s["facts"]
-        text += (f"\noptimum baseline {s['name']}: ONNX Runtime session intra-op threads "
-                 f"{f.get('session_intra_op_threads')}, "
-                 + (f"export {f['export_s']:.1f} s" if f.get("export_s") else "export time not recorded")
-                 + (" (export reused from the cache)" if f.get("cached") else "") + ", "
-                 f"versions {', '.join(f'{k} {v}' for k, v in f.get('versions', {}).items())}"
-                 + (f"; config for transformers 4.x: {'; '.join(f['config_changes'])}" if f.get("config_changes") else "")
-                 + (f"; patched: {'; '.join(f['patches'])}" if f.get("patches") else "")
-                 + "\n")
+    for s in result["systems"]:
+        if _runtime_of(s["system"]) and s.get("facts"):
+            text += worker_facts_line(s)
     return text
+
+
+def _runtime_of(system: str | None):
+    from pauserec.bench.workers import RUNTIMES
+
+    return next((r for r in RUNTIMES.values() if r.system == system), None)
+
+
+def headline_name(key: str) -> str | None:
+    """'engine_vs_genai_int4' -> 'ORT GenAI int4 beam search (no trie)'; None for a key of no known baseline."""
+    from pauserec.bench.workers import RUNTIMES
+
+    if key == "engine_vs_hf":
+        return "HF generate"
+    name, _, precision = key.removeprefix("engine_vs_").partition("_")
+    runtime = RUNTIMES.get(name)
+    if runtime is None:
+        return None
+    return f"{runtime.what}{' ' + precision if precision else ''} {runtime.search}"
+
+
+def worker_facts_line(s: dict) -> str:
+    """What a baseline run in its own environment is, and what it cannot do: its conversion (command, time,
+    cache), threads, config changes and patches, sequences that are not catalog SIDs, versions."""
+    from pauserec.bench.workers import NO_TRIE_EFFECT
+
+    f, runtime = s["facts"], _runtime_of(s["system"])
+    threads = (f.get("session_options") or {}).get("intra_op_num_threads")
+    convert = f.get("convert_command") or "conversion"
+    convert += (f" {f['convert_s']:.1f} s" if f.get("convert_s") else " (time not recorded)")
+    convert += " (reused from the cache)" if f.get("cached") else ""
+    text = (f"\n{runtime.what} baseline {s['name']}: {convert}, intra-op threads "
+            f"{threads if threads else 'default (one per core)'}, "
+            + ("one batched beam search per batch" if f.get("searches", 0) <= f.get("batches", 0)
+               else f"batches split by prompt length: {f['searches']:,} searches for {f['batches']:,} batches")
+            + (f"; prompt: {f['prompt']}" if f.get("prompt") else "")
+            + (f"; config for the converter: {'; '.join(f['config_changes'])}" if f.get("config_changes") else "")
+            + (f"; patched: {'; '.join(f['patches'])}" if f.get("patches") else ""))
+    if not runtime.trie:
+        returned, invalid = f.get("returned_sequences") or 0, f.get("invalid_sequences") or 0
+        text += (f"; {runtime.why_no_trie}, {NO_TRIE_EFFECT}: {invalid:,} of {returned:,} returned sequences were "
+                 "not catalog SIDs" + (f" ({invalid / returned * 100:.1f} %)" if returned else "")
+                 + f", {f.get('users_without_a_sid', 0):,} of {f.get('users', 0):,} users got no valid SID (every "
+                 "call, warm-up included)")
+    if not runtime.scores:
+        text += f"; {runtime.what} returns no beam scores (score difference n/a)"
+    return text + f"; versions {', '.join(f'{k} {v}' for k, v in f.get('versions', {}).items())}\n"
 
 
 def agreement_markdown(result: dict) -> str:
@@ -121,9 +162,10 @@ def agreement_markdown(result: dict) -> str:
         a = s.get("agreement")
         if not a or not a.get("users"):
             continue
+        diff = "n/a" if a.get("max_score_diff") is None else f"{a['max_score_diff']:.1e}"
         rows.append(f"| {s['name']} | {s.get('scoring') or '-'} | {a['reference']} | {a['users']} | "
                     f"{a['identical_top10']} ({a['identical_rate'] * 100:.1f} %) | {a['top10_overlap']:.3f} | "
-                    f"{a['max_score_diff']:.1e} |")
+                    f"{diff} |")
     if not rows:
         return ""
     return ("\nSame answers (every timed call; `sid` scoring renormalises per level, so its scores, and near-tie "

@@ -68,7 +68,24 @@ def latency(
                                                 "and run through ORTModelForCausalLM.generate (its own environment)."),
     optimum_python: Path = typer.Option(None, "--optimum-python", help="Python of the optimum environment "
                                         "(`pauserec-bench optimum-env DIR` makes one; default $PAUSEREC_OPTIMUM_PYTHON)."),
-    optimum_cache: Path = typer.Option(None, "--optimum-cache", help="Where optimum's exports are kept between runs."),
+    genai_baseline: list[Path] = typer.Option([], "--genai-baseline", help="Checkpoint(s) built by ONNX Runtime GenAI's "
+                                              "model builder and run through its og.Generator beam search (its own "
+                                              "environment; no trie)."),
+    genai_precision: str = typer.Option("int4", "--genai-precision", help="The model builder's precision(s), comma-"
+                                        "separated, one system each: int4, int8, fp32."),
+    genai_python: Path = typer.Option(None, "--genai-python", help="Python of the GenAI environment "
+                                      "(`pauserec-bench genai-env DIR` makes one; default $PAUSEREC_GENAI_PYTHON)."),
+    openvino_baseline: list[Path] = typer.Option([], "--openvino-baseline", help="Checkpoint(s) exported by "
+                                                 "optimum-intel and run through OpenVINO GenAI's LLMPipeline beam "
+                                                 "search (its own environment; no trie)."),
+    openvino_precision: str = typer.Option("int4", "--openvino-precision", help="optimum-intel's --weight-format(s), "
+                                           "comma-separated, one system each: int4, int8, fp32."),
+    openvino_python: Path = typer.Option(None, "--openvino-python", help="Python of the OpenVINO environment "
+                                         "(`pauserec-bench openvino-env DIR` makes one; default "
+                                         "$PAUSEREC_OPENVINO_PYTHON)."),
+    baseline_cache: Path = typer.Option(None, "--baseline-cache", "--optimum-cache", help="Where the baselines' "
+                                        "conversions are kept between runs (one per runtime, checkpoint and "
+                                        "precision; default under the temporary folder)."),
     data: Path = typer.Option(None, "--data", help="Take users from this dataset's test split."),
     index: str = typer.Option(None, "--index", help="SID index of --data."),
     batch_sizes: str = typer.Option("1,16,64", "--batch-sizes", help="Comma-separated batch sizes."),
@@ -86,12 +103,17 @@ def latency(
     """Latency, throughput and peak RSS of engines (and HF baselines) on the same users, in one run."""
     from pauserec.bench.latency import LatencyConfig, run_latency
     from pauserec.bench.report import finish, markdown, write_report
+    from pauserec.bench.workers import GENAI, OPENVINO, WorkerBaseline
 
+    workers = [WorkerBaseline("optimum", p, optimum_python, None, baseline_cache) for p in optimum_baseline]
+    workers += [WorkerBaseline("genai", p, genai_python, prec, baseline_cache) for p in genai_baseline
+                for prec in _precisions(genai_precision, GENAI, "--genai-precision")]
+    workers += [WorkerBaseline("openvino", p, openvino_python, prec, baseline_cache) for p in openvino_baseline
+                for prec in _precisions(openvino_precision, OPENVINO, "--openvino-precision")]
     cfg = LatencyConfig(engines=tuple(engines or ()), hf_baselines=tuple(hf_baseline), data=data, index=index,
                         batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
                         threads=threads, rss=not no_rss, prepack=prepack, history_len=history_len,
-                        optimum_baselines=tuple(optimum_baseline), optimum_python=optimum_python,
-                        optimum_cache=optimum_cache)
+                        worker_baselines=tuple(workers))
     total = len(cfg.batch_sizes) * (cfg.warmup + cfg.iters)
     with console.status("measuring") as status:
         done = [0]
@@ -151,16 +173,36 @@ def serve_load(
     console.print(f"wrote {', '.join(files.values())}", highlight=False)
 
 
-@app.command("optimum-env")
-@handle_errors
-def optimum_env(
-    env_dir: Path = typer.Argument(..., help="Folder for the virtual environment (created if missing)."),
-) -> None:
-    """Make the separate environment of the optimum baseline (transformers < 4.58, optimum-onnx, torch 2.13.0)."""
-    from pauserec.bench.optimum_baseline import create_env
+def _precisions(text: str, runtime, flag: str) -> list[str]:
+    from pauserec.bench.workers import PRECISIONS
 
-    py = create_env(env_dir, say=lambda m: console.print(m, highlight=False))
-    console.print(f"ready: pauserec-bench latency ... --optimum-baseline CKPT --optimum-python {py}", highlight=False)
+    values = [p.strip() for p in text.split(",") if p.strip()]
+    allowed = PRECISIONS[runtime.name]
+    bad = [p for p in values if p not in allowed]
+    if not values or bad:
+        raise typer.BadParameter(f"{flag} must be a comma-separated list of {', '.join(allowed)}, got {text!r}")
+    return values
+
+
+def _env_command(name: str) -> None:
+    from pauserec.bench.workers import RUNTIMES
+
+    runtime = RUNTIMES[name]
+
+    @handle_errors
+    def make_env(env_dir: Path = typer.Argument(..., help="Folder for the virtual environment (created if missing).")
+                 ) -> None:
+        py = runtime.create_env(env_dir, say=lambda m: console.print(m, highlight=False))
+        console.print(f"ready: pauserec-bench latency ENGINE --{name}-baseline CKPT --{name}-python {py}",
+                      highlight=False)
+
+    make_env.__doc__ = (f"Make the separate environment of the {runtime.what} baseline: "
+                        + ", ".join(runtime.requirements()) + ".")
+    app.command(f"{name}-env")(make_env)
+
+
+for _name in ("optimum", "genai", "openvino"):
+    _env_command(_name)
 
 
 @app.command()
