@@ -366,3 +366,29 @@ def test_latency_with_each_runtime_end_to_end(name, precision, trained_engines, 
     res = runner.invoke(bench_app, args)  # the conversion is reused
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "latency.json").read_text())["systems"][1]["facts"]["cached"] is True
+
+
+def test_spin_reaches_the_onnx_runtime_baselines_only():
+    """`pauserec-bench latency --spin` turns on busy-waiting for the engines and the ONNX Runtime baselines alike;
+    OpenVINO keeps its own threading."""
+    genai = _load(wk.GENAI.worker, "genai_worker_spin")
+    assert genai.session_overlay(2, 0, True)["model"]["decoder"]["session_options"]["allow_spinning"] == "1"
+    assert genai.session_overlay(2, 0)["model"]["decoder"]["session_options"]["allow_spinning"] == "0"
+    optimum = _load(wk.OPTIMUM.worker, "optimum_worker_spin")
+    pytest.importorskip("onnxruntime")
+    entry = "session.intra_op.allow_spinning"
+    assert optimum.session_options(2, True).get_session_config_entry(entry) == "1"
+    assert optimum.session_options(2).get_session_config_entry(entry) == "0"
+    seen = []
+
+    class Spy(wk.WorkerSystem):
+        def __init__(self, runtime, *a, **k):
+            seen.append((runtime.name, a[5] if len(a) > 5 else k.get("args", ())))
+
+    real, wk.WorkerSystem = wk.WorkerSystem, Spy
+    try:
+        for name in ("optimum", "genai", "openvino"):
+            wk.WorkerBaseline(name, Path("ck")).start(2, spin=True)
+    finally:
+        wk.WorkerSystem = real
+    assert [("--spin" in args) for _, args in seen] == [True, True, False]

@@ -244,6 +244,38 @@ def test_engine_without_merged_model_keeps_one_unpacked_copy(tmp_path, engines):
     assert not any(isinstance(s, MergedView) for s in Engine.load(old, provider="cpu", prepack=True).sessions.values())
 
 
+def test_spin_reaches_every_session_and_changes_no_result(tmp_path, engines):
+    """--spin (busy-waiting intra-op threads) is a scheduling option: the merged session and per-graph sessions
+    both get it, and the recommendations are the same to the bit."""
+    import shutil
+
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime.backends.ort import MergedView
+
+    def spinning(engine) -> set:
+        out = set()
+        for s in engine.sessions.values():
+            out.add(s.sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        return out
+
+    path = engines["qwen3-pause"]
+    quiet, busy = Engine.load(path, provider="cpu"), Engine.load(path, provider="cpu", spin=True)
+    assert any(isinstance(s, MergedView) for s in busy.sessions.values())
+    assert spinning(quiet) == {"0"} and spinning(busy) == {"1"}
+    ids = quiet.catalog.item_ids
+    users = [list(ids[:5]), list(ids[3:12])]
+    a, b = (Recommender(e).recommend(users, k=10, beams=10) for e in (quiet, busy))
+    np.testing.assert_array_equal(a.item_index, b.item_index)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    old = tmp_path / "old"  # per-graph sessions (an engine without merged.onnx)
+    shutil.copytree(path, old)
+    (old / "merged.onnx").unlink()
+    m = manifest(old)
+    del m["merged"], m["files"]["merged.onnx"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert spinning(Engine.load(old, provider="cpu", spin=True)) == {"1"}
+
+
 def test_export_is_deterministic(tmp_path, engines):
     from pauserec.export import ExportConfig, export_engine
 

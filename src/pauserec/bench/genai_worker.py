@@ -58,19 +58,19 @@ def build_model(ckpt: Path, cache: Path, precision: str, options: list[str] | tu
     return model_dir, {**facts, "precision": precision, "builder_options": list(options)}
 
 
-def session_overlay(threads: int | None, pad_id: int) -> dict:
+def session_overlay(threads: int | None, pad_id: int, spin: bool = False) -> dict:
     """genai_config overrides: the ONNX Runtime options pauserec's engines run with (fixed intra-op threads,
-    no spinning, one inter-op thread; without --threads ONNX Runtime's default, 0 = one per core, as the
+    spinning only with --spin as theirs, one inter-op thread; without --threads ONNX Runtime's default, 0 = one per core, as the
     engines and the optimum baseline get) and the pad token."""
     return {"model": {"pad_token_id": int(pad_id), "decoder": {"session_options": {
-        "intra_op_num_threads": int(threads or 0), "inter_op_num_threads": 1, "allow_spinning": "0"}}}}
+        "intra_op_num_threads": int(threads or 0), "inter_op_num_threads": 1, "allow_spinning": "1" if spin else "0"}}}}
 
 
-def load_model(model_dir: Path, threads: int | None, pad_id: int):
+def load_model(model_dir: Path, threads: int | None, pad_id: int, spin: bool = False):
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
-    overlay = session_overlay(threads, pad_id)
+    overlay = session_overlay(threads, pad_id, spin)
     config.overlay(json.dumps(overlay))
     return og.Model(config), overlay["model"]["decoder"]["session_options"]
 
@@ -123,7 +123,7 @@ def start(args, setup: dict, stage) -> tuple[object, dict]:
     stage.name = "model builder"
     model_dir, facts = build_model(args.checkpoint, args.cache, args.precision, args.builder_option)
     stage.name = "load"
-    model, facts["session_options"] = load_model(model_dir, args.threads, int(setup["pad_id"]))
+    model, facts["session_options"] = load_model(model_dir, args.threads, int(setup["pad_id"]), args.spin)
     return model, facts
 
 

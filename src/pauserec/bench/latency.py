@@ -47,6 +47,7 @@ class LatencyConfig:
     seed: int = 0
     rss: bool = True
     prepack: bool = False  # also run every engine with ONNX Runtime's per-session prepacked weights
+    spin: bool = False  # ONNX Runtime's intra-op threads busy-wait (engines and the ORT-based baselines alike)
     # baselines in environments of their own (optimum, ONNX Runtime GenAI, OpenVINO GenAI; bench.workers)
     worker_baselines: tuple = ()  # of pauserec.bench.workers.WorkerBaseline
 
@@ -84,11 +85,11 @@ class _EngineSystem:
     system = "engine"
 
     def __init__(self, path: Path, threads: int | None, prepack: bool | None = None, impl: str = "auto",
-                 wrap: Callable | None = None, label: str | None = None):
+                 wrap: Callable | None = None, label: str | None = None, spin: bool = False):
         from pauserec.runtime import Engine, Recommender
 
         self.system = {None: "engine", True: "engine+prepack", False: "engine-unpacked"}[prepack]
-        self.engine = Engine.load(path, threads=threads, prepack=prepack)
+        self.engine = Engine.load(path, threads=threads, prepack=prepack, spin=spin)
         self.rec = Recommender(wrap(self.engine) if wrap else self.engine, impl=impl)
         self.path, self.kind = path, self.engine.manifest.kind
         self.catalog = self.engine.catalog
@@ -159,13 +160,13 @@ def load_systems(cfg: LatencyConfig) -> tuple[list, list[dict]]:
     for wb in cfg.worker_baselines:  # argument errors before minutes of loading
         if wb.precision is not None:
             check_precision(RUNTIMES[wb.runtime], wb.precision)
-    systems = [_EngineSystem(Path(p), cfg.threads, prepack) for p in cfg.engines
+    systems = [_EngineSystem(Path(p), cfg.threads, prepack, spin=cfg.spin) for p in cfg.engines
                for prepack in ((False, True) if cfg.prepack else (None,))]
     systems += [_HFSystem(Path(p), cfg.threads, engine_of(Path(p), cfg.engines)) for p in cfg.hf_baselines]
     skipped = []
     for wb in cfg.worker_baselines:
         try:
-            systems.append(wb.start(cfg.threads, engine_of(Path(wb.checkpoint), cfg.engines)))
+            systems.append(wb.start(cfg.threads, engine_of(Path(wb.checkpoint), cfg.engines), spin=cfg.spin))
         except WorkerUnavailable as e:
             skipped.append({"system": RUNTIMES[wb.runtime].system, "path": str(wb.checkpoint),
                             "precision": wb.precision, "reason": str(e)})

@@ -56,12 +56,12 @@ def transformers4_config(cfg: dict) -> list[str]:
     return notes
 
 
-def session_options(threads: int | None):
-    """The same ONNX Runtime options pauserec's engines run with (no spinning, fixed threads)."""
+def session_options(threads: int | None, spin: bool = False):
+    """The same ONNX Runtime options pauserec's engines run with (fixed threads; spinning only with --spin, as theirs)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.inter_op_num_threads = 1
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -78,13 +78,13 @@ def session_threads(model) -> int | None:
     return None
 
 
-def load_model(ckpt: Path, cache: Path, threads: int | None) -> tuple[object, dict]:
+def load_model(ckpt: Path, cache: Path, threads: int | None, spin: bool = False) -> tuple[object, dict]:
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
     if threads:
         torch.set_num_threads(int(threads))
-    opts = session_options(threads)
+    opts = session_options(threads, spin)
     onnx_dir = cache / ONNX_DIR
     facts: dict = {"convert_s": None, "config_changes": [],
                    "convert_command": "ORTModelForCausalLM.from_pretrained(CKPT, export=True)"}
@@ -130,7 +130,7 @@ def start(args, setup: dict, stage) -> tuple[tuple, dict]:
     import optimum.onnxruntime  # noqa: F401
 
     stage.name = "export"
-    model, facts = load_model(args.checkpoint, args.cache, args.threads)
+    model, facts = load_model(args.checkpoint, args.cache, args.threads, args.spin)
     return (model, build_trie(setup["sid_tokens"])), facts
 
 

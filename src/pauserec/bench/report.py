@@ -99,6 +99,9 @@ def latency_markdown(result: dict) -> str:
                 f"{'-' if x is None else f'{x:.2f}x'} | {'-' if not load else f'{load[0]:.1f}–{load[1]:.1f}'} | {rss} |"
             )
     text = head + "\n".join(rows) + "\n"
+    if (result.get("config") or {}).get("spin"):
+        text += ("\nONNX Runtime's intra-op threads busy-wait between operators (`--spin`) for the engines and the "
+                 "ONNX Runtime baselines; OpenVINO keeps its own threading.\n")
     text += agreement_markdown(result)
     for s in result["systems"]:
         if s["system"] == "hf-generate" and (s.get("facts") or {}).get("prompt"):
@@ -138,8 +141,9 @@ def worker_facts_line(s: dict) -> str:
     convert = f.get("convert_command") or "conversion"
     convert += (f" {f['convert_s']:.1f} s" if f.get("convert_s") else " (time not recorded)")
     convert += " (reused from the cache)" if f.get("cached") else ""
+    spin = (f.get("session_options") or {}).get("allow_spinning") == "1"
     text = (f"\n{runtime.what} baseline {s['name']}: {convert}, intra-op threads "
-            f"{threads if threads else 'default (one per core)'}, "
+            f"{threads if threads else 'default (one per core)'}{' (spinning)' if spin else ''}, "
             + ("one batched beam search per batch" if f.get("searches", 0) <= f.get("batches", 0)
                else f"batches split by prompt length: {f['searches']:,} searches for {f['batches']:,} batches")
             + (f"; prompt: {f['prompt']}" if f.get("prompt") else "")

@@ -141,6 +141,7 @@ def serve(who: str, argv: list[str] | None, start: Callable, generate: Callable,
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--setup", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--spin", action="store_true", help="ONNX Runtime's intra-op threads busy-wait between operators")
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)

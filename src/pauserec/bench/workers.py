@@ -187,13 +187,17 @@ class WorkerBaseline:
     precision: str | None = None
     cache: Path | None = None  # where the runtime's conversion of each checkpoint is kept between runs
 
-    def start(self, threads: int | None, engine: Path | None = None) -> WorkerSystem:
-        """The running system (``engine``: the engine whose prompt a checkpoint without a training card gets)."""
+    def start(self, threads: int | None, engine: Path | None = None, spin: bool = False) -> WorkerSystem:
+        """The running system (``engine``: the engine whose prompt a checkpoint without a training card gets;
+        ``spin``: ONNX Runtime's intra-op threads busy-wait, as the engines' do with ``spin``; OpenVINO keeps
+        its own threading)."""
         runtime = RUNTIMES[self.runtime]
+        spin_arg = ("--spin",) if spin and runtime is not OPENVINO else ()
         if runtime is OPTIMUM:
-            return WorkerSystem(OPTIMUM, self.checkpoint, self.python, threads, self.cache, engine, precision="fp32")
+            return WorkerSystem(OPTIMUM, self.checkpoint, self.python, threads, self.cache, engine, spin_arg,
+                                precision="fp32")
         precision = check_precision(runtime, self.precision or "int4")
-        args = ("--precision", precision)
+        args = ("--precision", precision, *spin_arg)
         if runtime is GENAI:
             args += tuple(f"--builder-option={o}" for o in GENAI_BUILDER_OPTIONS)
         return WorkerSystem(runtime, self.checkpoint, self.python, threads, self.cache, engine, args, variant=precision)

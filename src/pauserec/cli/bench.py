@@ -93,6 +93,8 @@ def latency(
     warmup: int = typer.Option(2, "--warmup", min=0),
     iters: int = typer.Option(10, "--iters", min=1),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every system."),
+    spin: bool = typer.Option(False, "--spin", help="ONNX Runtime's intra-op threads busy-wait between operators, for "
+                              "the engines and the ONNX Runtime baselines alike (its default; off: they sleep)."),
     no_rss: bool = typer.Option(False, "--no-rss", help="Skip the peak-RSS subprocess per system."),
     prepack: bool = typer.Option(False, "--prepack", help="Run each engine twice: unpacked, and prepacked (one "
                                  "packed copy in one session with merged.onnx; one copy per graph without)."),
@@ -113,7 +115,7 @@ def latency(
     cfg = LatencyConfig(engines=tuple(engines or ()), hf_baselines=tuple(hf_baseline), data=data, index=index,
                         batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
                         threads=threads, rss=not no_rss, prepack=prepack, history_len=history_len,
-                        worker_baselines=tuple(workers))
+                        worker_baselines=tuple(workers), spin=spin)
     total = len(cfg.batch_sizes) * (cfg.warmup + cfg.iters)
     with console.status("measuring") as status:
         done = [0]

@@ -31,6 +31,8 @@ def recommend(
     provider: str = typer.Option("auto", "--provider", help="auto|cpu|cuda|tensorrt"),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: the CPUs this process may use; "
                                 "with --ray: CPUs per actor)."),
+    spin: bool = typer.Option(False, "--spin", help="Local runs: intra-op threads busy-wait between operators (ONNX "
+                              "Runtime's default; faster on a machine the job has to itself)."),
     ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install 'pauserec\\[ray]')."),
     address: str = typer.Option(None, "--address", help="With --ray: a running cluster (default: RAY_ADDRESS, else "
                                 "a local one)."),
@@ -47,7 +49,7 @@ def recommend(
         if ray:
             report = _run_ray(cfg, engine, address, concurrency, threads, provider, progress)
         else:
-            report = _run_local(cfg, engine, provider, threads, progress)
+            report = _run_local(cfg, engine, provider, threads, progress, spin)
     _print(report)
 
 
@@ -71,11 +73,11 @@ def _progress_bar(cfg):
         yield progress
 
 
-def _run_local(cfg, engine: str, provider: str, threads: int | None, progress):
+def _run_local(cfg, engine: str, provider: str, threads: int | None, progress, spin: bool = False):
     from pauserec.runtime import Engine, Recommender
     from pauserec.frontends.batch import run_batch
 
-    rec = Recommender(Engine.load(engine, provider=provider, threads=threads), batch_size=cfg.batch_size)
+    rec = Recommender(Engine.load(engine, provider=provider, threads=threads, spin=spin), batch_size=cfg.batch_size)
     return run_batch(cfg, rec, progress=progress)
 
 

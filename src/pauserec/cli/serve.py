@@ -22,6 +22,8 @@ def serve(
                                       "waits for others before its batch starts."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Requests that may wait; more get 503."),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: the CPUs this process may use)."),
+    spin: bool = typer.Option(False, "--spin", help="Intra-op threads busy-wait between operators (ONNX Runtime's "
+                              "default): faster on a machine the server has to itself."),
     provider: str = typer.Option("auto", "--provider", help="auto|cpu|cuda|tensorrt"),
     admin_token: str = typer.Option(None, "--admin-token", envvar="PAUSEREC_ADMIN_TOKEN", show_envvar=True,
                                     help="Turns on the admin routes (catalog reload, rollback) for requests that "
@@ -34,6 +36,6 @@ def serve(
     from pauserec.frontends.server import ServeConfig, read_exclude_file, serve as run
 
     run(ServeConfig(engine=engine, host=host, port=port, k=k, beams=beams, max_batch=max_batch,
-                    max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads, provider=provider,
+                    max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads, spin=spin, provider=provider,
                     admin_token=admin_token, exclude_history=exclude_history,
                     exclude=read_exclude_file(exclude_file), drain_s=drain_s))

@@ -67,6 +67,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0  # how long the oldest waiting request may wait for others
     max_queue: int = 256  # requests waiting beyond this get 503
     threads: int | None = None
+    spin: bool = False  # intra-op threads busy-wait between operators (Engine.load)
     provider: str = "auto"
     admin_token: str | None = None
     exclude_history: bool = False
@@ -245,7 +246,7 @@ class Server:
 
         self.cfg, self.opts = cfg, cfg.row_options()
         if recommender is None:
-            engine = Engine.load(cfg.engine, provider=cfg.provider, threads=cfg.threads)
+            engine = Engine.load(cfg.engine, provider=cfg.provider, threads=cfg.threads, spin=cfg.spin)
             recommender = Recommender(engine, batch_size=cfg.max_batch)
         recommender.check_request(cfg.k, cfg.beams)
         self.metrics = Metrics()

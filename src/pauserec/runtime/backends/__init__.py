@@ -59,26 +59,27 @@ def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
 
 def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
                   threads: int | None, prepack: bool = False, merged: str | None = None,
-                  tf32: bool = False) -> tuple[str, dict[str, Session]]:
-    """(provider used, graph name -> session); ``prepack``, ``merged``, ``tf32``: see ``Engine.load``."""
+                  tf32: bool = False, spin: bool = False) -> tuple[str, dict[str, Session]]:
+    """(provider used, graph name -> session); ``prepack``, ``merged``, ``tf32``, ``spin``: see ``Engine.load``."""
     if provider not in PROVIDERS:
         raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if provider == "auto":
         for candidate in ("tensorrt", "cuda"):
             if unavailable_reason(candidate, bool(plans)) is None:
                 try:
-                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged, tf32)
+                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged, tf32, spin)
                 except BackendUnavailable:
                     continue
-        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged, tf32)
+        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged, tf32, spin)
     reason = unavailable_reason(provider, bool(plans))
     if reason:
         raise BackendUnavailable(f"provider {provider!r} is not usable: {reason}")
-    return provider, _open(path, graphs, plans, provider, threads, prepack, merged, tf32)
+    return provider, _open(path, graphs, plans, provider, threads, prepack, merged, tf32, spin)
 
 
 def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
-          threads: int | None, prepack: bool, merged: str | None = None, tf32: bool = False) -> dict[str, Session]:
+          threads: int | None, prepack: bool, merged: str | None = None, tf32: bool = False,
+          spin: bool = False) -> dict[str, Session]:
     if provider == "tensorrt":
         from pauserec.runtime.backends.trt import TrtSession
 
@@ -90,7 +91,7 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
     from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
     if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
-        return dict(MergedSession(path / merged, graphs, threads).views)
+        return dict(MergedSession(path / merged, graphs, threads, spin).views)
 
     store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
-    return {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32) for name, io in graphs.items()}
+    return {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin) for name, io in graphs.items()}

@@ -26,18 +26,20 @@ CUDA_HELP = ("install the GPU build of ONNX Runtime (pip uninstall onnxruntime &
              "on a machine with an NVIDIA GPU and driver, or use provider='cpu'")
 
 
-def session_options(threads: int | None, prepack: bool = False):
+def session_options(threads: int | None, prepack: bool = False, spin: bool = False):
     """Options for small machines: no busy-waiting intra-op threads, a fixed thread count when given.
 
     ``prepack=False`` keeps ONNX Runtime from re-laying each MatMul weight into a private buffer per
     session: the sessions then compute straight from the one shared, mapped copy of the weights.
     No memory patterns: every batch brings other history lengths, and ORT would plan and keep one
     buffer layout per input shape (peak RSS grew with each new shape).
+    ``spin=True``: intra-op threads busy-wait between operators (ONNX Runtime's own default): faster on a
+    machine the engine has to itself (the graphs are thousands of small operators), CPU burnt while waiting.
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.enable_mem_pattern = False
@@ -87,7 +89,7 @@ class OrtSession:
     """One graph on ONNX Runtime; ``device`` is "cpu" or "cuda"."""
 
     def __init__(self, path: Path, io: GraphSpec, device: str, threads: int | None, weights=None,
-                 prepack: bool = False, tf32: bool = False) -> None:
+                 prepack: bool = False, tf32: bool = False, spin: bool = False) -> None:
         """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions (on
         "cuda": one device copy for all of them). ``tf32``: CUDA may multiply float32 in TF32 (faster on Ampere
         and later, scores differ by ~1e-3); off, float32 engines give the CPU's results."""
@@ -100,7 +102,7 @@ class OrtSession:
             reason = cuda_unavailable_reason()
             if reason:
                 raise BackendUnavailable(reason)
-        opts = session_options(threads, prepack)
+        opts = session_options(threads, prepack, spin)
         if weights is not None:
             weights.add_to(opts, path, device)
         try:
@@ -196,10 +198,10 @@ class MergedSession:
     them: each weight's original pages are released once its one MatMul has packed it.
     """
 
-    def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None) -> None:
+    def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None, spin: bool = False) -> None:
         import onnxruntime as ort
 
-        opts = session_options(threads, prepack=True)
+        opts = session_options(threads, prepack=True, spin=spin)
         try:
             self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                              disabled_optimizers=MERGED_DISABLED_OPTIMIZERS)
