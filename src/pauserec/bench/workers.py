@@ -165,7 +165,8 @@ OPENVINO = Runtime(system="openvino-generate", what="OpenVINO GenAI", name="open
 RUNTIMES = {r.name: r for r in (OPTIMUM, GENAI, OPENVINO)}
 
 
-PRECISIONS = {"optimum": ("fp32",), "genai": GENAI_PRECISIONS, "openvino": OPENVINO_PRECISIONS}  # what each runtime's conversion can give
+# what each runtime's conversion can give
+PRECISIONS = {"optimum": ("fp32",), "genai": GENAI_PRECISIONS, "openvino": OPENVINO_PRECISIONS}
 
 
 def check_precision(runtime: Runtime, precision: str) -> str:
