@@ -95,7 +95,7 @@ def test_workers_stand_alone(name):
         text = path.read_text()
         assert "import pauserec" not in text and "from pauserec" not in text
     worker = _load(wk.RUNTIMES[name].worker, f"{name}_worker_under_test")
-    assert callable(worker.generate) and callable(worker.start)
+    assert callable(worker.generate) and callable(worker.start) and worker.NAME == name
     if hasattr(worker, "PRECISIONS"):
         assert tuple(worker.PRECISIONS) == wk.PRECISIONS[name]
 
@@ -135,10 +135,9 @@ def test_conversion_runs_once_per_command_and_fails_loudly(tmp_path):
 
 
 FAKE_WORKER = '''
-import importlib.util, sys, time
-from pathlib import Path
-spec = importlib.util.spec_from_file_location("p", {protocol!r})
-protocol = importlib.util.module_from_spec(spec); spec.loader.exec_module(protocol)
+NAME, PACKAGES = "fake", ("numpy",)
+protocol = None  # set by worker_protocol
+
 
 def start(args, setup, stage):
     stage.name = "convert"
@@ -146,18 +145,17 @@ def start(args, setup, stage):
         raise RuntimeError("no converter for this model")
     return None, {{"session_options": {{"intra_op_num_threads": args.threads}}, "convert_s": 1.5}}
 
+
 def generate(state, setup, prompts, beams):
     sids = setup["sid_tokens"]
     seqs = [[[7, 7, 7, 7]] + [sids[(len(p) + b) % len(sids)] for b in range(beams - 1)] for p in prompts]
     return {{"sequences": seqs, "scores": None, "generate_s": 0.01, "generators": 2}}
-
-sys.exit(protocol.serve("fake", None, start, generate, ("numpy",)))
 '''
 
 
 def _fake_runtime(tmp_path: Path, fail: bool = False) -> wk.Runtime:
     script = tmp_path / f"fake_worker_{fail}.py"
-    script.write_text(FAKE_WORKER.format(protocol=str(wk.HERE / "worker_protocol.py"), fail=fail))
+    script.write_text(FAKE_WORKER.format(fail=fail))
     return wk.Runtime(system="fake-generate", what="Fake", name="fake", worker=script, requirements=lambda: [],
                       scores=False, trie=False, search="beam search (no trie)", why_no_trie="it cannot")
 

@@ -1,6 +1,6 @@
 """The ONNX Runtime GenAI baseline's worker: runs in its own environment (onnxruntime-genai + its model builder).
 
-    python genai_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json --precision int4 [--threads N]
+    python worker_protocol.py genai_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json --precision int4 [--threads N]
 
 It never imports pauserec: the benchmark sends it token ids and gets token ids back. What a user who
 wants fast CPU inference would write instead of pauserec: ONNX Runtime GenAI's model builder
@@ -20,21 +20,15 @@ The protocol is ``pauserec.bench.workers``'s (``scores`` null).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 PRECISIONS = ("int4", "int8", "fp32")
-# Run as a script, Python puts this folder first on sys.path, where pauserec's own modules would
-# shadow installed packages; this worker imports only the GenAI environment's (and, by path, the
-# protocol file beside it).
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-_spec = importlib.util.spec_from_file_location("pauserec_worker_protocol", Path(__file__).with_name("worker_protocol.py"))
-protocol = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(protocol)
+protocol: Any = None  # this folder's worker_protocol module: it sets this once it has loaded the file
+NAME = "genai"
 PACKAGES = ("onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx", "onnx-ir", "numpy")
 
 
@@ -131,6 +125,3 @@ def options(ap) -> None:
     ap.add_argument("--precision", choices=PRECISIONS, default="int4")
     ap.add_argument("--builder-option", action="append", default=[], help="KEY=VALUE for the builder's --extra_options")
 
-
-if __name__ == "__main__":
-    sys.exit(protocol.serve("genai", None, start, generate, PACKAGES, options))

@@ -1,6 +1,6 @@
 """The OpenVINO GenAI baseline's worker: runs in its own environment (openvino-genai + optimum-intel).
 
-    python openvino_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json --precision int4 [--threads N]
+    python worker_protocol.py openvino_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json --precision int4 [--threads N]
 
 It never imports pauserec: the benchmark sends it token ids and gets token ids back (the protocol of
 ``pauserec.bench.workers``). What a user who wants fast CPU inference would write instead of pauserec:
@@ -21,20 +21,14 @@ worker records both).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 PRECISIONS = ("int4", "int8", "fp32")
-# Run as a script, Python puts this folder first on sys.path, where pauserec's own modules would
-# shadow installed packages; this worker imports only the OpenVINO environment's (and, by path, the
-# protocol file beside it).
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-_spec = importlib.util.spec_from_file_location("pauserec_worker_protocol", Path(__file__).with_name("worker_protocol.py"))
-protocol = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(protocol)
+protocol: Any = None  # this folder's worker_protocol module: it sets this once it has loaded the file
+NAME = "openvino"
 PACKAGES = ("openvino-genai", "openvino", "openvino-tokenizers", "optimum-intel", "nncf", "transformers", "torch",
             "numpy")
 CPU_DEFAULTS = ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "DYNAMIC_QUANTIZATION_GROUP_SIZE")
@@ -110,6 +104,3 @@ def generate(pipe, setup: dict, prompts: list[list[int]], beams: int) -> dict:
 def options(ap) -> None:
     ap.add_argument("--precision", choices=PRECISIONS, default="int4")
 
-
-if __name__ == "__main__":
-    sys.exit(protocol.serve("openvino", None, start, generate, PACKAGES, options))

@@ -1,6 +1,6 @@
 """The optimum baseline's worker: runs in its own environment (transformers < 4.58 + optimum-onnx).
 
-    python optimum_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json [--threads N]
+    python worker_protocol.py optimum_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json [--threads N]
 
 It never imports pauserec (whose training side needs transformers 5): the benchmark sends it token
 ids and gets token ids back (the protocol of ``pauserec.bench.workers``). What a user would write
@@ -10,22 +10,15 @@ instead of pauserec: Hugging Face optimum's ``ORTModelForCausalLM`` exported fro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ONNX_DIR = "onnx"
-# Run as a script, Python puts this folder first on sys.path, where pauserec's own modules would
-# shadow installed packages; this worker imports only the optimum environment's (and, by path, the
-# protocol file beside it).
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-_spec = importlib.util.spec_from_file_location("pauserec_worker_protocol", Path(__file__).with_name("worker_protocol.py"))
-protocol = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(protocol)
+protocol: Any = None  # this folder's worker_protocol module: it sets this once it has loaded the file
+NAME = "optimum"
 PACKAGES = ("optimum", "optimum-onnx", "transformers", "torch", "onnxruntime", "numpy")
 
 
@@ -160,6 +153,3 @@ def generate(state: tuple, setup: dict, prompts: list[list[int]], beams: int) ->
     scores = out.sequences_scores.reshape(len(prompts), beams).float().tolist()
     return {"sequences": seqs, "scores": scores, "generate_s": dt}
 
-
-if __name__ == "__main__":
-    sys.exit(protocol.serve("optimum", None, start, generate, PACKAGES))

@@ -1,12 +1,17 @@
-"""What every baseline worker shares: the line protocol, the start-up and the checkpoint staging.
+"""What every baseline worker shares: the entry point, the line protocol, the start-up and the checkpoint staging.
 
-This file runs inside a baseline's own environment (loaded by path from the worker scripts beside it) and
-imports no pauserec module. The protocol is described in ``pauserec.bench.workers``.
+    python worker_protocol.py RUNTIME_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json [--threads N] ...
+
+This file runs inside a baseline's own environment and imports no pauserec module. Run as a script, it
+loads the runtime's worker file beside it (which defines ``NAME``, ``PACKAGES``, ``start``, ``generate`` and
+optionally ``options``), gives it this module as ``protocol``, and serves the protocol described in
+``pauserec.bench.workers``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -170,3 +175,22 @@ def serve(who: str, argv: list[str] | None, start: Callable, generate: Callable,
         except Exception as e:
             fail(e, "generate", {})
     return 0
+
+
+def run_worker(script: str | Path, argv: list[str] | None = None) -> int:
+    """Load a runtime's worker file, give it this module as ``protocol``, and serve it."""
+    spec = importlib.util.spec_from_file_location(f"pauserec_{Path(script).stem}", str(script))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    worker.protocol = sys.modules[__name__]
+    return serve(worker.NAME, argv, worker.start, worker.generate, worker.PACKAGES, getattr(worker, "options", None))
+
+
+if __name__ == "__main__":
+    # Run as a script, Python puts this folder first on sys.path, where pauserec's own modules would shadow
+    # the environment's packages (imported by the workers' start): the worker imports only the environment's.
+    if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+        sys.path.pop(0)
+    if len(sys.argv) < 2:
+        sys.exit("usage: worker_protocol.py RUNTIME_worker.py --checkpoint CKPT --cache DIR --setup SETUP.json ...")
+    sys.exit(run_worker(sys.argv[1], sys.argv[2:]))

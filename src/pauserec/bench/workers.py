@@ -3,7 +3,8 @@
 The runtimes a user could pick instead of pauserec (optimum's ``ORTModelForCausalLM``, ONNX Runtime
 GenAI, OpenVINO GenAI) pin transformers, torch or onnxruntime versions that pauserec's own environment
 cannot hold. Each lives in a virtual environment of its own (``pauserec-bench <name>-env DIR`` makes
-one) and runs as a subprocess: a worker script beside this module that imports no pauserec module.
+one) and runs as a subprocess: ``worker_protocol.py <name>_worker.py ...``, files beside this module that
+import no pauserec module.
 
 The protocol is the same for every worker, one JSON object per line. Startup: stdout gets
 ``{"ready": true, ...facts}`` or ``{"error": ..., "stage": ...}``. Then each stdin line
@@ -258,7 +259,7 @@ class WorkerSystem:
         self._sid_of_tokens = {t: i for i, t in enumerate(sid_tokens)}
         setup = self.cache / "setup.json"
         setup.write_text(json.dumps({"sid_tokens": [list(t) for t in sid_tokens], "pad_id": int(self.spec.pad_id)}))
-        cmd = [str(py), str(runtime.worker), "--checkpoint", str(self.path.resolve()), "--cache", str(self.cache),
+        cmd = [str(py), str(HERE / "worker_protocol.py"), str(runtime.worker), "--checkpoint", str(self.path.resolve()), "--cache", str(self.cache),
                "--setup", str(setup), *args] + (["--threads", str(threads)] if threads else [])
         self.stderr = open(self.cache / "worker.log", "w")  # noqa: SIM115 (lives as long as the worker)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
