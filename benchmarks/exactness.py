@@ -60,7 +60,7 @@ def main() -> None:
 
     import torch
 
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
     from pauserec.bench.env import environment
     from pauserec.data import load_dataset
     from pauserec.runtime import Engine, Recommender

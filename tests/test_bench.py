@@ -18,7 +18,7 @@ runner = CliRunner()
 
 def test_hf_baseline_equals_engine_top10(tiny_checkpoints, trained_engines, synthetic_data):
     """The baseline people use today and our engine agree on the top-10 (the speed claim rests on it)."""
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
     from pauserec.data import load_dataset
     from pauserec.runtime import Engine, Recommender
 

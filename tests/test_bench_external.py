@@ -47,7 +47,7 @@ def test_the_hf_baseline_of_an_external_checkpoint_runs_the_engines_prompt(tmp_p
 
 
 def test_an_external_checkpoint_without_its_engine_is_refused(tmp_path):
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
     from pauserec.bench.latency import LatencyConfig, run_latency
 
     ckpt, engine = _engine(tmp_path, "m", ("a", "b", "c"), "qwen2", "minionerec", tied=True)

@@ -74,7 +74,7 @@ def test_precisions_are_checked():
 
 
 def test_sequences_map_to_items_best_first_invalid_and_repeats_dropped():
-    from pauserec.bench.baseline_hf import rank_items
+    from pauserec.reference.hf_generate import rank_items
 
     trie = SimpleNamespace(items_of_sid=lambda sid: {0: [5], 1: [7, 8], 2: [3]}[sid])
     sid_of_tokens = {(10, 20): 0, (10, 21): 1, (11, 20): 2}
@@ -274,7 +274,7 @@ def test_optimum_worker_fixes_what_optimum_gets_wrong_for_qwen3(tmp_path):
 # -- with the environments ($PAUSEREC_<NAME>_PYTHON) ------------------------------------------------
 @needs_env("optimum")
 def test_optimum_baseline_matches_hf(tiny_checkpoints, tmp_path):
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
 
     system = wk.WorkerBaseline("optimum", tiny_checkpoints["pause"], cache=tmp_path).start(1)
     try:

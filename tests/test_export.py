@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from pauserec.data import Catalog  # noqa: E402
-from pauserec.data.prompts import PromptSpec, TrainingCard  # noqa: E402
+from pauserec.prompt.spec import PromptSpec, TrainingCard  # noqa: E402
 from pauserec.errors import CheckpointError, ExportError  # noqa: E402
 
 VOCAB = 96
@@ -341,7 +341,7 @@ def _word_tokenizer(path: Path, skip: str | None = None) -> None:
     """A word-level tokenizer.json whose ids match tiny_spec (specials, instruction words, SID tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pauserec.data.prompts import INSTRUCTION
+    from pauserec.prompt.spec import INSTRUCTION
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<think>", "</think>", "<pause>", "<item_sep>"])}
     for w in INSTRUCTION.split():

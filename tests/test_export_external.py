@@ -142,7 +142,7 @@ def test_minionerec_checkpoint_exports_token_for_token(tmp_path):
 # -- LC-Rec: Llama (BOS from the post-processor, llama3 RoPE), untied, 4 levels, whole string -----------------
 @pytest.mark.parametrize("template", [0, 7])
 def test_lcrec_checkpoint_exports_token_for_token(tmp_path, template):
-    from pauserec.data.layout import LCREC_SEQREC
+    from pauserec.prompt.layout import LCREC_SEQREC
 
     ckpt, index, _ = _setup(tmp_path, "lcrec", ("a", "b", "c", "d"), "llama", tied=False)
     report = _export(tmp_path, ckpt, "lcrec.index.json", prompt=f"lc-rec:{template}", check_users=3)
@@ -505,11 +505,11 @@ def test_encoder_decoder_and_unknown_architectures_are_refused(tmp_path):
 
 def test_a_prompt_difference_fails_and_names_the_part(tmp_path):
     """The check itself: an encoder that drops one history id is caught, with the part and the ids named."""
-    from pauserec.data.layout import preset
-    from pauserec.data.prompts import PromptEncoder
-    from pauserec.data.resolve import resolve_layout
+    from pauserec.prompt.layout import preset
+    from pauserec.prompt.spec import PromptEncoder
+    from pauserec.prompt.resolve import resolve_layout
     from pauserec.export.bundle import read_catalog_source
-    from pauserec.export.hf_prompt import check_prompts
+    from pauserec.prompt.hf import check_prompts
     from pauserec.export.pipeline import same_top
 
     ckpt, _, _ = _setup(tmp_path, "diff", ("a", "b", "c"), "qwen3")

@@ -141,7 +141,7 @@ DENSE_HISTORIES = [np.array([1, 5]), np.array([7]), np.array([2, 9, 3, 12, 20, 0
 
 
 def _hf(tmp_path_factory, arch: str, kind: str):
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
 
     hf = HFBaseline(make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", arch, kind))
     return hf, hf._prompts(DENSE_HISTORIES)
@@ -203,7 +203,7 @@ def test_layer_by_layer_top10_with_sid_scoring(tmp_path_factory):
 
 def test_layer_by_layer_top10_refuses_cot(tmp_path_factory):
     from pauserec.data import Catalog
-    from pauserec.data.prompts import TrainingCard
+    from pauserec.prompt.spec import TrainingCard
     from pauserec.export.stream import StreamedWeights, layerwise_topk
 
     ckpt = make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", "llama", "cot")
@@ -216,7 +216,7 @@ def test_layer_by_layer_top10_over_a_real_vocabulary(tmp_path_factory):
     """151,936 tokens (the head read in 19 blocks): SID tokens across a block boundary and at the vocabulary's end."""
     from test_export import REAL_VOCAB, real_shape_checkpoint
 
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
     from pauserec.export.stream import StreamedWeights, layerwise_topk
 
     ckpt = real_shape_checkpoint(tmp_path_factory.mktemp("real-topk"), "direct")

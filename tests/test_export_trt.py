@@ -191,7 +191,7 @@ def _validation_args(path: Path, arch: str, batch: int, beams: int) -> dict:
     from test_export import tiny_model
 
     from pauserec.data import Catalog
-    from pauserec.data.prompts import PromptEncoder, PromptSpec
+    from pauserec.prompt.spec import PromptEncoder, PromptSpec
     from pauserec.export.pipeline import build_graphs
     from pauserec.export.validate import References
 

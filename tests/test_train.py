@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from pauserec.data import ItemText, load_dataset, write_synthetic  # noqa: E402
-from pauserec.data.prompts import TrainingCard  # noqa: E402
+from pauserec.prompt.spec import TrainingCard  # noqa: E402
 from pauserec.errors import CheckpointError, DataError, PauserecError  # noqa: E402
 from pauserec.train import tokenizer as tk  # noqa: E402
 from pauserec.train.model import load_checkpoint  # noqa: E402

@@ -15,7 +15,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from pauserec.cli.main import app  # noqa: E402
 from pauserec.data import write_synthetic  # noqa: E402
-from pauserec.data.prompts import TrainingCard  # noqa: E402
+from pauserec.prompt.spec import TrainingCard  # noqa: E402
 from pauserec.errors import CheckpointError, TrainError  # noqa: E402
 from pauserec.train import sft  # noqa: E402
 from pauserec.train.model import load_checkpoint  # noqa: E402

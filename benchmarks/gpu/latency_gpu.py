@@ -67,7 +67,7 @@ class HFSystem:
     def __init__(self, path: Path, device: str, dtype: str, threads: int | None) -> None:
         import torch
 
-        from pauserec.bench.baseline_hf import HFBaseline
+        from pauserec.reference.hf_generate import HFBaseline
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")

@@ -113,7 +113,7 @@ class _HFSystem:
     label = None
 
     def __init__(self, path: Path, threads: int | None, engine: Path | None = None):
-        from pauserec.bench.baseline_hf import HFBaseline
+        from pauserec.reference.hf_generate import HFBaseline
         from pauserec.export.bundle import checkpoint_sha256
 
         self.base = HFBaseline(path, threads=threads, engine=engine)
@@ -130,7 +130,7 @@ class _HFSystem:
 def engine_of(ckpt: Path, engines: tuple[Path, ...]) -> Path | None:
     """For a checkpoint without a training card: the engine exported from it (its manifest's source sha256),
     whose prompt and catalog its HF baseline runs; None for a pauserec checkpoint. PauserecError if none is."""
-    from pauserec.data.prompts import CARD_FILE
+    from pauserec.prompt.spec import CARD_FILE
     from pauserec.export.bundle import checkpoint_sha256
     from pauserec.runtime.engine import read_manifest
 

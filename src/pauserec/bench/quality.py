@@ -212,7 +212,7 @@ def _evaluated(cfg: SeedsConfig, engine: Path, kind: str, seed: int) -> tuple[di
 
 def _trained_engine(cfg: SeedsConfig, kind: str, seed: int, say) -> tuple[Path, dict]:
     """out/runs/<kind>-s<seed>/{checkpoint,engine}: trained (best checkpoint) and exported unless reused."""
-    from pauserec.data.prompts import TrainingCard
+    from pauserec.prompt.spec import TrainingCard
 
     run = Path(cfg.out) / "runs" / f"{kind}-s{seed}"
     ckpt, engine = run / "checkpoint", run / "engine"

@@ -298,7 +298,7 @@ def write_shape_checkpoint(
     bfloat16). ``progress`` receives a short status line before each stage. Returns ``out``;
     ``pauserec.train.model.load_checkpoint(out)`` opens it.
     """
-    from pauserec.data.prompts import KINDS, TrainingCard
+    from pauserec.prompt.spec import KINDS, TrainingCard
     from pauserec.train import tokenizer as tk
     from pauserec.train.model import CATALOG_FILE, load_checkpoint
 

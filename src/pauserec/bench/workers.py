@@ -236,7 +236,7 @@ class WorkerSystem:
     def __init__(self, runtime: Runtime, ckpt: str | Path, python: str | Path | None, threads: int | None,
                  cache: str | Path | None, engine: str | Path | None = None, args: tuple[str, ...] = (),
                  variant: str | None = None, precision: str | None = None):
-        from pauserec.bench.baseline_hf import baseline_prompt
+        from pauserec.reference.hf_generate import baseline_prompt
         from pauserec.bench.latency import system_name
         from pauserec.export.bundle import checkpoint_sha256
 
@@ -309,7 +309,7 @@ class WorkerSystem:
         return self._read(CALL_TIMEOUT_S, "generate")
 
     def run(self, histories_idx: list[np.ndarray], k: int, beams: int):
-        from pauserec.bench.baseline_hf import rank_items
+        from pauserec.reference.hf_generate import rank_items
 
         out = self.generate(self.prompt.ids(histories_idx), beams)
         seqs = out["sequences"]

@@ -356,7 +356,7 @@ def shape(
     import time
 
     from pauserec.bench.shapes import shape_table, write_shape_checkpoint
-    from pauserec.data.prompts import TrainingCard
+    from pauserec.prompt.spec import TrainingCard
     from pauserec.errors import PauserecError
 
     if list_shapes:

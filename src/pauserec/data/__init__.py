@@ -3,11 +3,9 @@
 ``load_dataset(path, index=None, fmt="auto")`` reads the LC-Rec/LETTER json or the MiniOneRec csv
 layout into a ``Dataset`` (users, item sequences, item texts, ``Catalog`` with its ``Trie``);
 ``Dataset.splits(max_history)`` gives the train/valid/test samples. ``write_synthetic`` writes a
-small seeded synthetic dataset for tests and demos. ``pauserec.data.prompts`` holds the prompt
-template shared by training, export and the runtime.
+small seeded synthetic dataset for tests and demos. The prompt lives in :mod:`pauserec.prompt`.
 """
 
-from pauserec.data import prompts
 from pauserec.data.catalog import Catalog
 from pauserec.data.datasets import Dataset, ItemText, load_dataset
 from pauserec.data.splits import Splits, SplitSamples
@@ -22,6 +20,5 @@ __all__ = [
     "Splits",
     "Trie",
     "load_dataset",
-    "prompts",
     "write_synthetic",
 ]

@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pauserec.data.layout import PromptLayout, read_item_fields
-from pauserec.data.prompts import CARD_FILE, PromptEncoder, PromptSpec, TrainingCard
 from pauserec.errors import CheckpointError, ExportError
+from pauserec.prompt.layout import PromptLayout
+from pauserec.prompt.spec import ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, PromptSpec, TrainingCard
 
 # The engine-directory contract is owned by the runtime, which reads it; export writes to it.
 from pauserec.runtime.engine import CATALOG_FILE, MANIFEST_FILE, sha256_file
 from pauserec.runtime.manifest import Manifest, ModelInfo, Shapes, SidInfo
-
-from pauserec.runtime.engine import ITEMS_FILE, TOKENIZER_FILE  # noqa: E402
 
 
 @dataclass
@@ -63,43 +61,6 @@ def checkpoint_sha256(path: Path) -> str:
 
 
 # -- sources ----------------------------------------------------------------------------------------
-def _tokenizer(path: Path):
-    f = path / TOKENIZER_FILE
-    if not f.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(f))
-    except Exception as e:  # tokenizers raises plain Exceptions
-        raise CheckpointError(f"{f} is not a readable HF tokenizer ({e})") from e
-
-
-def check_sid_tokens(spec: PromptSpec, catalog, vocab: int, tok) -> None:
-    """Every SID code of the catalog needs a token id inside the model's vocabulary (and tokenizer)."""
-    if spec.levels != catalog.levels:
-        raise CheckpointError(f"the prompt spec has {spec.levels} SID levels, the catalog {catalog.levels}; "
-                              "export with the catalog the checkpoint was trained on (--catalog / --index)")
-    missing: list[str] = []
-    for lv, (prefix, size) in enumerate(zip(catalog.token_prefixes, catalog.codebook_sizes)):
-        ids = spec.sid_token_ids[lv]
-        for c in range(size):
-            want = f"<{prefix}_{c}>"
-            i = ids[c] if c < len(ids) else -1
-            if not 0 <= i < vocab or (tok is not None and spec.layout == "pauserec" and tok.id_to_token(i) != want):
-                missing.append(want)
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise CheckpointError(f"{len(missing)} SID tokens are missing from the model's vocabulary/tokenizer ({shown}); "
-                              "use the SID index the checkpoint was trained on, or train a checkpoint for this index")
-    named = {"pad": spec.pad_id, "eos": spec.eos_id, "think_end": spec.think_end_id, "pause": spec.pause_id}
-    bad = [f"{k}={v}" for k, v in named.items() if v >= vocab or (k in ("pad", "eos") and v < 0)]
-    bad += [f"prompt id {i}" for i in (*spec.prefix_ids, *spec.suffix_ids, *spec.item_lead_ids, *spec.item_tail_ids,
-                                       *spec.sep_ids) if not 0 <= i < vocab]
-    if bad:
-        raise CheckpointError(f"token ids outside the model's vocabulary of {vocab}: {', '.join(bad[:6])}")
-
-
 def read_catalog_source(path: Path, index: Path | None, catalog: Path | None, has_card: bool):
     """The item -> SID catalog: an LC-Rec / MiniOneRec index file, a catalog .npz, or the card checkpoint's own."""
     from pauserec.data import Catalog
@@ -125,32 +86,15 @@ def read_catalog_source(path: Path, index: Path | None, catalog: Path | None, ha
 def load_sources(cfg) -> Sources:
     """Model, prompt and catalog of the checkpoint ``cfg.checkpoint`` (an ``ExportConfig``), every input
     checked before any graph is built."""
-    from pauserec.data.layout import load_layout, preset
-    from pauserec.data.resolve import resolve_layout
-    from pauserec.export import hf_prompt
+    from pauserec.prompt.source import checkpoint_prompt, checkpoint_tokenizers, has_card
 
     path = Path(cfg.checkpoint)
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise CheckpointError(f"{path} is not an HF checkpoint directory (no config.json); pass a save_pretrained folder")
     check_architecture(path, cfg.base)
-    has_card = (path / CARD_FILE).is_file() and cfg.prompt is None
-    cat = read_catalog_source(path, cfg.index, cfg.catalog, has_card)
-    tok = _tokenizer(path) or (_tokenizer(Path(cfg.base)) if cfg.base else None)
-    if not has_card and tok is None:
-        raise CheckpointError(f"{path} has no {TOKENIZER_FILE}: the prompt's ids come from the checkpoint's own "
-                              "tokenizer. Save it with tokenizer.save_pretrained (a slow tokenizer: "
-                              "AutoTokenizer.from_pretrained(..., use_fast=True).save_pretrained(...))")
-    hf_tok, warnings = None, []
-    if tok is not None:
-        try:
-            hf_tok = hf_prompt.hf_tokenizer(path if (path / TOKENIZER_FILE).is_file() else Path(cfg.base))
-        except CheckpointError:
-            if not has_card:
-                raise  # a pauserec card's ids stand without it; a foreign prompt needs its tokenizer
-        if hf_tok is not None and not has_card:
-            # pipelines elsewhere tokenise with what transformers builds (pauserec train: with the file itself)
-            tok, drift = hf_prompt.engine_tokenizer(hf_tok, tok)
-            warnings += [drift] if drift else []
+    card = has_card(path, cfg.prompt)
+    cat = read_catalog_source(path, cfg.index, cfg.catalog, card)
+    tok, hf_tok, warnings = checkpoint_tokenizers(path, cfg.base, card)
     streamed = None
     if cfg.stream:
         if (path / "adapter_config.json").is_file():
@@ -164,62 +108,12 @@ def load_sources(cfg) -> Sources:
     else:
         model = _load_model(path, cfg.base, tok)
     vocab = min(model.get_input_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
-    card = TrainingCard.load(path) if has_card else None
-    fields = None
-    if card is not None:
-        spec = _override(card.prompt, cfg.kind, cfg.pause_k, cfg.max_history, cfg.max_rationale)
-        layout = PromptLayout.from_dict({**preset("pauserec").to_dict(), "max_history": spec.max_history})
-        if spec.layout != "pauserec" or spec.max_history_tokens != spec.max_history * spec.item_width:
-            layout = None  # not pauserec's own text: nothing to render the HF reference from
-        check_sid_tokens(spec, cat, vocab, tok)
-    else:
-        if cfg.prompt is None:
-            raise CheckpointError(f"{path} was not trained by pauserec: pass --prompt PRESET|FILE, the prompt layout "
-                                  "it was trained with (presets: pauserec, minionerec, lc-rec[:N], onerec-think)")
-        layout = load_layout(cfg.prompt, max_history=cfg.max_history)
-        kind = cfg.kind or (layout.kinds[0] if len(layout.kinds) == 1 else None)
-        if kind is None:
-            raise CheckpointError(f"prompt layout {layout.name!r} has templates for {', '.join(layout.kinds)} "
-                                  "models: pass --kind to say which this checkpoint is")
-        warnings += hf_prompt.chat_pins(layout, hf_tok)
-        plain = hf_prompt.render_chat(layout, hf_tok)
-        hf_prompt.check_token_names(plain, kind, tok)
-        fields = read_item_fields(cfg.items, cat, plain.item_fields())
-        eos = hf_tok.eos_token_id if hf_tok.eos_token_id is not None else _config_id(model.config.eos_token_id)
-        if eos is None:
-            raise CheckpointError(f"{path}: neither the tokenizer nor config.json names an eos token")
-        pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos
-        spec = resolve_layout(plain, tok, cat, kind, eos_id=eos, pad_id=pad, pause_k=cfg.pause_k,
-                              bos_id=hf_tok.bos_token_id, item_fields=fields, vocab=vocab,
-                              max_rationale=cfg.max_rationale or 64, seed=cfg.seed)
-        check_sid_tokens(spec, cat, vocab, None)
-    encoder = PromptEncoder(spec, cat, tok, fields)
-    return Sources(path=path, model=model, spec=spec, catalog=cat, card=card, encoder=encoder, layout=layout,
-                   hf_tok=hf_tok, tokenizer=tok, warnings=warnings, item_fields=fields, streamed=streamed)
-
-
-def _config_id(value) -> int | None:
-    if isinstance(value, list | tuple):
-        value = value[0] if value else None
-    return None if value is None else int(value)
-
-
-def _override(spec: PromptSpec, kind, pause_k, max_history, max_rationale) -> PromptSpec:
-    """A pauserec card's spec with command-line overrides (a pause model keeps its own pause count)."""
-    changes: dict[str, Any] = {}
-    if kind is not None and kind != spec.kind:
-        raise CheckpointError(f"the checkpoint's card says it is a {spec.kind} model; --kind {kind} cannot change "
-                              "what it was trained as")
-    if pause_k is not None and pause_k != spec.pause_k:
-        if spec.kind != "pause":
-            raise CheckpointError(f"--pause-k is for pause models; this checkpoint is a {spec.kind} model")
-        think = [t for t in spec.suffix_ids if t != spec.pause_id]
-        changes.update(pause_k=pause_k, suffix_ids=[think[0], *[spec.pause_id] * pause_k, *think[1:]])
-    if max_history is not None:
-        changes["max_history"] = max_history
-    if max_rationale is not None:
-        changes["max_rationale"] = max_rationale
-    return spec.replace(**changes) if changes else spec
+    p = checkpoint_prompt(path, cat, tok, hf_tok, vocab=vocab, config_eos=model.config.eos_token_id, prompt=cfg.prompt,
+                          kind=cfg.kind, pause_k=cfg.pause_k, max_history=cfg.max_history,
+                          max_rationale=cfg.max_rationale, items=cfg.items, seed=cfg.seed)
+    return Sources(path=path, model=model, spec=p.spec, catalog=cat, card=p.card, encoder=p.encoder, layout=p.layout,
+                   hf_tok=hf_tok, tokenizer=tok, warnings=warnings + p.warnings, item_fields=p.item_fields,
+                   streamed=streamed)
 
 
 ENCODER_DECODER = ("t5", "mt5", "bart", "mbart", "pegasus", "marian", "umt5", "longt5", "switch_transformers")
@@ -280,7 +174,7 @@ def _load_model(path: Path, base: Path | None, tok):
 
 def write_prompt_files(stage: Path, src: Sources) -> None:
     """What a text-assembled prompt needs at run time: the tokenizer its ids were checked with (the one transformers
-    builds, see ``hf_prompt.engine_tokenizer``) and the item fields it renders."""
+    builds, see ``pauserec.prompt.hf.engine_tokenizer``) and the item fields it renders."""
     if src.spec.assembly != "text":
         return
     src.tokenizer.save(str(stage / TOKENIZER_FILE))

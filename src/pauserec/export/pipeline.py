@@ -254,7 +254,7 @@ def check_histories(cfg: ExportConfig, src, n: int) -> list:
 def check_prompts(cfg: ExportConfig, src) -> dict:
     """The engine's prompt ids against the checkpoint's HF tokenizer on a sample, and every item's text tokenised by
     both (ExportError at a difference); the export's warnings about the prompt go with them."""
-    from pauserec.export import hf_prompt
+    from pauserec.prompt import hf
 
     histories = check_histories(cfg, src, cfg.prompt_sample)
     said = {"warnings": list(src.warnings)} if src.warnings else {}
@@ -262,8 +262,8 @@ def check_prompts(cfg: ExportConfig, src) -> dict:
         why = "the checkpoint has no tokenizer" if src.hf_tok is None else "its card's prompt has no text layout"
         return {"users": 0, "skipped": f"prompt ids not checked against an HF tokenizer: {why}",
                 "histories": histories, "prompts": [src.encoder.full(h) for h in histories], **said}
-    prompts = hf_prompt.check_prompts(src.encoder, src.layout, src.hf_tok, src.catalog, histories, src.item_fields)
-    items = hf_prompt.check_item_texts(src.layout, src.hf_tok, src.tokenizer, src.catalog, src.item_fields)
+    prompts = hf.check_prompts(src.encoder, src.layout, src.hf_tok, src.catalog, histories, src.item_fields)
+    items = hf.check_item_texts(src.layout, src.hf_tok, src.tokenizer, src.catalog, src.item_fields)
     return {"users": len(histories), "identical": len(histories), "item_texts_identical": items,
             "histories": histories, "prompts": prompts, **said}
 
@@ -273,7 +273,7 @@ def hf_reference_topk(cfg: ExportConfig, src, prompt_check: dict, say) -> dict |
     the engine cannot be compared: reduced precisions, the ``sid`` scoring rule, or no users asked for)."""
     if cfg.check_users < 1 or cfg.precision != "fp32" or cfg.scoring != "full" or src.streamed is not None:
         return None  # (streamed: generate needs the whole model; the graphs are validated layer by layer instead)
-    from pauserec.bench.baseline_hf import HFBaseline
+    from pauserec.reference.hf_generate import HFBaseline
 
     import numpy as np
 

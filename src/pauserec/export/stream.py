@@ -323,11 +323,11 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
     """The HF model's top-k items per prompt, one decoder layer at a time: (B, k) int32 dense item indices (-1
     padding) and (B, k) float32 scores (-inf padding), best first.
 
-    The semantics of :meth:`pauserec.bench.baseline_hf.HFBaseline.recommend_prompts` (HF ``generate`` beam search,
+    The semantics of :meth:`pauserec.reference.hf_generate.HFBaseline.recommend_prompts` (HF ``generate`` beam search,
     ``num_beams=beams``, ``length_penalty=0``, trie-constrained): a beam's score is the sum over SID levels of the
     chosen SID token's log-prob; each level keeps the best ``beams`` trie children of the live beams (the runtime's
     trie top-k, :func:`pauserec.runtime.trie_topk.trie_topk_numpy`, so exact ties break by parent then code); the
-    final beams become items with :func:`~pauserec.bench.baseline_hf.rank_items` (a SID's collision group in item
+    final beams become items with :func:`~pauserec.reference.hf_generate.rank_items` (a SID's collision group in item
     order). ``prompts``: token ids up to the first SID token, one array per user (``HFBaseline._prompts``).
     ``scoring``: ``full`` = log_softmax over the whole vocabulary at the level's SID tokens (as ``generate``);
     ``sid`` = those log-probs renormalised over the level's codes (:func:`pauserec.runtime.beam.renormalize`).
@@ -340,7 +340,7 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
     """
     import torch
 
-    from pauserec.bench.baseline_hf import rank_items
+    from pauserec.reference.hf_generate import rank_items
     from pauserec.runtime.beam import renormalize
     from pauserec.runtime.trie_topk import trie_topk
 

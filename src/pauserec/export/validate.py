@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pauserec.data.prompts import PromptEncoder, PromptSpec
+from pauserec.prompt.spec import PromptEncoder, PromptSpec
 from pauserec.errors import ExportError
 from pauserec.runtime.spec import ModelShape
 

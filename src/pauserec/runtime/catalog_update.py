@@ -29,7 +29,7 @@ import numpy as np
 
 from pauserec.data import Catalog
 from pauserec.errors import DataError, EngineError
-from pauserec.data.layout import read_item_fields
+from pauserec.prompt.layout import read_item_fields
 from pauserec.runtime.engine import CATALOG_FILE, ITEMS_FILE, MANIFEST_FILE, read_manifest, sha256_file, verify_files
 from pauserec.runtime.manifest import Manifest
 

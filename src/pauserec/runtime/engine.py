@@ -10,16 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from pauserec.data import Catalog
-from pauserec.data.layout import read_item_fields
-from pauserec.data.prompts import PromptEncoder, PromptSpec
+from pauserec.prompt.layout import read_item_fields
+from pauserec.prompt.spec import ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, PromptSpec
 from pauserec.errors import DataError, EngineError, PauserecError
 from pauserec.runtime.backends import available_cpus, open_sessions
 from pauserec.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REEXPORT, Manifest  # noqa: F401
 from pauserec.runtime.spec import DTYPES
 
 CATALOG_FILE = "catalog.npz"
-TOKENIZER_FILE = "tokenizer.json"  # text-assembled prompts only
-ITEMS_FILE = "items.json"  # item fields a text-assembled prompt renders ({item_id: {field: value}})
 
 
 def sha256_file(path: Path) -> str:

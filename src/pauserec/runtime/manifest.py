@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pauserec.data.prompts import PromptSpec
+from pauserec.prompt.spec import PromptSpec
 from pauserec.errors import EngineError, PauserecError
 from pauserec.runtime.spec import DTYPES, GraphSpec
 

@@ -1,7 +1,7 @@
 """Histories of external item ids in, top-N items out: ``Recommender(engine).recommend(histories)``.
 
 Each history is truncated to the engine's ``max_history`` most recent items and turned into prompt
-ids by the engine's ``PromptEncoder`` (:mod:`pauserec.data.prompts`): SID token ids through the catalog
+ids by the engine's ``PromptEncoder`` (:mod:`pauserec.prompt.spec`): SID token ids through the catalog
 (``ids`` assembly, no text tokenizer), or the layout's text tokenised with the checkpoint's tokenizer
 (``text`` assembly), the oldest items dropped until the history fits its token budget
 (``Recommendations.kept``: the items each user's prompt kept). Users are sorted by history length and run in

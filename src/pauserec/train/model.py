@@ -162,7 +162,7 @@ class Checkpoint:
     path: Path
     model: Any  # transformers PreTrainedModel, eval mode, float32
     tokenizer: Any  # tokenizers.Tokenizer
-    card: Any  # pauserec.data.prompts.TrainingCard
+    card: Any  # pauserec.prompt.spec.TrainingCard
     catalog: Any  # pauserec.data.Catalog
 
     @property
@@ -173,7 +173,7 @@ class Checkpoint:
 def load_checkpoint(path: str | Path, load_weights: bool = True) -> Checkpoint:
     """Open a pauserec checkpoint; CheckpointError when a part is missing or the parts disagree."""
     from pauserec.data import Catalog
-    from pauserec.data.prompts import TrainingCard
+    from pauserec.prompt.spec import TrainingCard
 
     path = Path(path)
     check_architecture(path)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pauserec.data.prompts import KINDS, TrainingCard
+from pauserec.prompt.spec import KINDS, TrainingCard
 from pauserec.errors import CheckpointError, DataError, PauserecError, TrainError
 from pauserec.train import tokenizer as tk
 from pauserec.train.model import (

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from pauserec.data.layout import INSTRUCTION, ITEM_SEP, PAUSE, THINK, THINK_END, PromptLayout
-from pauserec.data.prompts import PromptSpec
+from pauserec.prompt.layout import INSTRUCTION, ITEM_SEP, PAUSE, THINK, THINK_END, PromptLayout
+from pauserec.prompt.spec import PromptSpec
 from pauserec.errors import CheckpointError
 from pauserec.train.rationale import TEMPLATE_TEXTS, category_path
 
@@ -155,8 +155,8 @@ def build_prompt_spec(
     eos: str = EOS,
 ) -> PromptSpec:
     """pauserec's own prompt layout (the ``pauserec`` preset), resolved with this tokenizer."""
-    from pauserec.data.layout import preset
-    from pauserec.data.resolve import resolve_layout
+    from pauserec.prompt.layout import preset
+    from pauserec.prompt.resolve import resolve_layout
 
     layout = PromptLayout.from_dict({**preset("pauserec").to_dict(), "max_history": max_history})
     return resolve_layout(layout, tok, catalog, kind, eos_id=token_id(tok, eos), pad_id=token_id(tok, pad),

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pauserec.data.layout import HISTORY, PAUSES, PromptLayout, fill
-from pauserec.data.prompts import ITEM_SEP, THINK, PromptEncoder, PromptSpec
+from pauserec.prompt.layout import HISTORY, PAUSES, PromptLayout, fill
+from pauserec.prompt.spec import ITEM_SEP, THINK, PromptEncoder, PromptSpec
 from pauserec.errors import CheckpointError, DataError
 
 MAX_SINGLE_PROBES = 5000  # items probed alone (all of them in catalogs up to this size)

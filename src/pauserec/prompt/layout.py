@@ -10,7 +10,7 @@ A ``PromptLayout`` declares, once, everything that decides a model's input ids:
   ``<|sid_begin|>``, ``"\\n\\n### Response:\\n"``.
 * ``chat``: instead of ``template``, the checkpoint's own chat template rendered with a pinned system
   prompt and a user message holding ``{history}`` (plus ``assistant``: text forced after the
-  generation prompt). Rendered once at export into a plain template (``pauserec.export.hf_prompt``), so
+  generation prompt). Rendered once at export into a plain template (``pauserec.prompt.hf``), so
   everything else the template reads is declared: ``template_kwargs`` (the switches the pipeline passed,
   ``enable_thinking``) and ``pin`` (inputs whose export-time value the engine keeps for good: a date,
   ``{"date_string": "26 Jul 2024"}``, or ``null`` to keep what the template renders at export, e.g. its
@@ -26,7 +26,7 @@ A ``PromptLayout`` declares, once, everything that decides a model's input ids:
 
 Presets reproduce the evaluation prompts of known pipelines (``PRESETS``; ``pauserec`` is this
 toolkit's own); any other prompt is a JSON file with the same fields (``load_layout``).
-``resolve_layout`` (in :mod:`pauserec.data.prompts`) turns a layout, a tokenizer and a catalog into the
+``resolve_layout`` (in :mod:`pauserec.prompt.spec`) turns a layout, a tokenizer and a catalog into the
 token-level ``PromptSpec`` that training, export and the runtime use.
 """
 
@@ -187,7 +187,7 @@ class PromptLayout:
         where = f"prompt layout {self.name!r}"
         if self.chat is not None:
             raise DataError(f"{where} is a chat layout: render it with the checkpoint's tokenizer first "
-                            "(pauserec.export.hf_prompt.render_chat)")
+                            "(pauserec.prompt.hf.render_chat)")
         t = self.template
         if isinstance(t, dict):
             if kind not in t:

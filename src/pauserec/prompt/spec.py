@@ -1,6 +1,6 @@
 """The prompt at the token level, shared by training, export, the runtime, validation and baselines.
 
-A ``PromptLayout`` (:mod:`pauserec.data.layout`: the text, declared as data) resolved against one
+A ``PromptLayout`` (:mod:`pauserec.prompt.layout`: the text, declared as data) resolved against one
 tokenizer and catalog gives a ``PromptSpec``: the token ids of every prompt are
 
     [prefix_ids][history ids][suffix_ids]        then the target SID (L tokens)
@@ -30,13 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from pauserec.data.layout import INSTRUCTION, ITEM_SEP, KINDS, PAUSE, THINK, THINK_END, PromptLayout
+from pauserec.prompt.layout import INSTRUCTION, ITEM_SEP, KINDS, PAUSE, THINK, THINK_END, PromptLayout
 from pauserec.errors import CheckpointError, DataError
 
 CARD_FILE = "pauserec_card.json"
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer a text-assembled prompt is tokenised with (engines, checkpoints)
+ITEMS_FILE = "items.json"  # item fields a text-assembled prompt renders ({item_id: {field: value}})
 CARD_VERSION = 1
 ASSEMBLY = ("ids", "text")
-__all__ = ["CARD_FILE", "INSTRUCTION", "ITEM_SEP", "KINDS", "PAUSE", "THINK", "THINK_END", "PromptEncoder",
+__all__ = ["CARD_FILE", "ITEMS_FILE", "TOKENIZER_FILE", "INSTRUCTION", "ITEM_SEP", "KINDS", "PAUSE", "THINK", "THINK_END", "PromptEncoder",
            "PromptSpec", "TrainingCard"]
 
 

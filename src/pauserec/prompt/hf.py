@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pauserec.data.layout import HISTORY, PromptLayout
+from pauserec.prompt.layout import HISTORY, PromptLayout
 from pauserec.errors import CheckpointError, ExportError
 
 SENTINEL = "\u2063PAUSEREC_HISTORY\u2063"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pauserec.data.prompts import CARD_FILE, PromptSpec, TrainingCard
+from pauserec.prompt.spec import CARD_FILE, PromptSpec, TrainingCard
 from pauserec.errors import CheckpointError
 
 
