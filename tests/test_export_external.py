@@ -56,20 +56,27 @@ def _histories(n_users: int, seed: int = 3, most: int = 6) -> list[list[str]]:
     return [[str(i) for i in rng.integers(0, N_ITEMS, size=int(rng.integers(1, most + 1)))] for _ in range(n_users)]
 
 
-def hf_top10(ckpt: Path, prompts: list[list[int]], index: dict, beams: int = 12) -> list[list[tuple[str, float]]]:
+def hf_top10(ckpt: Path, prompts: list[list[int]], index: dict, beams: int = 12, after: str = "",
+             eos: bool = False) -> list[list[tuple[str, float]]]:
     """HF ``generate`` + a trie of the index's SID tokens, on prompts this file built; collision groups expanded
-    in index order. Independent of pauserec's own baseline code."""
+    in index order. Independent of pauserec's own baseline code. ``after``/``eos``: the pipeline's target goes on
+    after the SID (MiniOneRec: the SID's text + "\n" tokenised together, then EOS; LC-Rec: EOS), forced and scored,
+    and EOS ends the beams, as the pipelines' own evaluation scripts run ``generate``."""
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     groups: dict[tuple, list[str]] = {}
+    paths: dict[tuple, list[int]] = {}
     for item, sid in index.items():
-        groups.setdefault(tuple(tok.convert_tokens_to_ids(sid)), []).append(item)
+        ids = tuple(tok.convert_tokens_to_ids(sid))
+        groups.setdefault(ids, []).append(item)
+        paths[ids] = tok("".join(sid) + after, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
     trie: dict = {}
     for seq in groups:
         node = trie
-        for t in seq:
+        for t in paths[seq]:
             node = node.setdefault(t, {})
     levels = len(next(iter(groups)))
+    steps = len(next(iter(paths.values())))
     out = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
@@ -82,13 +89,13 @@ def hf_top10(ckpt: Path, prompts: list[list[int]], index: dict, beams: int = 12)
 
         with torch.no_grad():
             res = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=beams,
-                                 num_return_sequences=beams, max_new_tokens=levels, do_sample=False, length_penalty=0.0,
+                                 num_return_sequences=beams, max_new_tokens=steps, do_sample=False, length_penalty=0.0,
                                  prefix_allowed_tokens_fn=allowed, output_scores=True, return_dict_in_generate=True,
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                                 eos_token_id=None)
+                                 eos_token_id=tok.eos_token_id if eos else None)
         ranked = []
         for seq, score in zip(res.sequences[:, len(prompt):].tolist(), res.sequences_scores.tolist()):
-            ranked += [(item, score) for item in groups.get(tuple(seq), [])]
+            ranked += [(item, score) for item in groups.get(tuple(seq[:levels]), [])]
         out.append(ranked[:10])
     return out
 
@@ -136,7 +143,7 @@ def test_minionerec_checkpoint_exports_token_for_token(tmp_path):
     histories = _histories(6)
     prompts = [mini_prompt(h) for h in histories]
     assert encoder_prompts(report.out, histories) == prompts
-    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index))
+    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index, after="\n", eos=True))
 
 
 # -- LC-Rec: Llama (BOS from the post-processor, llama3 RoPE), untied, 4 levels, whole string -----------------
@@ -156,7 +163,7 @@ def test_lcrec_checkpoint_exports_token_for_token(tmp_path, template):
     assert all(p[0] == tok.bos_token_id for p in prompts)
     assert encoder_prompts(report.out, histories) == prompts
     assert report.manifest["shapes"]["prefix_len"] > 1  # BOS + the instruction's start, fused
-    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index))
+    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index, eos=True))
 
 
 # -- OneRec-Think: Qwen3, special SID tokens with begin/end, vocabulary padded beyond the tokenizer -------------
@@ -183,7 +190,7 @@ def test_onerec_think_checkpoint_exports_token_for_token(tmp_path, kind):
     histories = _histories(5)
     prompts = [_onerec_prompt(tok, index, h, assistant) for h in histories]
     assert encoder_prompts(report.out, histories) == prompts
-    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index))
+    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index, after="<|sid_end|>", eos=True))
 
 
 # -- custom files: titles beside SIDs (text assembly), a chat template with a pinned system prompt -------------

@@ -133,7 +133,7 @@ def test_a_pipelines_own_checkpoint_streams_to_hf_generates_top10(tmp_path):
     histories = _histories(4)
     prompts = [tok(LCREC_0.replace("{inters}", ", ".join("".join(index[i]) for i in h[-20:])))["input_ids"]
                for h in histories]
-    assert_same_top10(streamed, histories, hf_top10(ckpt, prompts, index))
+    assert_same_top10(streamed, histories, hf_top10(ckpt, prompts, index, eos=True))
 
 
 # -- the HF top-10, one decoder layer at a time -------------------------------------------------------------------

@@ -6,7 +6,7 @@ It never imports pauserec: the benchmark sends it token ids and gets token ids b
 wants fast CPU inference would write instead of pauserec: ONNX Runtime GenAI's model builder
 (``python -m onnxruntime_genai.models.builder -i CKPT -o DIR -p int4 -e cpu``, run once per checkpoint and
 precision, cached in DIR) and ``og.Generator`` with ``search_options(num_beams=K, num_return_sequences=K,
-max_length=prompt + SID levels)``: GenAI's own beam search, one Generator per batch (per prompt length: see ``generate``).
+max_length=prompt + SID levels + what the pipeline scores after the SID)``: GenAI's own beam search, one Generator per batch (per prompt length: see ``generate``).
 
 GenAI's beam search cannot be constrained to the catalog's SIDs (``set_logits`` can change a step's
 logits, but each beam's prefix is unknown mid-search: ``get_sequence`` then ends the search, and no beam
@@ -91,7 +91,7 @@ def _generate_equal(model, setup: dict, prompts: list[list[int]], beams: int) ->
     import numpy as np
     import onnxruntime_genai as og
 
-    levels = len(setup["sid_tokens"][0])
+    levels = int(setup.get("new_tokens", len(setup["sid_tokens"][0])))  # the SID and what the pipeline scores after it
     ids = np.asarray(prompts, dtype=np.int32)
     width = ids.shape[1]
     params = og.GeneratorParams(model)

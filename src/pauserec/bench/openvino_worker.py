@@ -6,7 +6,7 @@ It never imports pauserec: the benchmark sends it token ids and gets token ids b
 ``pauserec.bench.workers``). What a user who wants fast CPU inference would write instead of pauserec:
 optimum-intel's export (``optimum-cli export openvino --task text-generation-with-past --weight-format
 int4``, run once per checkpoint and precision, cached in DIR) and ``openvino_genai.LLMPipeline`` with
-``GenerationConfig(num_beams=K, num_return_sequences=K, max_new_tokens=min_new_tokens=SID levels)``:
+``GenerationConfig(num_beams=K, num_return_sequences=K, max_new_tokens=min_new_tokens=SID levels + what the pipeline scores after the SID)``:
 OpenVINO GenAI's own beam search, which shares the prompt's KV cache across beams, one call per batch.
 
 It cannot be constrained to the catalog's SIDs (its structured output is not applied to beam search: set
@@ -83,7 +83,7 @@ def generate(pipe, setup: dict, prompts: list[list[int]], beams: int) -> dict:
     import openvino as ov
     import openvino_genai as og
 
-    levels = len(setup["sid_tokens"][0])
+    levels = int(setup.get("new_tokens", len(setup["sid_tokens"][0])))  # the SID and what the pipeline scores after it
     t0 = time.perf_counter()
     ids, mask = protocol.left_pad(prompts, int(setup["pad_id"]))
     cfg = og.GenerationConfig()

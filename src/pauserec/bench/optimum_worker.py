@@ -22,12 +22,13 @@ NAME = "optimum"
 PACKAGES = ("optimum", "optimum-onnx", "transformers", "torch", "onnxruntime", "numpy")
 
 
-def build_trie(sid_tokens: list[list[int]]) -> dict:
-    """Nested dict of SID token ids, the way such code is usually written (as the HF baseline does)."""
+def build_trie(sid_tokens: list[list[int]], after: list[int] = ()) -> dict:
+    """Nested dict of SID token ids, each SID followed by the tokens the pipeline scores after it, the way such
+    code is usually written (as the HF baseline does)."""
     root: dict = {}
     for seq in sid_tokens:
         node = root
-        for tok in seq:
+        for tok in (*seq, *after):
             node = node.setdefault(int(tok), {})
     return root
 
@@ -124,14 +125,14 @@ def start(args, setup: dict, stage) -> tuple[tuple, dict]:
 
     stage.name = "export"
     model, facts = load_model(args.checkpoint, args.cache, args.threads, args.spin)
-    return (model, build_trie(setup["sid_tokens"])), facts
+    return (model, build_trie(setup["sid_tokens"], setup.get("after_ids", []))), facts
 
 
 def generate(state: tuple, setup: dict, prompts: list[list[int]], beams: int) -> dict:
     import torch
 
     model, trie = state
-    pad_id, levels = int(setup["pad_id"]), len(setup["sid_tokens"][0])
+    pad_id, new = int(setup["pad_id"]), int(setup.get("new_tokens", len(setup["sid_tokens"][0])))
     ids, mask = (torch.from_numpy(a) for a in protocol.left_pad(prompts, pad_id))
     width = ids.shape[1]
 
@@ -145,8 +146,8 @@ def generate(state: tuple, setup: dict, prompts: list[list[int]], beams: int) ->
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=beams, num_return_sequences=beams,
-            max_new_tokens=levels, length_penalty=0.0, early_stopping=True, prefix_allowed_tokens_fn=allowed,
-            output_scores=True, return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=None,
+            max_new_tokens=new, length_penalty=0.0, early_stopping=True, prefix_allowed_tokens_fn=allowed,
+            output_scores=True, return_dict_in_generate=True, pad_token_id=pad_id, eos_token_id=setup.get("eos_id"),
         )
     dt = time.perf_counter() - t0
     seqs = out.sequences[:, width:].reshape(len(prompts), beams, -1).tolist()

@@ -258,7 +258,10 @@ class WorkerSystem:
         sid_tokens = self.prompt.sid_tokens()
         self._sid_of_tokens = {t: i for i, t in enumerate(sid_tokens)}
         setup = self.cache / "setup.json"
-        setup.write_text(json.dumps({"sid_tokens": [list(t) for t in sid_tokens], "pad_id": int(self.spec.pad_id)}))
+        after = [int(t) for t in self.spec.after_ids]  # what the pipeline scores after the SID: generated too
+        eos = int(self.spec.eos_id) if after and after[-1] == self.spec.eos_id else None
+        setup.write_text(json.dumps({"sid_tokens": [list(t) for t in sid_tokens], "pad_id": int(self.spec.pad_id),
+                                     "after_ids": after, "eos_id": eos, "new_tokens": self.spec.levels + len(after)}))
         cmd = [str(py), str(HERE / "worker_protocol.py"), str(runtime.worker), "--checkpoint", str(self.path.resolve()), "--cache", str(self.cache),
                "--setup", str(setup), *args] + (["--threads", str(threads)] if threads else [])
         self.stderr = open(self.cache / "worker.log", "w")  # noqa: SIM115 (lives as long as the worker)
@@ -312,7 +315,8 @@ class WorkerSystem:
         from pauserec.reference.hf_generate import rank_items
 
         out = self.generate(self.prompt.ids(histories_idx), beams)
-        seqs = out["sequences"]
+        levels = self.spec.levels  # (tokens generated after the SID are scored, not part of it)
+        seqs = [[list(s)[:levels] for s in user] for user in out["sequences"]]
         scores = None if out.get("scores") is None else np.asarray(out["scores"], np.float32)
         item_index, item_scores = rank_items(seqs, scores, self._sid_of_tokens, self.catalog.trie, k)
         f = self.facts

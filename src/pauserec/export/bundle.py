@@ -249,7 +249,7 @@ def build_manifest(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, stat
                         tied_embeddings=dims.tied),
         scoring=shape.scoring, graphs=dict(graphs), plans=dict(plans),
         shapes=Shapes(static=static_env is not None, max_history=spec.max_history, prefix_len=shape.prefix_len,
-                      prefix=prefix, suffix_len=shape.suffix_len, ctx_extra=shape.ctx_extra, beam_slots=shape.levels - 1,
+                      prefix=prefix, suffix_len=shape.suffix_len, ctx_extra=shape.ctx_extra, beam_slots=shape.steps,
                       first_width=shape.first_width, next_width=shape.next_width, batch=static.get("batch"),
                       beams=static.get("beams"), hist=static.get("hist")),
         precision=precision, kv_dtype="float16" if precision == "fp16" else "float32", backend=backend,

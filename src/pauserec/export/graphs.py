@@ -390,9 +390,13 @@ class PrefillGraph(_Graph):
 class DecodeGraph(_Graph):
     """One SID level for all beams of all users.
 
+    ``sid_token_ids`` are the token tables of the levels the graph steps through: the SID levels, then (when
+    the pipeline scores what follows the SID) one table of one token per token after the SID, so a step past
+    the SID returns that token's log-prob as the only "code" of its level.
+
     Inputs: codes (B,K) level-local codes chosen at level ``step``; step () int64; ctx_key/ctx_value
-    (layers,B,Hkv,C,D) shared by the K beams; ctx_mask (B,C); beam_key/beam_value (layers,B,Hkv,K,L-1,D):
-    slot j holds the beam's level-j token (slots >= step are ignored).
+    (layers,B,Hkv,C,D) shared by the K beams; ctx_mask (B,C); beam_key/beam_value (layers,B,Hkv,K,S,D), S the
+    steps (L-1 + the tokens after the SID): slot j holds the beam's level-j token (slots >= step are ignored).
     Outputs: logprobs (B,K,Vnext) over level step+1's codes (-inf beyond its codebook); new_key/new_value
     (layers,B,Hkv,K,1,D): the beams' KV of slot ``step``, which the caller writes into its beam KV.
     """

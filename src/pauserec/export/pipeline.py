@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pauserec.errors import ExportError
 from pauserec.export.config import BACKENDS, INT4_COMPUTE, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
+from pauserec.prompt.spec import PromptEncoder
 
 
 def _check_config(cfg: ExportConfig) -> None:
@@ -122,6 +123,15 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     say("prompt", f"{spec.layout} ({spec.kind}" + (f", k={spec.pause_k}" if spec.kind == "pause" else "") +
         f"): {len(spec.prefix_ids)} prefix + {len(spec.suffix_ids)} suffix ids fused, history assembled from "
         f"{spec.assembly}, at most {spec.max_history} items / {spec.max_history_tokens} ids")
+    if spec.after_ids and cfg.scoring == "sid":  # a one-token level normalises to 0 under the sid rule
+        src.warnings.append(f"the {spec.layout!r} pipeline scores {len(spec.after_ids)} token(s) after the SID, but "
+                            "the sid rule normalises over each level's codes and has nothing to add: beams are ranked "
+                            "by the SID alone, which may order them differently from the pipeline's own generate")
+        spec = src.spec = spec.replace(after_ids=())
+        src.encoder = PromptEncoder(spec, src.catalog, src.tokenizer, src.item_fields)
+    elif spec.after_ids:
+        say("prompt", f"{len(spec.after_ids)} token(s) after the SID scored as the pipeline's generate scores them: "
+            f"{list(spec.after_ids)}")
     for warning in src.warnings:  # (kept in the report's prompt section too)
         say("WARNING", warning)
     if src.streamed is None:  # (streamed: each tensor is checked as it is read)
@@ -508,6 +518,7 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True, s
     core = Core(model, streamed)
     d = core.dims
     sid = [list(x) for x in spec.sid_token_ids]
+    after = [[int(t)] for t in spec.after_ids]  # decode steps whose one "code" is the token scored after the SID
     if not spec.embeds_any_token:  # history, suffix and SID tokens are all these graphs embed
         core.restrict_embedding(spec.embedded_ids() + ([] if fuse_prefix else list(spec.prefix_ids)))
     if not (spec.embeds_any_token and core.tied):  # (a tied cot engine embeds through the whole head_t)
@@ -515,11 +526,11 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True, s
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
                        codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.prefix_ids),
                        suffix_len=len(spec.suffix_ids), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
-                       scoring=scoring)
+                       scoring=scoring, after=len(after))
     modules = {"prefill": PrefillGraph(core, spec.prefix_ids, spec.suffix_ids,
                                        None if spec.kind == "cot" else sid[0], scoring, fuse_prefix)}
-    if shape.levels > 1:
-        modules["decode"] = DecodeGraph(core, spec.prefix_ids, sid, scoring)
+    if shape.steps:
+        modules["decode"] = DecodeGraph(core, spec.prefix_ids, sid + after, scoring)
     if spec.kind == "cot":
         modules["think"] = ThinkGraph(core, spec.prefix_ids)
     dtype = core.embed.weight.dtype
@@ -534,7 +545,7 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True, s
             return torch.full((b, t), spec.pad_id, dtype=torch.long), torch.ones(b, t, dtype=torch.long)
         if name == "think":
             return torch.zeros(b, dtype=torch.long), kv, kv.clone(), cmask
-        bkv = torch.zeros(d.layers, b, d.kv_heads, k, shape.levels - 1, d.head_dim, dtype=dtype)
+        bkv = torch.zeros(d.layers, b, d.kv_heads, k, shape.steps, d.head_dim, dtype=dtype)
         return torch.zeros(b, k, dtype=torch.long), torch.tensor(0), kv, kv.clone(), cmask, bkv, bkv.clone()
 
     return BuiltGraphs(dims=d, shape=shape, modules=modules, example=example)

@@ -331,6 +331,8 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
     order). ``prompts``: token ids up to the first SID token, one array per user (``HFBaseline._prompts``).
     ``scoring``: ``full`` = log_softmax over the whole vocabulary at the level's SID tokens (as ``generate``);
     ``sid`` = those log-probs renormalised over the level's codes (:func:`pauserec.runtime.beam.renormalize`).
+    Tokens the pipeline scores after the SID (``spec.after_ids``) are one more level each, as in the runtime's
+    search (:func:`pauserec.runtime.beam.after_trie`).
 
     Each decoder layer's weights are read once per SID level for all users: the prompt pass keeps every user's
     prompt K/V of every layer; level l > 1 runs the beams' l - 1 SID tokens through each layer against that K/V
@@ -341,7 +343,7 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
     import torch
 
     from pauserec.reference.hf_generate import rank_items
-    from pauserec.runtime.beam import renormalize
+    from pauserec.runtime.beam import after_trie, renormalize
     from pauserec.runtime.trie_topk import trie_topk
 
     if spec.kind == "cot":
@@ -364,9 +366,12 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
     layers = list(body.layers)
     keyword = _cache_keyword(layers[0])
     trie = catalog.trie
-    table = spec.sid_table()  # (L, max V) token id of each level's codes
-    sizes = spec.codebook_sizes
-    n_users, n_levels = len(prompts), spec.levels
+    sid_table = spec.sid_table()  # (L, max V) token id of each level's codes
+    n_users, n_levels, n_steps = len(prompts), spec.levels, spec.levels + len(spec.after_ids)
+    table = np.full((n_steps, sid_table.shape[1]), -1, np.int64)  # + one level per token scored after the SID
+    table[:n_levels] = sid_table
+    table[n_levels:, 0] = spec.after_ids
+    sizes = (*spec.codebook_sizes, *(1,) * len(spec.after_ids))
     lengths = [len(p) for p in prompts]
 
     def level_logprobs(last, level: int) -> np.ndarray:
@@ -389,13 +394,13 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
                     prompt_kv[b].append((cache.key, cache.value))
         lp = level_logprobs(torch.stack([h[0, -1] for h in hidden]), 0)  # (B, V1)
         del hidden, rope
-        offsets, tokens, children = trie.offsets, trie.tokens, trie.children
+        sid_trie, past = (trie.offsets, trie.tokens, trie.children), after_trie(len(trie.offsets) - 1)
         top = trie_topk(np.zeros((n_users, 1), np.float32), np.ascontiguousarray(lp[:, None, :], np.float32),
-                        np.zeros((n_users, 1), np.int32), offsets, tokens, children, beams, impl="numpy")
+                        np.zeros((n_users, 1), np.int32), *sid_trie, beams, impl="numpy")
         codes = top.token[:, :, None].astype(np.int64)  # (B, K, l) codes chosen so far, -1 on dead beams
 
         # levels 2..L: the beams' SID tokens so far through each layer, after the user's prompt K/V
-        for level in range(1, n_levels):
+        for level in range(1, n_steps):
             q = level
             ids = table[np.arange(q), np.maximum(codes, 0)]  # (B, K, q) token ids; dead beams feed code 0
             uniq, where = np.unique(ids, return_inverse=True)
@@ -416,10 +421,10 @@ def layerwise_topk(weights: StreamedWeights, prompts: list[np.ndarray], spec, ca
             lp = level_logprobs(torch.cat([h[:, -1] for h in hidden]), level)  # (B * K, V_level)
             del hidden
             top = trie_topk(top.score, np.ascontiguousarray(lp.reshape(n_users, beams, -1), np.float32), top.node,
-                            offsets, tokens, children, beams, impl="numpy")
+                            *(sid_trie if level < n_levels else past), beams, impl="numpy")
             parent = np.maximum(top.parent, 0)[:, :, None]  # padded beams: dead from here on (score -inf)
             codes = np.concatenate([np.take_along_axis(codes, parent, axis=1), top.token[:, :, None]], axis=2)
 
-    seqs = table[np.arange(n_levels), np.maximum(codes, 0)].tolist()  # [user][beam][level] token ids
+    seqs = table[np.arange(n_levels), np.maximum(codes[:, :, :n_levels], 0)].tolist()  # [user][beam][level] token ids
     sid_of_tokens = {tuple(int(table[lv, c]) for lv, c in enumerate(sid)): i for i, sid in enumerate(trie.sid_codes)}
     return rank_items(seqs, top.score, sid_of_tokens, trie, k)

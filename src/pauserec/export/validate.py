@@ -244,9 +244,14 @@ class _Case:
         key = (graph, output)
         self.checks[key] = max(self.checks.get(key, 0.0), err)
 
+    @property
+    def tables(self) -> list[tuple[int, ...]]:
+        """Token ids of each level the search steps through: the SID's, then one per token scored after it."""
+        return [*self.spec.sid_token_ids, *((int(t),) for t in self.spec.after_ids)]
+
     def level_ref(self, full: np.ndarray, level: int) -> np.ndarray:
         """HF log-probs of level ``level``'s codes under the engine's scoring rule (full vocab or the level)."""
-        return level_logprobs(full, self.spec.sid_token_ids[level], self.shape.scoring)
+        return level_logprobs(full, self.tables[level], self.shape.scoring)
 
     def prompt(self, b: int) -> list[int]:
         return [*self.spec.prefix_ids, *self.histories[b], *self.spec.suffix_ids]
@@ -291,28 +296,31 @@ class _Case:
     static_ctx: int | None = None
 
     def decode(self, ck, cv, cmask, prefixes) -> None:
-        s, spec, batch, k = self.shape, self.spec, len(self.ids), self.beams
-        levels = s.levels
-        codes = np.stack([self.rng.integers(0, v, size=(batch, k)) for v in s.codebook_sizes], axis=-1)  # (B, K, L)
-        bk = np.zeros((s.layers, batch, s.kv_heads, k, levels - 1, s.head_dim), self.kv_dtype)
+        s, batch, k = self.shape, len(self.ids), self.beams
+        tables, steps = self.tables, s.steps  # (past the SID: one-token levels, code 0)
+        sizes = [len(t) for t in tables]
+        codes = np.stack([self.rng.integers(0, v, size=(batch, k)) for v in sizes], axis=-1)  # (B, K, L + after)
+        bk = np.zeros((s.layers, batch, s.kv_heads, k, steps, s.head_dim), self.kv_dtype)
         bv = bk.copy()
         outs = []
-        for step in range(levels - 1):
+        for step in range(steps):
             lp, nk, nv = self.g.run("decode", codes=codes[:, :, step].astype(np.int64), step=np.array(step, np.int64),
                                     ctx_key=ck, ctx_value=cv, ctx_mask=cmask, beam_key=bk, beam_value=bv)
             bk[:, :, :, :, step], bv[:, :, :, :, step] = nk[:, :, :, :, 0], nv[:, :, :, :, 0]
             outs.append(lp)
         for b in self.rows:
             for j in sorted({0, 1, k - 1} & set(range(k)))[:MAX_REF_BEAMS]:
-                sid = [spec.sid_token_ids[lv][codes[b, j, lv]] for lv in range(levels - 1)]
-                ref = self.hf(prefixes[b] + sid)[-(levels - 1):]
-                for step in range(levels - 1):
-                    v = s.codebook_sizes[step + 1]
+                sid = [tables[lv][codes[b, j, lv]] for lv in range(steps)]
+                ref = self.hf(prefixes[b] + sid)[-steps:]
+                for step in range(steps):
+                    v = sizes[step + 1]
                     r = self.level_ref(ref[step], step + 1)
                     err = _err(outs[step][b, j, :v], r)
                     if not np.all(np.isneginf(outs[step][b, j, v:])):
                         err = float("inf")
-                    self.record("decode", f"logprobs[level {step + 2}]", err)
+                    after = step + 1 - s.levels  # >= 0: a token scored after the SID
+                    self.record("decode", f"logprobs[level {step + 2}]" if after < 0 else f"logprobs[after {after + 1}]",
+                                err)
 
 
 def _grow(x: np.ndarray, cap: int) -> np.ndarray:
@@ -327,7 +335,7 @@ def collect_references(model, encoder: PromptEncoder, shape: ModelShape, graphs,
                        seed: int = 0, threads: int | None = None, streamed=None) -> References:
     """Every HF reference that ``validate_graphs`` (same seed and shapes) will compare against. ``streamed``:
     no model in memory; the references are computed one decoder layer at a time from the checkpoint."""
-    refs = References(None if streamed is not None else model, rows=shape.levels - 1, streamed=streamed)
+    refs = References(None if streamed is not None else model, rows=shape.steps, streamed=streamed)
     validate_graphs(refs, encoder, shape, ShapeOnlyGraphs(shape, graphs, np.float32), atol=float("inf"),
                     static_env=static_env, seed=seed, threads=threads)
     if streamed is not None:

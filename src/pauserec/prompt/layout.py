@@ -23,6 +23,10 @@ A ``PromptLayout`` declares, once, everything that decides a model's input ids:
   tokenizer's BOS token first once, as MiniOneRec's ``encode(bos=True)``).
 * the history budget: the ``max_history`` most recent items, then (``max_history_tokens``) the oldest
   items dropped until the history's tokens fit.
+* ``after_sid``: what the pipeline's own ``generate`` produces after the SID and scores with it
+  (``{eos}`` is the tokenizer's end-of-sequence token, last if present): MiniOneRec ``"\n{eos}"``,
+  LC-Rec ``"{eos}"``. The engine adds those tokens' log-probs to each beam's score (under the ``full``
+  rule), so that its ranking is the pipeline's; absent (None), beams are ranked by their SID tokens alone.
 
 Presets reproduce the evaluation prompts of known pipelines (``PRESETS``; ``pauserec`` is this
 toolkit's own); any other prompt is a JSON file with the same fields (``load_layout``).
@@ -41,7 +45,7 @@ from typing import Any
 from pauserec.errors import DataError
 
 KINDS = ("direct", "pause", "cot")
-HISTORY, PAUSES = "{history}", "{pauses}"
+HISTORY, PAUSES, EOS = "{history}", "{pauses}", "{eos}"
 CHAT_KEYS = ("system", "user", "assistant", "template_kwargs", "pin")
 CLOCK_INPUTS = ("strftime_now", "date_string")  # template inputs that change with the day: only ever pinned
 TOKENIZE = ("whole", "segments")
@@ -126,6 +130,7 @@ class PromptLayout:
     max_history_tokens: int | None = None
     description: str = ""
     kinds: tuple[str, ...] = ()  # the model kinds it has a prompt for; () derives them from the template
+    after_sid: str | None = None  # generated (and scored) after the SID by the pipeline; "{eos}": the EOS token
 
     def __post_init__(self) -> None:
         where = f"prompt layout {self.name!r}"
@@ -170,6 +175,13 @@ class PromptLayout:
                             "must say how many items the model was trained to read")
         if self.max_history_tokens is not None and int(self.max_history_tokens) < 1:
             raise DataError(f"{where}: max_history_tokens must be >= 1 (or absent)")
+        if self.after_sid is not None:
+            if not isinstance(self.after_sid, str) or not self.after_sid:
+                raise DataError(f"{where}: after_sid must be the text generated after the SID (e.g. \"\\n{EOS}\"), "
+                                "or absent")
+            body = self.after_sid[: -len(EOS)] if self.after_sid.endswith(EOS) else self.after_sid
+            if EOS in body or set(FIELD_RE.findall(self.after_sid)) - {"eos"}:
+                raise DataError(f"{where}: after_sid {self.after_sid!r} may use {EOS} only, and only at its end")
 
     def _derived_kinds(self) -> tuple[str, ...]:
         """A mapping template names its kinds; one text serves a pause model when it holds {pauses}, else a
@@ -287,8 +299,10 @@ def _minionerec() -> PromptLayout:
     return PromptLayout(
         name="minionerec", template=[MINIONEREC_INSTRUCTION, MINIONEREC_INPUT], tokenize="segments",
         bos=True, add_special_tokens=False, item="{sid}", separator=", ", max_history=10, kinds=("direct",),
+        after_sid="\n" + EOS,
         description="MiniOneRec EvalSidDataset: instruction block and user block tokenised separately; SIDs "
-                    "joined by ', '; the last 10 items (its data keeps 10)",
+                    "joined by ', '; the last 10 items (its data keeps 10); its generate scores the SID, '\\n' "
+                    "and EOS",
     )
 
 
@@ -301,9 +315,10 @@ def _lcrec(arg: str | None) -> PromptLayout:
                         "write lc-rec:N (default 0)") from None
     return PromptLayout(
         name=f"lc-rec:{idx}", template=LCREC_WRAPPER.replace("{instruction}", instruction.replace("{inters}", HISTORY)),
-        add_special_tokens=True, item="{sid}", separator=", ", max_history=20, kinds=("direct",),
+        add_special_tokens=True, item="{sid}", separator=", ", max_history=20, kinds=("direct",), after_sid=EOS,
         description=f"LC-Rec seqrec template {idx} in its sft_prompt, empty response; SIDs joined by ', '; "
-                    "the last 20 items; whole string with the tokenizer's special tokens (BOS)",
+                    "the last 20 items; whole string with the tokenizer's special tokens (BOS); its generate "
+                    "scores the SID and EOS",
     )
 
 
@@ -313,10 +328,11 @@ def _onerec_think() -> PromptLayout:
         template={"direct": _ONERECTHINK_HEAD + "<think>\n\n</think>\n<|sid_begin|>",
                   "pause": _ONERECTHINK_HEAD + PAUSES + "\n<|sid_begin|>"},
         add_special_tokens=True, item="<|sid_begin|>{sid}<|sid_end|>", separator="; ", pause_token="<|thought|>",
-        max_history=20, kinds=("direct", "pause"),
+        max_history=20, kinds=("direct", "pause"), after_sid="<|sid_end|>" + EOS,
         description="OneRec-Think test prompt (ChatML by hand, fixed system prompt, '; '-joined SIDs and a "
-                    "trailing ';'); <|sid_begin|> forced before the first SID token. pause: the <|thought|> fork's "
-                    "training layout (<|thought|> x k + newline instead of the think block)",
+                    "trailing ';'); <|sid_begin|> forced before the first SID token, its trie then forces <|sid_end|> "
+                    "and EOS. pause: the <|thought|> fork's training layout (<|thought|> x k + newline instead of "
+                    "the think block)",
     )
 
 

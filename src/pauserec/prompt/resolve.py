@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pauserec.prompt.layout import HISTORY, PAUSES, PromptLayout, fill
+from pauserec.prompt.layout import EOS, HISTORY, PAUSES, PromptLayout, fill
 from pauserec.prompt.spec import ITEM_SEP, THINK, PromptEncoder, PromptSpec
 from pauserec.errors import CheckpointError, DataError
 
@@ -59,6 +59,31 @@ def sid_token_ids(layout: PromptLayout, tok, catalog, vocab: int | None = None) 
     return tuple(out)
 
 
+def after_sid_ids(layout: PromptLayout, tok, catalog, sid_ids, eos_id: int) -> tuple[int, ...]:
+    """The ids of ``layout.after_sid`` as the pipeline tokenises its target (the SID's text followed by that text,
+    in one string; ``{eos}`` appended as the EOS id): read after the SID tokens, the same for every item."""
+    if not layout.after_sid:
+        return ()
+    text = layout.after_sid[: -len(EOS)] if layout.after_sid.endswith(EOS) else layout.after_sid
+    tail = [int(eos_id)] if layout.after_sid.endswith(EOS) else []
+    if not text:
+        return tuple(tail)
+    seen = set()
+    for item in range(min(catalog.n_items, 64)):
+        codes = catalog.sids[item]
+        sid = [sid_ids[lv][int(c)] for lv, c in enumerate(codes)]
+        ids = list(tok.encode(layout.sid_text(catalog.token_prefixes, codes) + text, add_special_tokens=False).ids)
+        if ids[: len(sid)] != sid or len(ids) == len(sid):
+            raise CheckpointError(f"prompt layout {layout.name!r}: the SID of item {catalog.item_ids[item]!r} followed "
+                                  f"by after_sid {text!r} does not tokenise as the SID's tokens and then that text "
+                                  f"({ids}); fix after_sid")
+        seen.add(tuple(ids[len(sid):]))
+    if len(seen) != 1:
+        raise CheckpointError(f"prompt layout {layout.name!r}: after_sid {text!r} tokenises differently after "
+                              f"different SIDs ({sorted(seen)[:3]}); the engine scores one fixed id sequence")
+    return (*seen.pop(), *tail)
+
+
 def resolve_layout(layout: PromptLayout, tok, catalog, kind: str, *, eos_id: int, pad_id: int,
                    pause_k: int | None = None, bos_id: int | None = None, item_fields: dict | None = None,
                    max_rationale: int = 64, vocab: int | None = None, seed: int = 0) -> PromptSpec:
@@ -93,7 +118,7 @@ def resolve_layout(layout: PromptLayout, tok, catalog, kind: str, *, eos_id: int
     base = dict(kind=kind, pause_k=int(pause_k or 0), max_history=int(layout.max_history), sid_token_ids=sid_ids,
                 eos_id=int(eos_id), pad_id=int(pad_id), think_end_id=think_end, pause_id=pause_id,
                 item_sep_id=_optional(tok, ITEM_SEP), think_id=_optional(tok, THINK), max_rationale=max_rationale,
-                layout=name, fields=fields)
+                layout=name, fields=fields, after_ids=after_sid_ids(layout, tok, catalog, sid_ids, eos_id))
     # Probe with a text-assembly spec that fuses nothing: its encoder gives each probe's whole prompt.
     probe_spec = PromptSpec(**base, prefix_ids=(), suffix_ids=(), assembly="text", text=text,
                             max_history_tokens=1 << 30)

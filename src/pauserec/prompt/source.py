@@ -140,7 +140,7 @@ def check_sid_tokens(spec: PromptSpec, catalog, vocab: int, tok) -> None:
     named = {"pad": spec.pad_id, "eos": spec.eos_id, "think_end": spec.think_end_id, "pause": spec.pause_id}
     bad = [f"{k}={v}" for k, v in named.items() if v >= vocab or (k in ("pad", "eos") and v < 0)]
     bad += [f"prompt id {i}" for i in (*spec.prefix_ids, *spec.suffix_ids, *spec.item_lead_ids, *spec.item_tail_ids,
-                                       *spec.sep_ids) if not 0 <= i < vocab]
+                                       *spec.sep_ids, *spec.after_ids) if not 0 <= i < vocab]
     if bad:
         raise CheckpointError(f"token ids outside the model's vocabulary of {vocab}: {', '.join(bad[:6])}")
 

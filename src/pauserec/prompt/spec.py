@@ -15,6 +15,8 @@ tokenizer and catalog gives a ``PromptSpec``: the token ids of every prompt are
   ids depend on neighbours (item titles, numbering), then the fused prefix and suffix are cut off.
 * the history budget: the ``max_history`` most recent items, then as many items as fit in
   ``max_history_tokens`` ids (the prefill graph's history slots).
+* ``after_ids``: the tokens the pipeline generates after the SID and scores with it (MiniOneRec's
+  ``"\n"`` + EOS); the search adds their log-probs to each beam's score. Empty: SID tokens alone.
 
 ``PromptSpec`` is saved in ``pauserec_card.json`` of a trained checkpoint and in every engine's manifest;
 ``PromptEncoder`` is the one place that turns histories into ids.
@@ -67,6 +69,7 @@ class PromptSpec:
     max_rationale: int = 64  # cot only: cap on generated rationale tokens
     layout: str = "pauserec"
     fields: tuple[str, ...] = field(default=())  # item-file fields the text rendering reads
+    after_ids: tuple[int, ...] = ()  # scored after the SID (the pipeline's "\n", EOS); () ranks by the SID alone
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -105,7 +108,7 @@ class PromptSpec:
         """Every token id the graphs of an ids-assembled direct/pause engine embed: SID codes, the ids around and
         between items, padding and the fused suffix (the runtime feeds nothing else)."""
         return sorted({*(t for level in self.sid_token_ids for t in level), *self.item_lead_ids, *self.item_tail_ids,
-                       *self.sep_ids, self.pad_id, self.eos_id, *self.suffix_ids})
+                       *self.sep_ids, self.pad_id, self.eos_id, *self.suffix_ids, *self.after_ids})
 
     def sid_table(self) -> np.ndarray:
         """(L, max V) int64 table: token id of code c at level l (-1 beyond that level's size)."""
@@ -180,7 +183,7 @@ class PromptSpec:
                 text=d.get("text"), think_end_id=int(d.get("think_end_id", -1)), pause_id=int(d.get("pause_id", -1)),
                 item_sep_id=int(d.get("item_sep_id", -1)), think_id=int(d.get("think_id", -1)),
                 max_rationale=int(d.get("max_rationale", 64)), layout=str(d.get("layout", "pauserec")),
-                fields=tuple(d.get("fields", ())),
+                fields=tuple(d.get("fields", ())), after_ids=ints("after_ids"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"prompt spec is incomplete or malformed ({e!r}); re-run `pauserec train` or "

@@ -26,14 +26,24 @@ class HFResult:
 
 
 def build_token_trie(spec: PromptSpec, sid_codes: np.ndarray) -> dict:
-    """Nested dict of SID token ids: {tok_l1: {tok_l2: {...}}} over every catalog SID."""
+    """Nested dict of token ids: {tok_l1: {tok_l2: {...}}} over every catalog SID, each followed by the tokens
+    the pipeline generates after it (``spec.after_ids``: forced, one allowed token per step)."""
     table = spec.sid_table()
     root: dict = {}
     for codes in np.unique(sid_codes, axis=0):
         node = root
         for level, code in enumerate(codes):
             node = node.setdefault(int(table[level, code]), {})
+        for tok in spec.after_ids:
+            node = node.setdefault(int(tok), {})
     return root
+
+
+def generate_ends(spec: PromptSpec) -> dict:
+    """``generate``'s length and stop token as the pipeline sets them: the SID and what it scores after it; EOS
+    ends a beam when the pipeline's target ends with it (otherwise no stop token: every beam runs its length)."""
+    eos = spec.eos_id if spec.after_ids and spec.after_ids[-1] == spec.eos_id else None
+    return {"max_new_tokens": spec.levels + len(spec.after_ids), "eos_token_id": eos}
 
 
 @dataclass
@@ -178,15 +188,16 @@ class HFBaseline:
             t0 = time.perf_counter()
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, num_beams=beams,
-                num_return_sequences=beams, max_new_tokens=self.spec.levels, length_penalty=0.0,
-                early_stopping=True, prefix_allowed_tokens_fn=allowed, output_scores=True,
-                return_dict_in_generate=True, pad_token_id=self.spec.pad_id, eos_token_id=None,
+                num_return_sequences=beams, length_penalty=0.0, early_stopping=True, prefix_allowed_tokens_fn=allowed,
+                output_scores=True, return_dict_in_generate=True, pad_token_id=self.spec.pad_id,
+                **generate_ends(self.spec),
             )
             timings["generate"] = time.perf_counter() - t0
         return self._to_items(out, len(prompts), width, k, beams, timings)
 
     def _to_items(self, out, batch: int, width: int, k: int, beams: int, timings) -> HFResult:
-        seqs = out.sequences[:, width:].reshape(batch, beams, -1).tolist()
+        levels = self.spec.levels  # (the tokens after the SID are scored, not part of it)
+        seqs = [[t[:levels] for t in user] for user in out.sequences[:, width:].reshape(batch, beams, -1).tolist()]
         seq_scores = out.sequences_scores.reshape(batch, beams).float().numpy()
         item_index, scores = rank_items(seqs, seq_scores, self._sid_of_tokens, self.catalog.trie, k)
         return HFResult(item_index, scores, timings)

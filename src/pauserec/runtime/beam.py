@@ -26,6 +26,10 @@ every level, so a beam never enters a trie node without an allowed item below it
 
 Scores: the sum over levels of the chosen SID tokens' log-probs under the engine's scoring rule:
 ``full`` (log_softmax over the vocabulary, as HF ``generate``) or ``sid`` (over the level's codes).
+Where the pipeline's own ``generate`` scores tokens after the SID (``PromptSpec.after_ids``: MiniOneRec's
+``"\n"`` and EOS), the search takes one more level per such token, over a trie whose every node has one
+child, itself (``after_trie``): each beam gains that token's log-prob, the beams are re-ranked with the
+same top-k (ties: the lower beam first), and each still ends on its SID's leaf.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ def beam_search(engine, history_ids: np.ndarray, history_mask: np.ndarray, beams
     top-k can use and ``impl`` is auto or cuda; else on host arrays with the ``impl`` top-k."""
     ops = engine.device_ops() if impl in ("auto", "cuda") else None
     return BeamSearch(engine, history_ids, history_mask, beams, impl, node_mask, mask_row, ops=ops)
+
+
+def after_trie(n_nodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, tokens, children) of the levels after the SID: every node's only child is itself, code 0."""
+    return (np.arange(n_nodes + 1, dtype=np.int32), np.zeros(n_nodes, np.int32), np.arange(n_nodes, dtype=np.int32))
 
 
 def renormalize(logprobs: np.ndarray) -> np.ndarray:
@@ -133,6 +142,7 @@ class BeamSearch:
         self.trie = engine.catalog.trie
         t = self.trie
         self.dev_trie = self.ops.trie(t.offsets, t.tokens, t.children)  # resident for the whole search
+        self.dev_after = self.ops.trie(*after_trie(len(t.offsets) - 1)) if engine.after else None
         self.dev_mask = None if self.node_mask is None else self.ops.upload(self.node_mask)  # (M, N)
         self.dev_rows = None if self.mask_row is None else self.ops.upload(self.mask_row)  # (B,)
         self.timings = Timings()
@@ -153,7 +163,7 @@ class BeamSearch:
                 self.phase = "levels"
         else:
             self._level()
-            self.done = self.level == self.e.levels
+            self.done = self.level == self.e.steps
 
     def leaves(self) -> tuple[np.ndarray, np.ndarray]:
         """(B,K) leaf trie nodes (-1 = no beam) and (B,K) float32 scores, best first (on the host)."""
@@ -253,12 +263,13 @@ class BeamSearch:
             self.timings.decode += time.perf_counter() - t0
             scores, nodes = self.scores, self.nodes
         t0 = time.perf_counter()
-        top = ops.topk(self.dev_trie, scores, lp, nodes, self.k, self.dev_mask, self.dev_rows)  # (B, K) each
+        trie = self.dev_trie if self.level < e.levels else self.dev_after  # past the SID: each beam's one token
+        top = ops.topk(trie, scores, lp, nodes, self.k, self.dev_mask, self.dev_rows)  # (B, K) each
         self.timings.topk += time.perf_counter() - t0
         if self.level == 0:
-            shape = (e.layers, self.batch, e.kv_heads, self.k, e.levels - 1, e.head_dim)
+            shape = (e.layers, self.batch, e.kv_heads, self.k, e.steps - 1, e.head_dim)
             self.beam_key, self.beam_value = ops.zeros(shape, e.kv_dtype), ops.zeros(shape, e.kv_dtype)
-        elif self.level + 1 < e.levels:  # another decode follows: reorder the beams' own KV
+        elif self.level + 1 < e.steps:  # another decode follows: reorder the beams' own KV
             t0 = time.perf_counter()
             self.beam_key = ops.gather_beams(self.beam_key, top.parent)  # only the beams' own KV moves
             self.beam_value = ops.gather_beams(self.beam_value, top.parent)

@@ -199,6 +199,16 @@ class Engine:
         return self.manifest.sid.levels
 
     @property
+    def after(self) -> int:
+        """Tokens the search scores after the SID (what the pipeline's own ``generate`` scores: "\\n", EOS)."""
+        return len(self.prompt.after_ids)
+
+    @property
+    def steps(self) -> int:
+        """Beam-search levels: the SID's, then one per token scored after it."""
+        return self.levels + self.after
+
+    @property
     def max_history(self) -> int:
         return self.prompt.max_history
 

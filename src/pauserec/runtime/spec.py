@@ -109,10 +109,17 @@ class ModelShape:
     suffix_len: int
     max_rationale: int = 0
     scoring: str = "full"  # "full": log_softmax over the vocabulary; "sid": over each level's codes
+    after: int = 0  # tokens scored after the SID (PromptSpec.after_ids): decode steps with a one-token "codebook"
 
     @property
     def levels(self) -> int:
         return len(self.codebook_sizes)
+
+    @property
+    def steps(self) -> int:
+        """Decode calls of one search (and the beams' own KV slots): the SID levels after the first, then one per
+        token scored after the SID."""
+        return self.levels - 1 + self.after
 
     @property
     def first_width(self) -> int:
@@ -121,7 +128,7 @@ class ModelShape:
 
     @property
     def next_width(self) -> int:
-        return max(self.codebook_sizes[1:]) if self.levels > 1 else 0
+        return max((*self.codebook_sizes[1:], *(1,) * self.after)) if self.steps else 0
 
     @property
     def ctx_extra(self) -> int:
@@ -134,7 +141,7 @@ def _kv(name: str, *middle: int | str, shape: ModelShape) -> TensorSpec:
 
 
 def graph_specs(shape: ModelShape) -> dict[str, GraphSpec]:
-    """The graphs of one engine: prefill, decode (when L > 1) and think (cot)."""
+    """The graphs of one engine: prefill, decode (when L > 1 or tokens are scored after the SID) and think (cot)."""
     s = shape
     ctx_kv = [_kv("ctx_key", "ctx", shape=s), _kv("ctx_value", "ctx", shape=s)]
     specs = {
@@ -144,8 +151,8 @@ def graph_specs(shape: ModelShape) -> dict[str, GraphSpec]:
             outputs=(TensorSpec("logprobs", "float32", ("batch", s.first_width)), *ctx_kv),
         )
     }
-    if s.levels > 1:
-        slots = s.levels - 1
+    if s.steps:
+        slots = s.steps
         beam_kv = [_kv(n, "beams", slots, shape=s) for n in ("beam_key", "beam_value")]
         specs["decode"] = GraphSpec(
             "decode",
