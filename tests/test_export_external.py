@@ -193,6 +193,34 @@ def test_onerec_think_checkpoint_exports_token_for_token(tmp_path, kind):
     assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index, after="<|sid_end|>", eos=True))
 
 
+def test_onerec_think_cot_checkpoint_reasons_then_ranks_as_its_pipeline(tmp_path):
+    """OneRec-Think's explicit-CoT format: the assistant turn opens <think>, the model writes its rationale (greedy)
+    up to </think>, then "\n<|sid_begin|>" is forced and the SID decoded under the trie (then <|sid_end|>, EOS)."""
+    extra = ("<|sid_begin|>", "<|sid_end|>", "<|thought|>")
+    ckpt, index, _ = _setup(tmp_path, "onecot", ("s_a", "s_b", "s_c"), "qwen3", extra=extra, sid_as_special=True,
+                            tied=True)
+    report = _export(tmp_path, ckpt, "onecot.index.json", prompt="onerec-think", kind="cot", max_rationale=6,
+                     check_users=3)
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    end = tok("</think>\n<|sid_begin|>", add_special_tokens=False)["input_ids"]
+    spec = report.manifest["prompt"]
+    assert [spec["think_end_id"], *spec["after_think_ids"]] == end
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    histories = _histories(4)
+    prompts = []
+    for h in histories:  # the pipeline's two stages: a greedy thought, then the SID after </think>\n<|sid_begin|>
+        head = _onerec_prompt(tok, index, h, "<think>\n")[:-1]  # (no <|sid_begin|>: the rationale comes first)
+        ids = torch.tensor([head])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                                 eos_token_id=end[0], pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        thought = out[0, len(head):].tolist()
+        thought = thought[: thought.index(end[0])] if end[0] in thought else thought
+        prompts.append(head + thought + end)
+    assert report.prompt["hf_generate"]["identical_top10"]  # export's own check (pauserec's HF reference)
+    assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index, after="<|sid_end|>", eos=True))
+
+
 # -- custom files: titles beside SIDs (text assembly), a chat template with a pinned system prompt -------------
 def test_custom_layout_with_titles_assembles_from_text(tmp_path):
     ckpt, index, items = _setup(tmp_path, "titles", ("a", "b", "c"), "qwen3", tied=False)

@@ -526,7 +526,8 @@ def build_graphs(model, spec, scoring: str = "full", fuse_prefix: bool = True, s
     shape = ModelShape(kind=spec.kind, layers=d.layers, kv_heads=d.kv_heads, head_dim=d.head_dim, vocab=d.vocab,
                        codebook_sizes=tuple(len(x) for x in sid), prefix_len=len(spec.prefix_ids),
                        suffix_len=len(spec.suffix_ids), max_rationale=spec.max_rationale if spec.kind == "cot" else 0,
-                       scoring=scoring, after=len(after))
+                       scoring=scoring, after=len(after),
+                       after_think=len(spec.after_think_ids) if spec.kind == "cot" else 0)
     modules = {"prefill": PrefillGraph(core, spec.prefix_ids, spec.suffix_ids,
                                        None if spec.kind == "cot" else sid[0], scoring, fuse_prefix)}
     if shape.steps:

@@ -270,11 +270,11 @@ class _Case:
             self.decode(ck, cv, cmask, prefixes)
 
     def think(self, lp, ck, cv, cmask, prefixes):
-        """Random rationales of 0..2 tokens per row, then ``</think>``; every step checked."""
+        """Random rationales of 0..2 tokens per row, then ``</think>`` (and the text forced after it); every step checked."""
         spec, batch = self.spec, len(self.ids)
         steps = [list(self.rng.integers(0, self.shape.vocab, size=int(self.rng.integers(0, 3)))) for _ in range(batch)]
         for b in range(batch):
-            steps[b] = [t if t != spec.think_end_id else spec.pad_id for t in steps[b]] + [spec.think_end_id]
+            steps[b] = [t if t != spec.think_end_id else spec.pad_id for t in steps[b]] + list(spec.rationale_end)
         cap = cmask.shape[1] + max(len(x) for x in steps) if self.static_ctx is None else self.static_ctx
         ck, cv, cmask = _grow(ck, cap), _grow(cv, cap), _grow(cmask, cap)
         used = len(self.mask[0]) + self.shape.suffix_len

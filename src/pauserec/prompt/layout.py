@@ -23,6 +23,8 @@ A ``PromptLayout`` declares, once, everything that decides a model's input ids:
   tokenizer's BOS token first once, as MiniOneRec's ``encode(bos=True)``).
 * the history budget: the ``max_history`` most recent items, then (``max_history_tokens``) the oldest
   items dropped until the history's tokens fit.
+* ``think_end`` and ``after_think`` (cot): the token that closes the rationale, and the text the pipeline
+  forces after it, before the first SID token (OneRec-Think: ``"\n<|sid_begin|>"``).
 * ``after_sid``: what the pipeline's own ``generate`` produces after the SID and scores with it
   (``{eos}`` is the tokenizer's end-of-sequence token, last if present): MiniOneRec ``"\n{eos}"``,
   LC-Rec ``"{eos}"``. The engine adds those tokens' log-probs to each beam's score (under the ``full``
@@ -126,6 +128,7 @@ class PromptLayout:
     sid_token: str = "<{prefix}_{code}>"
     pause_token: str | None = None
     think_end: str | None = None  # cot: the token that closes the rationale
+    after_think: str | None = None  # cot: text forced after think_end, before the first SID token
     max_history: int | None = None
     max_history_tokens: int | None = None
     description: str = ""
@@ -175,6 +178,9 @@ class PromptLayout:
                             "must say how many items the model was trained to read")
         if self.max_history_tokens is not None and int(self.max_history_tokens) < 1:
             raise DataError(f"{where}: max_history_tokens must be >= 1 (or absent)")
+        if self.after_think is not None and (not isinstance(self.after_think, str) or not self.think_end):
+            raise DataError(f"{where}: after_think is text forced after think_end (a cot layout's rationale end); "
+                            "it needs think_end")
         if self.after_sid is not None:
             if not isinstance(self.after_sid, str) or not self.after_sid:
                 raise DataError(f"{where}: after_sid must be the text generated after the SID (e.g. \"\\n{EOS}\"), "
@@ -326,13 +332,16 @@ def _onerec_think() -> PromptLayout:
     return PromptLayout(
         name="onerec-think",
         template={"direct": _ONERECTHINK_HEAD + "<think>\n\n</think>\n<|sid_begin|>",
-                  "pause": _ONERECTHINK_HEAD + PAUSES + "\n<|sid_begin|>"},
+                  "pause": _ONERECTHINK_HEAD + PAUSES + "\n<|sid_begin|>",
+                  "cot": _ONERECTHINK_HEAD + "<think>\n"},
+        think_end="</think>", after_think="\n<|sid_begin|>",
         add_special_tokens=True, item="<|sid_begin|>{sid}<|sid_end|>", separator="; ", pause_token="<|thought|>",
-        max_history=20, kinds=("direct", "pause"), after_sid="<|sid_end|>" + EOS,
+        max_history=20, kinds=("direct", "pause", "cot"), after_sid="<|sid_end|>" + EOS,
         description="OneRec-Think test prompt (ChatML by hand, fixed system prompt, '; '-joined SIDs and a "
                     "trailing ';'); <|sid_begin|> forced before the first SID token, its trie then forces <|sid_end|> "
                     "and EOS. pause: the <|thought|> fork's training layout (<|thought|> x k + newline instead of "
-                    "the think block)",
+                    "the think block). cot: its reasoning-activation target, <think>\\n{rationale}</think>\\n "
+                    "then <|sid_begin|> and the SID (one greedy rationale, not its 4 sampled ones)",
     )
 
 

@@ -72,16 +72,23 @@ def after_sid_ids(layout: PromptLayout, tok, catalog, sid_ids, eos_id: int) -> t
     for item in range(min(catalog.n_items, 64)):
         codes = catalog.sids[item]
         sid = [sid_ids[lv][int(c)] for lv, c in enumerate(codes)]
-        ids = list(tok.encode(layout.sid_text(catalog.token_prefixes, codes) + text, add_special_tokens=False).ids)
-        if ids[: len(sid)] != sid or len(ids) == len(sid):
-            raise CheckpointError(f"prompt layout {layout.name!r}: the SID of item {catalog.item_ids[item]!r} followed "
-                                  f"by after_sid {text!r} does not tokenise as the SID's tokens and then that text "
-                                  f"({ids}); fix after_sid")
-        seen.add(tuple(ids[len(sid):]))
+        seen.add(_text_after(tok, layout.sid_text(catalog.token_prefixes, codes), text, sid, layout.name, "after_sid"))
     if len(seen) != 1:
         raise CheckpointError(f"prompt layout {layout.name!r}: after_sid {text!r} tokenises differently after "
                               f"different SIDs ({sorted(seen)[:3]}); the engine scores one fixed id sequence")
     return (*seen.pop(), *tail)
+
+
+def _text_after(tok, lead: str, text: str, lead_ids: list[int], name: str, what: str) -> tuple[int, ...]:
+    """The ids of ``text`` where the pipeline tokenises it: right after ``lead`` (whose ids are ``lead_ids``), in one
+    string with it."""
+    if not text:
+        return ()
+    ids = list(tok.encode(lead + text, add_special_tokens=False).ids)
+    if ids[: len(lead_ids)] != list(lead_ids) or len(ids) == len(lead_ids):
+        raise CheckpointError(f"prompt layout {name!r}: {lead!r} followed by {what} {text!r} does not tokenise as "
+                              f"{lead!r}'s tokens and then that text ({ids}); fix {what}")
+    return tuple(ids[len(lead_ids):])
 
 
 def resolve_layout(layout: PromptLayout, tok, catalog, kind: str, *, eos_id: int, pad_id: int,
@@ -105,11 +112,13 @@ def resolve_layout(layout: PromptLayout, tok, catalog, kind: str, *, eos_id: int
     sid_ids = sid_token_ids(layout, tok, catalog, vocab)
     pause_id = single_token(tok, layout.pause_token, "pause token") if kind == "pause" else -1
     think_end = -1
+    after_think: tuple[int, ...] = ()
     if kind == "cot":
         if not layout.think_end:
             raise DataError(f"prompt layout {name!r} names no think_end token; a cot model needs the token that "
                             "closes its rationale")
         think_end = single_token(tok, layout.think_end, "think_end token")
+        after_think = _text_after(tok, layout.think_end, layout.after_think or "", [think_end], name, "after_think")
     fields = layout.item_fields()
     expanded = [s.replace(PAUSES, (layout.pause_token or "") * int(pause_k or 0)) for s in segments]
     resolved = PromptLayout.from_dict({**layout.to_dict(), "template": expanded if len(expanded) > 1 else expanded[0],
@@ -118,7 +127,8 @@ def resolve_layout(layout: PromptLayout, tok, catalog, kind: str, *, eos_id: int
     base = dict(kind=kind, pause_k=int(pause_k or 0), max_history=int(layout.max_history), sid_token_ids=sid_ids,
                 eos_id=int(eos_id), pad_id=int(pad_id), think_end_id=think_end, pause_id=pause_id,
                 item_sep_id=_optional(tok, ITEM_SEP), think_id=_optional(tok, THINK), max_rationale=max_rationale,
-                layout=name, fields=fields, after_ids=after_sid_ids(layout, tok, catalog, sid_ids, eos_id))
+                layout=name, fields=fields, after_ids=after_sid_ids(layout, tok, catalog, sid_ids, eos_id),
+                after_think_ids=after_think)
     # Probe with a text-assembly spec that fuses nothing: its encoder gives each probe's whole prompt.
     probe_spec = PromptSpec(**base, prefix_ids=(), suffix_ids=(), assembly="text", text=text,
                             max_history_tokens=1 << 30)

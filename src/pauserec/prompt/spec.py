@@ -70,6 +70,7 @@ class PromptSpec:
     layout: str = "pauserec"
     fields: tuple[str, ...] = field(default=())  # item-file fields the text rendering reads
     after_ids: tuple[int, ...] = ()  # scored after the SID (the pipeline's "\n", EOS); () ranks by the SID alone
+    after_think_ids: tuple[int, ...] = ()  # cot: forced after think_end, before the first SID token
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,6 +99,12 @@ class PromptSpec:
     def item_width(self) -> int:
         """ids assembly: ids per item, its separator included (the last item's is not used)."""
         return len(self.item_lead_ids) + self.levels + len(self.item_tail_ids) + len(self.sep_ids)
+
+    @property
+    def rationale_end(self) -> tuple[int, ...]:
+        """cot: the ids that close a rationale, fed after it: ``think_end`` (the model's own, or forced at
+        ``max_rationale``), then the pipeline's forced text before the SID (``after_think_ids``)."""
+        return (self.think_end_id, *self.after_think_ids)
 
     @property
     def embeds_any_token(self) -> bool:
@@ -183,7 +190,7 @@ class PromptSpec:
                 text=d.get("text"), think_end_id=int(d.get("think_end_id", -1)), pause_id=int(d.get("pause_id", -1)),
                 item_sep_id=int(d.get("item_sep_id", -1)), think_id=int(d.get("think_id", -1)),
                 max_rationale=int(d.get("max_rationale", 64)), layout=str(d.get("layout", "pauserec")),
-                fields=tuple(d.get("fields", ())), after_ids=ints("after_ids"),
+                fields=tuple(d.get("fields", ())), after_ids=ints("after_ids"), after_think_ids=ints("after_think_ids"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"prompt spec is incomplete or malformed ({e!r}); re-run `pauserec train` or "

@@ -144,7 +144,8 @@ class HFBaseline:
         return ids, mask
 
     def _rationales(self, prompts: list[np.ndarray]) -> list[np.ndarray]:
-        """CoT: greedy full-vocabulary rationale up to ``</think>`` (capped, then forced)."""
+        """CoT: greedy full-vocabulary rationale up to ``</think>`` (capped, then forced), then the text the pipeline
+        forces after it (``spec.rationale_end``)."""
         ids, mask = self._left_pad(prompts)
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
@@ -157,7 +158,7 @@ class HFBaseline:
             if self.spec.think_end_id in gen:
                 gen = gen[: gen.index(self.spec.think_end_id)]
             gen = [t for t in gen if t != self.spec.pad_id]
-            result.append(np.concatenate([p, np.asarray(gen + [self.spec.think_end_id], dtype=np.int64)]))
+            result.append(np.concatenate([p, np.asarray(gen + list(self.spec.rationale_end), dtype=np.int64)]))
         return result
 
     def recommend(self, histories: list[np.ndarray], k: int = 10, beams: int = 20) -> HFResult:

@@ -6,7 +6,8 @@
     nodes, scores = search.leaves()
 
 Steps: prefill once (context KV shared by the user's beams); cot only: greedy rationale tokens, one
-think step per call, ``</think>`` forced at ``max_rationale``; then one step per SID level: the
+think step per call, ``</think>`` forced at ``max_rationale``, then the text the pipeline forces after it
+(``PromptSpec.rationale_end``), one token per call; then one step per SID level: the
 trie-masked top-k over the level's log-probs, then (below the last level) one decode call. Beam
 reordering gathers the beams' own KV (a few SID positions) and never touches the context.
 
@@ -188,7 +189,7 @@ class BeamSearch:
         key, value = ops.own(self.ctx_key), ops.own(self.ctx_value)
         shape = ops.shape(key)  # (layers, B, Hkv, C0, D)
         c0 = shape[3]
-        self.cap = c0 + e.prompt.max_rationale + 1
+        self.cap = c0 + e.prompt.max_rationale + len(e.prompt.rationale_end)
         self.buf_key = ops.zeros((*shape[:3], self.cap, shape[4]), e.kv_dtype)
         self.buf_value = ops.zeros((*shape[:3], self.cap, shape[4]), e.kv_dtype)
         ops.copy_slots(self.buf_key, key, 0, 0, c0)
@@ -200,13 +201,18 @@ class BeamSearch:
         self.first = np.full((self.batch, len(e.first_ids)), -np.inf, np.float32)
         self.finished = np.zeros(self.batch, bool)
         self.n_rationale = np.zeros(self.batch, np.int64)
+        self.closed = np.zeros(self.batch, np.int64)  # rationale_end tokens fed so far (0: still reasoning)
 
     def _think(self) -> None:
-        """One greedy rationale token per unfinished user; ``</think>`` ends a user's rationale."""
+        """One token per unfinished user: its greedy rationale token, or the next of ``rationale_end`` once its
+        rationale has ended (``</think>``, the model's own or forced at ``max_rationale``)."""
         t0 = time.perf_counter()
         spec = self.e.prompt
+        end = np.asarray(spec.rationale_end, np.int64)
         tok = np.argmax(self.cur, axis=1).astype(np.int64)  # (B,)
-        tok[self.n_rationale >= spec.max_rationale] = spec.think_end_id
+        tok[(self.n_rationale >= spec.max_rationale) & (self.closed == 0)] = spec.think_end_id
+        closing = self.closed > 0
+        tok[closing] = end[np.minimum(self.closed[closing], len(end) - 1)]
         tok[self.finished] = spec.pad_id
         lp = self._think_step(tok)  # (B, vocab)
         self._record_rationale(tok, lp)
@@ -230,12 +236,15 @@ class BeamSearch:
         active = ~self.finished
         self.buf_mask[:, self.used] = active
         self.used += 1
-        ends = active & (tok == spec.think_end_id)
+        reasoning = active & (self.closed == 0)
+        rationale = reasoning & (tok != spec.think_end_id)  # (B,) a rationale token was fed
+        self.closed += active & ~rationale  # </think> or the forced text after it was fed
+        ends = active & (self.closed == len(spec.rationale_end))
         first = lp[ends][:, e.first_ids]  # (n, V1) full-vocabulary log-probs of level 1's codes
         self.first[ends] = renormalize(first) if e.scoring == "sid" else first
-        for b in np.flatnonzero(active & ~ends):
+        for b in np.flatnonzero(rationale):
             self.rationales[b].append(int(tok[b]))
-        self.n_rationale += active & ~ends
+        self.n_rationale += rationale
         self.finished |= ends
         self.cur = lp
 

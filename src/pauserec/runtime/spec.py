@@ -110,6 +110,7 @@ class ModelShape:
     max_rationale: int = 0
     scoring: str = "full"  # "full": log_softmax over the vocabulary; "sid": over each level's codes
     after: int = 0  # tokens scored after the SID (PromptSpec.after_ids): decode steps with a one-token "codebook"
+    after_think: int = 0  # cot: tokens forced after think_end, before the SID (PromptSpec.after_think_ids)
 
     @property
     def levels(self) -> int:
@@ -132,8 +133,8 @@ class ModelShape:
 
     @property
     def ctx_extra(self) -> int:
-        """Context slots a cot search adds after the prefill (rationale + ``</think>``)."""
-        return self.max_rationale + 1 if self.kind == "cot" else 0
+        """Context slots a cot search adds after the prefill (rationale + ``</think>`` + the text forced after it)."""
+        return self.max_rationale + 1 + self.after_think if self.kind == "cot" else 0
 
 
 def _kv(name: str, *middle: int | str, shape: ModelShape) -> TensorSpec:

@@ -190,7 +190,7 @@ class ReferenceRecommender:
         rats = None
         if self.spec.kind == "cot":
             rats = self.rationales(prompts)
-            prompts = [np.concatenate([p, np.asarray(r, np.int64), [self.spec.think_end_id]]) for p, r in zip(prompts, rats, strict=True)]
+            prompts = [np.concatenate([p, np.asarray(r, np.int64), self.spec.rationale_end]) for p, r in zip(prompts, rats, strict=True)]
         sids, scores, codes = self.beam_search(prompts)
         sids, scores, codes = sids.numpy(), scores.numpy().astype(np.float32), codes.numpy()
         t = self.trie

@@ -23,7 +23,7 @@ def encode_sample(spec, catalog, history, target, rationale_ids=None) -> tuple[n
     target_ids = spec.target_ids(catalog.sids[int(target)])  # (L,)
     head = [prompt]
     if spec.kind == "cot":
-        rat = np.asarray(list(rationale_ids or [])[: spec.max_rationale] + [spec.think_end_id], np.int64)
+        rat = np.asarray(list(rationale_ids or [])[: spec.max_rationale] + list(spec.rationale_end), np.int64)
         head.append(rat)
     ids = np.concatenate([*head, target_ids])
     labels = ids.copy()
