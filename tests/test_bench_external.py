@@ -57,3 +57,75 @@ def test_an_external_checkpoint_without_its_engine_is_refused(tmp_path):
                                   rss=False))
     with pytest.raises(CheckpointError, match="pass the engine exported from it"):
         HFBaseline(ckpt)
+
+
+def test_pause_against_cot_on_the_users_own_onerec_think_models(tmp_path):
+    """The paper's latency table on models in a pipeline's own format: a direct, a pause and a cot OneRec-Think
+    checkpoint, each exported with its kind, each paired with its own HF baseline, every top-10 identical."""
+    from pauserec.bench.latency import LatencyConfig, run_latency
+    from pauserec.bench.report import latency_markdown
+    from pauserec.export import ExportConfig, export_engine
+
+    prefixes = ("s_a", "s_b", "s_c")
+    index = write_index(tmp_path / "o.index.json", 36, prefixes, 6, seed=1)
+    write_items(tmp_path / "o.item.json", index)
+    engines, ckpts = [], []
+    for n, kind in enumerate(("pause", "cot", "direct")):
+        ckpt = make_checkpoint(tmp_path / kind, arch="qwen3", sid_tokens=sid_vocab(prefixes, 6), sid_as_special=True,
+                               extra_tokens=("<|sid_begin|>", "<|sid_end|>", "<|thought|>"), seed=n)
+        engines.append(export_engine(ExportConfig(
+            checkpoint=ckpt, out=tmp_path / "engines" / kind, index=tmp_path / "o.index.json", prompt="onerec-think",
+            kind=kind, pause_k=5 if kind == "pause" else None, max_rationale=4, check_users=0)).out)
+        ckpts.append(ckpt)
+    result = run_latency(LatencyConfig(engines=tuple(engines), hf_baselines=tuple(ckpts), batch_sizes=(2,), beams=12,
+                                       warmup=0, iters=1, rss=False, history_len=4, threads=1))
+    by_kind = {(s["system"], s["kind"]): s for s in result["systems"]}
+    for kind in ("pause", "cot", "direct"):
+        eng = by_kind[("engine", kind)]
+        assert eng["agreement"]["identical_top10"] == eng["agreement"]["users"] == 2, kind
+        assert "onerec-think prompt" in eng["facts"]["prompt"]
+        assert f"prompt of engine {kind}" in by_kind[("hf-generate", kind)]["facts"]["prompt"]
+    assert set(result["ratios"]["pause_vs_cot"]) == {"2"}
+    from pauserec.bench.report import finish, headline_lines
+
+    assert any(line.startswith("Pause vs CoT latency") for line in headline_lines(finish(result, "latency")))
+    assert "id(s) forced after the rationale" in latency_markdown(result)
+
+
+def test_quality_on_a_minionerec_dataset_with_its_own_engine(tmp_path):
+    """`pauserec-bench quality ENGINE --data DIR` on the layout export's --data reads (MiniOneRec CSVs + index)."""
+    from test_data_datasets import write_minionerec
+
+    from pauserec.bench.quality import run_quality
+    from pauserec.bench.report import quality_markdown
+    from pauserec.export import ExportConfig, export_engine
+
+    data = write_minionerec(tmp_path / "data")
+    ckpt = make_checkpoint(tmp_path / "mini", arch="qwen2", sid_tokens=sid_vocab(("a", "b", "c"), 6), tied=True)
+    engine = export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "engine", prompt="minionerec",
+                                        index=data / "index" / "Toy.index.json", check_users=2)).out
+    res = run_quality(engine, data, beams=4)
+    assert res["metrics"]["users"] == 3 and 0 <= res["metrics"]["hit@10"] <= 1
+    assert res["metrics"]["invalid_rate"] == 0
+    assert "the minionerec prompt" in res["prompt"] and "after the SID scored" in res["prompt"]
+    assert "minionerec prompt" in quality_markdown({"systems": [res]})
+
+
+def test_ablation_of_a_checkpoint_trained_elsewhere(tmp_path):
+    """`pauserec-bench ablation CKPT --prompt P --sid-index I --hf-baseline`: the engines are exported with the
+    checkpoint's own prompt, and HF generate runs that prompt too (identical top-10 to the full-vocabulary engine)."""
+    from pauserec.bench.ablation import AblationConfig, run_ablation
+
+    ckpt, _ = _engine(tmp_path, "m", ("a", "b", "c"), "qwen2", "minionerec", tied=True)
+    cfg = AblationConfig(checkpoint=ckpt, out=tmp_path / "abl", batch_sizes=(2,), beams=10, k=10, iters=1, warmup=0,
+                         threads=1, history_len=4, hf_baseline=True, prompt="minionerec",
+                         sid_index=tmp_path / "m.index.json")
+    result = run_ablation(cfg, say=lambda m: None)
+    rows = {v["name"]: v for v in result["variants"]}
+    full, hf = rows["full-vocab head"], rows["HF generate"]
+    assert full["agreement"]["users"] == hf["agreement"]["users"] == 2
+    same = hf["agreement_full_vocab"]
+    assert same["identical_top10"] == same["users"] == 2 and same["max_score_diff"] < 1e-4
+    from pauserec.runtime.engine import read_manifest
+
+    assert read_manifest(tmp_path / "abl" / "engines" / "full").prompt.layout == "minionerec"

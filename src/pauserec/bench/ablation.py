@@ -15,7 +15,8 @@ context KV, native top-k):
   whole ``vocab x hidden`` head and normalises over the vocabulary (HF's scores).
 * ``NumPy top-k``: the trie-masked top-k in the NumPy reference instead of the native kernel.
 
-The engines are exported here from the checkpoint (or reused from ``engines_dir``).
+The engines are exported here from the checkpoint (or reused from ``engines_dir``); a checkpoint trained
+elsewhere is exported with the prompt options ``pauserec-export`` takes (``prompt``, ``sid_index``, ...).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class AblationConfig:
     history_len: int = 20
     seed: int = 0
     hf_baseline: bool = False  # also time HF generate (slow at real sizes)
+    # a checkpoint trained elsewhere: what pauserec-export needs to read it (its --prompt, --index, ...)
+    prompt: str | None = None
+    sid_index: Path | None = None
+    items: Path | None = None
+    kind: str | None = None
+    pause_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +151,9 @@ def export_engines(cfg: AblationConfig, say: Callable[[str], None]) -> dict[str,
             say(f"reusing {path}")
         else:
             say(f"exporting {name} engine -> {path}")
-            export_engine(ExportConfig(checkpoint=cfg.checkpoint, out=path, threads=cfg.threads, seed=cfg.seed, **opts))
+            export_engine(ExportConfig(checkpoint=cfg.checkpoint, out=path, threads=cfg.threads, seed=cfg.seed,
+                                       prompt=cfg.prompt, index=cfg.sid_index, items=cfg.items, kind=cfg.kind,
+                                       pause_k=cfg.pause_k, **opts))
         out[name] = path
     return out
 
@@ -159,7 +168,7 @@ def run_ablation(cfg: AblationConfig, say: Callable[[str], None] = print,
     systems = [_EngineSystem(engines[v.engine], cfg.threads, impl=v.impl, wrap=wrapper(v.wrap, cfg.beams), label=v.name)
                for v in variants]
     if cfg.hf_baseline:
-        hf = _HFSystem(cfg.checkpoint, cfg.threads)
+        hf = _HFSystem(cfg.checkpoint, cfg.threads, engine=engines["full"])  # (the prompt of a card-less one)
         hf.label = "HF generate"
         systems.append(hf)
         variants.append(Variant("HF generate", "-", "transformers generate + prefix_allowed_tokens_fn (reference)"))
@@ -173,6 +182,10 @@ def run_ablation(cfg: AblationConfig, say: Callable[[str], None] = print,
     for i, (s, v) in enumerate(zip(systems, variants)):  # answers checked against the all-on engine
         rows.append({"name": v.name, "how": v.how, "engine": str(s.path), "scoring": s.scoring,
                      "by_batch": stats[i], "agreement": {"reference": "all on", **agreement(answers[i], answers[0])}})
+    if cfg.hf_baseline:  # HF ranks as the full-vocabulary engine does: the same top-10, scores within 1e-4
+        full = next(i for i, v in enumerate(variants) if v.engine == "full")
+        rows[-1]["agreement_full_vocab"] = {"reference": variants[full].name,
+                                         **agreement(answers[len(rows) - 1], answers[full])}
     base = rows[0]
     for r in rows:
         r["slowdown_vs_all_on"] = {bs: r["by_batch"][bs]["batch_latency_s"]["p50"]

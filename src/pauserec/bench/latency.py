@@ -96,6 +96,7 @@ class _EngineSystem:
         self.sha = self.engine.manifest.source.get("sha256")
         self.scoring = self.engine.manifest.scoring
         self.precision = self.engine.manifest.precision
+        self.facts = {"prompt": self.engine.prompt.describe()}
         from pauserec.runtime.backends.ort import MergedView
 
         merged = any(isinstance(v, MergedView) for v in self.engine.sessions.values())

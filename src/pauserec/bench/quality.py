@@ -85,7 +85,7 @@ def evaluate_engine(
     pop = metrics.popularity_metrics(dataset.sequences, len(cat.item_ids), targets, split=split)
     kind = engine.manifest.kind
     res = {"name": system_name(kind, engine_path), "kind": kind, "path": str(engine_path),
-           "split": split, "beams": beams, "metrics": m, "popularity": pop}
+           "split": split, "beams": beams, "metrics": m, "popularity": pop, "prompt": engine.prompt.describe()}
     return res, metrics.per_user(ranked_items, targets, 10)
 
 

@@ -103,13 +103,22 @@ def latency_markdown(result: dict) -> str:
         text += ("\nONNX Runtime's intra-op threads busy-wait between operators (`--spin`) for the engines and the "
                  "ONNX Runtime baselines; OpenVINO keeps its own threading.\n")
     text += agreement_markdown(result)
-    for s in result["systems"]:
-        if s["system"] == "hf-generate" and (s.get("facts") or {}).get("prompt"):
-            text += f"\nHF baseline {s['name']}: runs {s['facts']['prompt']}\n"
+    text += prompt_lines(result)
     for s in result["systems"]:
         if _runtime_of(s["system"]) and s.get("facts"):
             text += worker_facts_line(s)
     return text
+
+
+def prompt_lines(result: dict) -> str:
+    """Which prompt each engine and HF baseline ran (a checkpoint trained elsewhere runs its engine's)."""
+    lines = []
+    for s in result["systems"]:
+        prompt = s.get("prompt") or (s.get("facts") or {}).get("prompt")
+        if prompt and s.get("system", "engine") in ("engine", "engine+prepack", "engine-unpacked", "hf-generate"):
+            who = f"HF baseline {s['name']}" if s.get("system") == "hf-generate" else s["name"]
+            lines.append(f"{who}: runs {prompt}")
+    return ("\n" + "\n".join(f"- {x}" for x in lines) + "\n") if lines else ""
 
 
 def _runtime_of(system: str | None):
@@ -197,7 +206,7 @@ def quality_markdown(result: dict) -> str:
             f"| {s['name']} | {m.get('users', '-')} | {m['hit@5']:.4f} | {m['hit@10']:.4f} | "
             f"{m['ndcg@5']:.4f} | {m['ndcg@10']:.4f} | {m.get('invalid_rate', 0):.4f} |"
         )
-    return head + "\n".join(rows) + "\n"
+    return head + "\n".join(rows) + "\n" + prompt_lines(result)
 
 
 def markdown(result: dict) -> str:

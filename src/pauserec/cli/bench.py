@@ -222,6 +222,13 @@ def ablation(
     iters: int = typer.Option(7, "--iters", min=1),
     threads: int = typer.Option(None, "--threads", help="Intra-op threads for every variant."),
     hf_baseline: bool = typer.Option(False, "--hf-baseline", help="Also time HF generate on the checkpoint."),
+    prompt: str = typer.Option(None, "--prompt", help="A checkpoint trained elsewhere: its prompt layout (preset or "
+                               "JSON file), as pauserec-export --prompt."),
+    sid_index: Path = typer.Option(None, "--sid-index", help="A checkpoint trained elsewhere: the item -> SID index "
+                                   "it was trained with (pauserec-export --index)."),
+    items: Path = typer.Option(None, "--items", help="Item fields the prompt renders (pauserec-export --items)."),
+    kind: str = typer.Option(None, "--kind", help="direct | pause, for a layout with several (pauserec-export --kind)."),
+    pause_k: int = typer.Option(None, "--pause-k", help="A pause model's pause count (pauserec-export --pause-k)."),
 ) -> None:
     """Where the speed comes from: the engine with each of its ideas switched off in turn, same users."""
     from pauserec.bench.ablation import AblationConfig, run_ablation, write_ablation
@@ -229,7 +236,8 @@ def ablation(
 
     cfg = AblationConfig(checkpoint=checkpoint, out=out, engines_dir=engines_dir, data=data, index=index,
                          batch_sizes=_ints(batch_sizes, "--batch-sizes"), beams=beams, warmup=warmup, iters=iters,
-                         threads=threads, hf_baseline=hf_baseline)
+                         threads=threads, hf_baseline=hf_baseline, prompt=prompt, sid_index=sid_index, items=items,
+                         kind=kind, pause_k=pause_k)
     result = finish(run_ablation(cfg, say=lambda m: console.print(f"[dim]{m}[/]", highlight=False)), "ablation",
                     threads=threads)
     files = write_ablation(result, out)

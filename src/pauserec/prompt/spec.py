@@ -117,6 +117,18 @@ class PromptSpec:
         return sorted({*(t for level in self.sid_token_ids for t in level), *self.item_lead_ids, *self.item_tail_ids,
                        *self.sep_ids, self.pad_id, self.eos_id, *self.suffix_ids, *self.after_ids})
 
+    def describe(self) -> str:
+        """One line for reports: which prompt a system runs."""
+        parts = [f"{self.assembly} assembly", f"{len(self.prefix_ids)} + {len(self.suffix_ids)} fused ids",
+                 f"at most {self.max_history} items"]
+        if self.kind == "pause":
+            parts.append(f"{self.pause_k} pauses")
+        if self.after_think_ids:
+            parts.append(f"{len(self.after_think_ids)} id(s) forced after the rationale")
+        if self.after_ids:
+            parts.append(f"{len(self.after_ids)} id(s) after the SID scored")
+        return f"the {self.layout} prompt ({', '.join(parts)})"
+
     def sid_table(self) -> np.ndarray:
         """(L, max V) int64 table: token id of code c at level l (-1 beyond that level's size)."""
         table = np.full((self.levels, max(self.codebook_sizes)), -1, dtype=np.int64)

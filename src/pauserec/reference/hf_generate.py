@@ -90,7 +90,7 @@ def baseline_prompt(ckpt: str | Path, engine: str | Path | None = None) -> Basel
 
     e = Engine.load(engine, graphs=False, verify=False)
     return BaselinePrompt(e.prompt, e.catalog, e.encoder,
-                          f"the prompt of engine {Path(engine).name} ({e.prompt.assembly} assembly)")
+                          f"the prompt of engine {Path(engine).name}: {e.prompt.describe()}")
 
 
 class HFBaseline:
