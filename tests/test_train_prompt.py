@@ -245,6 +245,9 @@ def test_lora_trains_adapters_and_the_pause_row_and_saves_merged_weights(tmp_pat
 
     src = load_sources(ExportConfig(checkpoint=out, out=tmp_path / "never", prompt="minionerec"))
     assert src.spec.kind == "pause" and src.spec.pause_k == 2
+    assert src.spec == load_sources(ExportConfig(checkpoint=out, out=tmp_path / "never")).spec  # the card's own
+    longer = load_sources(ExportConfig(checkpoint=out, out=tmp_path / "never", prompt="minionerec", pause_k=4))
+    assert longer.spec.pause_k == 4 and longer.spec.suffix_ids[-4:] == (pid,) * 4  # --pause-k still overrides
 
 
 # -- refusals -------------------------------------------------------------------------------------------------------
@@ -264,3 +267,22 @@ def test_refusals_say_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match=r"not single tokens of the model \(<a_4>.*adds none"):
         _train(data, short, tmp_path / "o", prompt="minionerec")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_pause_token_the_checkpoint_has_keeps_its_row(tmp_path, monkeypatch):
+    """OneRec-Think's <|thought|> already in the tokenizer (a pause fork trained further): nothing is added, the row
+    the checkpoint has is where training starts."""
+    prefixes = ("s_a", "s_b", "s_c")
+    data, _, _ = _dataset(tmp_path, "kept", prefixes)
+    ckpt = make_checkpoint(tmp_path / "kept-sft", arch="qwen3", sid_tokens=sid_vocab(prefixes, CODES),
+                           extra_tokens=("<|sid_begin|>", "<|sid_end|>", "<|thought|>"), sid_as_special=True)
+    tok0 = transformers.AutoTokenizer.from_pretrained(ckpt)
+    pid = tok0.convert_tokens_to_ids("<|thought|>")
+    row = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).get_input_embeddings().weight[pid]
+    spy = Spy(monkeypatch)
+    out = _train(data, ckpt, tmp_path / "out", prompt="onerec-think", pause_k=2).out
+    assert len(transformers.AutoTokenizer.from_pretrained(out)) == len(tok0)
+    assert torch.equal(spy.rows[0], row)
+    facts = json.loads((out / "pauserec_card.json").read_text())["train"]["prompt"]
+    assert facts["pause_token"] == {"token": "<|thought|>", "added": False, "id": pid, "init": "kept"}
+    assert facts["pause_template"] == "the layout's own"
