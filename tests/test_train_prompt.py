@@ -278,7 +278,8 @@ def test_a_pause_token_the_checkpoint_has_keeps_its_row(tmp_path, monkeypatch):
                            extra_tokens=("<|sid_begin|>", "<|sid_end|>", "<|thought|>"), sid_as_special=True)
     tok0 = transformers.AutoTokenizer.from_pretrained(ckpt)
     pid = tok0.convert_tokens_to_ids("<|thought|>")
-    row = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).get_input_embeddings().weight[pid]
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    row = model.get_input_embeddings().weight[pid]
     spy = Spy(monkeypatch)
     out = _train(data, ckpt, tmp_path / "out", prompt="onerec-think", pause_k=2).out
     assert len(transformers.AutoTokenizer.from_pretrained(out)) == len(tok0)

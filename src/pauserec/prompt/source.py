@@ -7,7 +7,9 @@ Export (and anything else that starts from a checkpoint directory) asks two ques
 * ``checkpoint_prompt``: the token-level prompt. A checkpoint ``pauserec train`` wrote carries it in its
   training card (command-line overrides checked against it); any other checkpoint names its layout
   (``--prompt PRESET|FILE``), which is rendered through the checkpoint's chat template where it has one,
-  checked token by token and resolved against the catalog (``pauserec.prompt.resolve``).
+  checked token by token and resolved against the catalog (``pauserec.prompt.resolve``). A checkpoint
+  ``pauserec train --init-from CKPT --prompt LAYOUT`` wrote has both: its card gives the kind, pause count, catalog
+  and item fields the declared layout is resolved with, and the result must be the card's spec.
 """
 
 from __future__ import annotations

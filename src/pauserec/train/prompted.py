@@ -82,7 +82,7 @@ class Prompted:
 
 
 def prepare(cfg, dataset) -> Prompted:
-    """Load ``cfg.init_from``, add the pause token if needed and resolve ``cfg.prompt`` against the dataset's catalog."""
+    """Load ``cfg.init_from``, add the pause token if needed, resolve ``cfg.prompt`` against the dataset's catalog."""
     from tokenizers import AddedToken
 
     from pauserec.prompt import hf

@@ -599,7 +599,8 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
     if pm is not None:
         train_facts["prompt"] = pm.facts
         train_facts["lora"] = None if not cfg.lora else {
-            "rank": cfg.lora, "alpha": 2 * cfg.lora, "targets": sorted(peft_model.peft_config["default"].target_modules),
+            "rank": cfg.lora, "alpha": 2 * cfg.lora,
+            "targets": sorted(peft_model.peft_config["default"].target_modules),
             "saved": "merged into the weights"}
     card = TrainingCard(
         prompt=spec, dataset=dataset.name, index=cfg.index or (dataset.index or ""), seed=cfg.seed,
