@@ -13,13 +13,14 @@ from pauserec.cli.common import console, handle_errors
 @handle_errors
 def train(
     data: Path = typer.Option(..., "--data", help="Dataset directory (LC-Rec or MiniOneRec layout)."),
-    index: str = typer.Option(None, "--index", help="SID index name (e.g. rkmeans_zcr); default: the one beside the data."),
+    index: str = typer.Option(None, "--index", help="SID index: a name (e.g. rkmeans_zcr) or a NAME.index.json file; "
+                              "default: the one beside the data."),
     kind: str = typer.Option(..., "--kind", help="direct | pause | cot"),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write."),
     preset: str = typer.Option("small", "--preset", help="Model size: tiny (tests) | small (default)."),
     layers: int = typer.Option(None, "--layers", help="Transformer layers of a model trained from scratch "
                                "(default: the preset's)."),
-    pause_k: int = typer.Option(5, "--pause-k", help="Number of <pause> tokens (pause kind)."),
+    pause_k: int = typer.Option(5, "--pause-k", help="Number of pause tokens (pause kind)."),
     max_minutes: float = typer.Option(
         None, "--max-minutes", help="Wall-clock ceiling for the whole run (validation picks the saved weights)."),
     epochs: int = typer.Option(None, "--epochs", help="Most SFT epochs (default: the preset's; early stopping "
@@ -30,6 +31,25 @@ def train(
         help="Fine-tune a local HF checkpoint (Qwen2/Qwen3/Llama) instead of a preset from scratch; "
         "its default lr is 5e-5 (1e-4 for --grounding).",
     ),
+    prompt: str = typer.Option(
+        None, "--prompt",
+        help="With --init-from: train in the checkpoint's own prompt layout, a preset (minionerec, lc-rec[:N], "
+        "onerec-think, pauserec) or a JSON layout file, in its SID spelling and tokenisation, resolved as "
+        "pauserec-export resolves it. --kind pause: the layout's pause token (<pause> if it names none) is added when "
+        "missing (its row starts at the mean embedding) and the pauses go where its pause template puts them; a "
+        "layout with only a direct template (minionerec, lc-rec) gets them at the very end of it, right before the "
+        "first SID token. The SID tokens must already be in the checkpoint. Export the result with "
+        "`pauserec-export OUT --prompt` the same layout, and no other flag.",
+    ),
+    items: Path = typer.Option(None, "--items", help="With --prompt: item fields the layout renders (titles): LC-Rec "
+                               ".item.json or MiniOneRec info .txt (kept in the checkpoint for the export)."),
+    lora: int = typer.Option(
+        None, "--lora", help="With --prompt: train LoRA adapters of rank R (alpha 2R) on every attention/MLP "
+        "projection plus the pause token's embedding row, the rest frozen; the adapters are merged into the saved "
+        "weights (a complete checkpoint: export needs no --base). Less optimizer memory at 1.7B."),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory for "
+        "long prompts or big models, about a third more compute."),
     grounding: bool = typer.Option(False, "--grounding", help="First train SID<->title grounding."),
     pause_pretrain: bool = typer.Option(False, "--pause-pretrain", help="Pre-train the <pause> row alone first."),
     lr: float = typer.Option(
@@ -78,7 +98,7 @@ def train(
         lr=lr, batch_size=batch_size, max_steps=max_steps, threads=threads, progress=True,
         weight_decay=weight_decay, dropout=dropout, warmup_steps=warmup_steps, decay_epochs=decay_epochs,
         val_users=val_users, val_every=val_every, val_share=val_share, patience=patience, val_metric=val_metric, val_beams=val_beams,
-        snapshots=snapshots,
+        snapshots=snapshots, prompt=prompt, items=items, lora=lora, gradient_checkpointing=gradient_checkpointing,
     )
     res = run(cfg)
     console.print(

@@ -27,7 +27,7 @@ from typing import Any
 
 from pauserec.errors import CheckpointError, ExportError
 from pauserec.prompt.layout import PromptLayout
-from pauserec.prompt.spec import ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, PromptSpec, TrainingCard
+from pauserec.prompt.spec import CARD_FILE, ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, PromptSpec, TrainingCard
 
 # The engine-directory contract is owned by the runtime, which reads it; export writes to it.
 from pauserec.runtime.engine import CATALOG_FILE, MANIFEST_FILE, sha256_file
@@ -93,7 +93,8 @@ def load_sources(cfg) -> Sources:
         raise CheckpointError(f"{path} is not an HF checkpoint directory (no config.json); pass a save_pretrained folder")
     check_architecture(path, cfg.base)
     card = has_card(path, cfg.prompt)
-    cat = read_catalog_source(path, cfg.index, cfg.catalog, card)
+    # a card checkpoint keeps its catalog, with or without --prompt (`pauserec train --prompt` writes both)
+    cat = read_catalog_source(path, cfg.index, cfg.catalog, card or (path / CARD_FILE).is_file())
     tok, hf_tok, warnings = checkpoint_tokenizers(path, cfg.base, card)
     streamed = None
     if cfg.stream:

@@ -226,6 +226,26 @@ class PromptLayout:
                 raise DataError(f"{where}: the template uses {PAUSES} but names no pause_token")
         return segs
 
+    def with_pause_template(self) -> PromptLayout:
+        """This layout with a pause template, the one place a pause prompt is derived: its own when it has one;
+        else (a layout with only a direct template: minionerec, lc-rec) the direct template with ``{pauses}`` at its
+        very end, right before the first SID token, where PauseRec puts the pauses (just before the answer).
+        ``pause_token`` defaults to ``<pause>``. Training (``pauserec train --prompt``) and export both call it."""
+        if "pause" in self.kinds:
+            return self
+        if self.chat is not None or "direct" not in self.kinds:
+            raise DataError(f"prompt layout {self.name!r} has no pause template, and a pause prompt is derived only "
+                            "from a plain direct 'template': write the layout's pause template with {pauses} where "
+                            "the pauses go")
+        direct = list(self.segments("direct"))
+        direct[-1] += PAUSES
+        own = self.template if isinstance(self.template, dict) else {k: self.template for k in self.kinds}
+        return PromptLayout.from_dict({**self.to_dict(), "template": {**own, "pause": direct if len(direct) > 1
+                                                                      else direct[0]},
+                                       "pause_token": self.pause_token or PAUSE,
+                                       "kinds": [k for k in KINDS if k in self.kinds or k == "pause"]},
+                                      source=self.name)
+
     def chat_messages(self, history_text: str) -> list[dict[str, str]]:
         """A chat layout's messages for one user: the pinned system prompt (if any) and the user message with
         ``history_text`` in place of ``{history}``."""

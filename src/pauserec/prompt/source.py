@@ -7,7 +7,9 @@ Export (and anything else that starts from a checkpoint directory) asks two ques
 * ``checkpoint_prompt``: the token-level prompt. A checkpoint ``pauserec train`` wrote carries it in its
   training card (command-line overrides checked against it); any other checkpoint names its layout
   (``--prompt PRESET|FILE``), which is rendered through the checkpoint's chat template where it has one,
-  checked token by token and resolved against the catalog (``pauserec.prompt.resolve``).
+  checked token by token and resolved against the catalog (``pauserec.prompt.resolve``). A checkpoint
+  ``pauserec train --init-from CKPT --prompt LAYOUT`` wrote has both: its card gives the kind, pause count, catalog
+  and item fields the declared layout is resolved with, and the result must be the card's spec.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from pauserec.errors import CheckpointError
 from pauserec.prompt.layout import PromptLayout, load_layout, preset, read_item_fields
-from pauserec.prompt.spec import CARD_FILE, TOKENIZER_FILE, PromptEncoder, PromptSpec, TrainingCard
+from pauserec.prompt.spec import CARD_FILE, ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, PromptSpec, TrainingCard
 
 
 @dataclass
@@ -81,10 +83,16 @@ def checkpoint_tokenizers(path: Path, base: Path | None, card: bool) -> tuple[An
 
 def checkpoint_prompt(path: Path, catalog, tok, hf_tok, *, vocab: int, config_eos=None, prompt: str | None = None,
                       kind: str | None = None, pause_k: int | None = None, max_history: int | None = None,
-                      max_rationale: int | None = None, items: Path | None = None, seed: int = 0) -> CheckpointPrompt:
+                      max_rationale: int | None = None, items: Path | None = None, seed: int = 0,
+                      card_defaults: bool = True) -> CheckpointPrompt:
     """The prompt of checkpoint ``path`` against ``catalog``: its training card's spec (with the overrides) or the
     layout ``prompt`` (a preset or JSON file) resolved with its tokenizers; ``vocab``: the model's rows;
-    ``config_eos``: config.json's eos id, used when the tokenizer names none."""
+    ``config_eos``: config.json's eos id, used when the tokenizer names none.
+
+    A declared ``prompt`` beside a training card (``pauserec train --prompt`` writes one; ``card_defaults``) takes
+    the card's kind and pause count where they are not given, the card directory's ``items.json`` for the item
+    fields, and must resolve to the card's spec (``same_as_card``). A pause prompt of a layout with only a direct
+    template is ``PromptLayout.with_pause_template``'s."""
     from pauserec.prompt import hf
     from pauserec.prompt.resolve import resolve_layout
 
@@ -100,15 +108,27 @@ def checkpoint_prompt(path: Path, catalog, tok, hf_tok, *, vocab: int, config_eo
     if prompt is None:
         raise CheckpointError(f"{path} was not trained by pauserec: pass --prompt PRESET|FILE, the prompt layout "
                               "it was trained with (presets: pauserec, minionerec, lc-rec[:N], onerec-think)")
+    card = TrainingCard.load(path) if card_defaults and (path / CARD_FILE).is_file() else None
+    flags = {"kind": kind, "pause_k": pause_k, "max_history": max_history, "max_rationale": max_rationale}
+    if card is not None:
+        if kind is not None and kind != card.prompt.kind:
+            raise CheckpointError(f"the checkpoint's card says it is a {card.prompt.kind} model; --kind {kind} cannot "
+                                  "change what it was trained as")
+        kind = card.prompt.kind
+        pause_k = pause_k if pause_k is not None or card.prompt.kind != "pause" else card.prompt.pause_k
+        max_rationale = max_rationale or card.prompt.max_rationale
     layout = load_layout(prompt, max_history=max_history)
     kind = kind or (layout.kinds[0] if len(layout.kinds) == 1 else None)
     if kind is None:
         raise CheckpointError(f"prompt layout {layout.name!r} has templates for {', '.join(layout.kinds)} "
                               "models: pass --kind to say which this checkpoint is")
+    if kind == "pause":
+        layout = layout.with_pause_template()
     warnings = hf.chat_pins(layout, hf_tok)
     plain = hf.render_chat(layout, hf_tok)
     hf.check_token_names(plain, kind, tok)
-    fields = read_item_fields(items, catalog, plain.item_fields())
+    known = _card_items(path) if card is not None and items is None else None
+    fields = read_item_fields(items, catalog, plain.item_fields(), known)
     eos = hf_tok.eos_token_id if hf_tok.eos_token_id is not None else _config_id(config_eos)
     if eos is None:
         raise CheckpointError(f"{path}: neither the tokenizer nor config.json names an eos token")
@@ -117,7 +137,34 @@ def checkpoint_prompt(path: Path, catalog, tok, hf_tok, *, vocab: int, config_eo
                           bos_id=hf_tok.bos_token_id, item_fields=fields, vocab=vocab,
                           max_rationale=max_rationale or 64, seed=seed)
     check_sid_tokens(spec, catalog, vocab, None)
-    return CheckpointPrompt(spec, PromptEncoder(spec, catalog, tok, fields), layout, None, fields, warnings)
+    if card is not None:
+        same_as_card(spec, card, path, prompt, flags)
+    return CheckpointPrompt(spec, PromptEncoder(spec, catalog, tok, fields), layout, card, fields, warnings)
+
+
+def same_as_card(spec: PromptSpec, card: TrainingCard, path: Path, prompt: str, flags: dict[str, Any]) -> None:
+    """CheckpointError unless ``spec`` (resolved from ``--prompt``) is the card's, but for what the flags change
+    (``--pause-k``: the pause count; ``--max-history``; ``--max-rationale``)."""
+    trained, given = card.prompt, card.train.get("prompt") or {}
+    ignore = {"pause_k", "suffix_ids"} if flags["pause_k"] is not None else set()
+    ignore |= {"max_history", "max_history_tokens"} if flags["max_history"] is not None else set()
+    ignore |= {"max_rationale"} if flags["max_rationale"] is not None else set()
+    ours, theirs = spec.to_dict(), trained.to_dict()
+    differ = [k for k in ours if k not in ignore and ours[k] != theirs.get(k)]
+    if differ:
+        was = given.get("given") or trained.layout
+        raise CheckpointError(
+            f"{path} was trained with prompt {was!r} as a {trained.kind} model (its {CARD_FILE}), and --prompt "
+            f"{prompt} resolves to a different prompt ({', '.join(differ)} differ{'s' if len(differ) == 1 else ''}). "
+            f"Export it with --prompt {was} (or without --prompt: the card's prompt)")
+
+
+def _card_items(path: Path) -> dict[str, dict[str, str]] | None:
+    """The item fields a card checkpoint keeps (``items.json``, written by ``pauserec train --prompt``), if any."""
+    import json
+
+    f = Path(path) / ITEMS_FILE
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
 
 
 def check_sid_tokens(spec: PromptSpec, catalog, vocab: int, tok) -> None:

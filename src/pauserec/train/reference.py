@@ -99,10 +99,11 @@ def left_pad(seqs, pad_id: int):
 class ReferenceRecommender:
     """Trie-constrained beam search over a causal LM, the prompt spec and the catalog's trie."""
 
-    def __init__(self, model, spec, catalog, beams: int = 20, top_n: int = 10):
+    def __init__(self, model, spec, catalog, beams: int = 20, top_n: int = 10, encoder=None):
         if beams < 1 or top_n < 1:
             raise PauserecError(f"beams and top_n must be >= 1 (got {beams}, {top_n})")
         self.model, self.spec, self.catalog = model.eval(), spec, catalog
+        self.encoder = encoder  # a PromptEncoder (declared --prompt layouts, text assembly); None: the spec's ids
         self.beams, self.top_n = beams, top_n
         self.trie = catalog.trie
         self.tables = child_tables(self.trie)
@@ -126,6 +127,8 @@ class ReferenceRecommender:
 
     def prompts(self, histories) -> list[np.ndarray]:
         """Prompt ids of each history (dense item indices), up to the constant think suffix."""
+        if self.encoder is not None:
+            return [self.encoder.full(np.asarray(h, dtype=np.int64)) for h in histories]
         return [self.spec.prompt_ids(self.catalog.sids[np.asarray(h, dtype=np.int64)]) for h in histories]
 
     def rationales(self, prompts) -> list[list[int]]:

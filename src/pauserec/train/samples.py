@@ -17,9 +17,10 @@ IGNORE = -100
 PAUSE_RATE, MAX_TITLE_TOKENS = 0.10, 32
 
 
-def encode_sample(spec, catalog, history, target, rationale_ids=None) -> tuple[np.ndarray, np.ndarray]:
-    """One SFT sample -> (ids, labels), both (T,) int64."""
-    prompt = spec.prompt_ids(catalog.sids[np.asarray(history)])  # (P,)
+def encode_sample(spec, catalog, history, target, rationale_ids=None, prompt=None) -> tuple[np.ndarray, np.ndarray]:
+    """One SFT sample -> (ids, labels), both (T,) int64; ``prompt``: the history's prompt ids when already built
+    (a ``PromptEncoder``'s, for text-assembled prompts), else the spec's ids assembly."""
+    prompt = spec.prompt_ids(catalog.sids[np.asarray(history)]) if prompt is None else np.asarray(prompt, np.int64)
     target_ids = spec.target_ids(catalog.sids[int(target)])  # (L,)
     head = [prompt]
     if spec.kind == "cot":
@@ -31,17 +32,24 @@ def encode_sample(spec, catalog, history, target, rationale_ids=None) -> tuple[n
     return ids, labels
 
 
-def encode_split(spec, dataset, split, tok=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Encode every sample of a split (cot needs the tokenizer for its rationales)."""
+def encode_split(spec, dataset, split, tok=None, encoder=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Encode every sample of a split (cot needs the tokenizer for its rationales); ``encoder``: the
+    ``PromptEncoder`` that builds the prompts (a declared ``--prompt`` layout, text assembly included), else the
+    spec's ids assembly."""
     if len(split) == 0:
         raise DataError(
             f"dataset {dataset.name!r} has no training samples (every user needs >= 3 interactions); "
             "check the data directory and index"
         )
+    prompts = [None] * len(split)
+    if encoder is not None:
+        prompts, edge = [], (np.asarray(spec.prefix_ids, np.int64), np.asarray(spec.suffix_ids, np.int64))
+        for lo in range(0, len(split), 1024):  # a text-assembled prompt tokenises a batch at a time
+            prompts += [np.concatenate([edge[0], ids, edge[1]]) for ids in encoder.many(split.histories[lo: lo + 1024])]
     out = []
-    for hist, target in zip(split.histories, split.targets, strict=True):
+    for hist, target, prompt in zip(split.histories, split.targets, prompts, strict=True):
         rat = tk.encode_text(tok, rationale_text(dataset.items, hist)) if spec.kind == "cot" else None
-        out.append(encode_sample(spec, dataset.catalog, hist, target, rat))
+        out.append(encode_sample(spec, dataset.catalog, hist, target, rat, prompt))
     return out
 
 

@@ -121,6 +121,10 @@ class TrainConfig:
     val_beams: int = 20
     plot: bool = True  # curve.png beside the checkpoint (needs matplotlib; never fails the run)
     snapshots: bool = False  # also keep every evaluation's weights in out/snapshots/ (budget sweeps)
+    prompt: str | None = None  # --init-from only: the checkpoint's own prompt layout (pauserec.train.prompted)
+    items: Path | None = None  # with prompt: item fields the layout renders (titles)
+    lora: int | None = None  # with prompt: LoRA rank (adapters + the pause row train; merged before saving)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
 
 
 @dataclass
@@ -177,6 +181,8 @@ class Stage:
     budget_s: float | None
     max_steps: int | None = None
     pause_only: int | None = None  # pause token id: freeze everything but its embedding row
+    lora: bool = False  # the model carries peft adapters: train them (and pause_row, if set) only
+    pause_row: int | None = None  # with lora: the pause token id whose embedding row trains as its own vector
     prefix_len: int = 0  # every sample starts with these same unlabelled tokens (the instruction)
     weight_decay: float = 0.01
     dropout: float = 0.0
@@ -192,6 +198,12 @@ def _trainable(model, stage: Stage):
     import torch
 
     emb = model.get_input_embeddings()
+    if stage.lora:  # peft froze the base: the adapters, plus the pause row as a vector of its own
+        params = [p for p in model.parameters() if p.requires_grad]
+        if stage.pause_row is None:
+            return params, None
+        pause_vec = torch.nn.Parameter(emb.weight[stage.pause_row].detach().clone())
+        return [*params, pause_vec], pause_vec
     if stage.pause_only is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -240,6 +252,12 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
 
     emb = model.get_input_embeddings()
     params, pause_vec = _trainable(model, stage)
+    row = stage.pause_only if stage.pause_only is not None else stage.pause_row  # the row pause_vec stands for
+
+    def sync_pause_row() -> None:  # the embedding row := the vector trained for it
+        if pause_vec is not None:
+            with torch.no_grad():
+                emb.weight[row] = pause_vec.detach()
     opt = make_optimizer(params, stage.lr, stage.weight_decay)
     lengths = np.array([len(x) for x, _ in stage.samples])
     per_epoch = math.ceil(len(lengths) / stage.batch_size)
@@ -254,6 +272,7 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
     def evaluate() -> bool:
         nonlocal val_s, last_eval
         tv = time.perf_counter()
+        sync_pause_row()
         if not stage.validate.fits(model, _eval_allowance(stage, val_s, t0)):
             val_s += time.perf_counter() - tv
             if progress:
@@ -270,10 +289,10 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
             for idx in length_batches(lengths, stage.batch_size, rng):
                 ids, mask, labels = collate([stage.samples[i] for i in idx], pad_id)
                 embeds = None
-                if stage.pause_only is not None:
+                if pause_vec is not None:
                     with torch.no_grad():
                         embeds = emb(ids)
-                    embeds = torch.where((ids == stage.pause_only)[..., None], pause_vec, embeds)
+                    embeds = torch.where((ids == row)[..., None], pause_vec, embeds)
                 elapsed = time.perf_counter() - t0
                 lr = lr_at(step, stage.lr, warmup, decay, elapsed / stage.budget_s if stage.budget_s else 0.0)
                 for g in opt.param_groups:
@@ -305,9 +324,8 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
         stop_reason = stop_reason or "epochs"
         if stage.validate and last_eval != step and stop_reason != "early_stopping":
             evaluate()  # the last weights get their evaluation too
-    if pause_vec is not None:
-        with torch.no_grad():
-            emb.weight[stage.pause_only] = pause_vec.detach()
+    sync_pause_row()
+    if stage.pause_only is not None:
         for p in model.parameters():
             p.requires_grad_(True)
     model.eval()
@@ -478,6 +496,9 @@ def train(cfg: TrainConfig, dataset=None) -> TrainResult:
     if cfg.layers is not None and (cfg.layers < 1 or cfg.init_from is not None):
         raise PauserecError(f"--layers must be >= 1 and only sizes a model trained from scratch (not --init-from), "
                             f"got {cfg.layers}")
+    from pauserec.train import prompted
+
+    prompted.check_config(cfg)  # --prompt / --lora: refused before anything is loaded when they do not fit
     threads_before = torch.get_num_threads()
     threads = cfg.threads or get_preset(cfg.preset).threads
     if threads:
@@ -493,10 +514,13 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
 
     from pauserec.data import load_dataset
 
+    from pauserec.train import prompted
+
     t_start = time.perf_counter()
     preset = get_preset(cfg.preset)
+    layout = prompted.check_config(cfg)
     dataset = dataset if dataset is not None else load_dataset(cfg.data, cfg.index)
-    splits = dataset.splits(cfg.max_history)
+    splits = dataset.splits(layout.max_history if layout is not None else cfg.max_history)
     if len(splits.train) == 0:
         raise DataError(
             f"dataset {dataset.name!r} has no training samples (every user needs >= 3 interactions); "
@@ -504,8 +528,20 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         )
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model, tok, pad, eos = prepare(cfg, dataset)
-    spec = tk.build_prompt_spec(tok, dataset.catalog, cfg.kind, cfg.pause_k, cfg.max_history, cfg.max_rationale, pad, eos)
+    pm, encoder, peft_model = None, None, None
+    if layout is not None:  # the checkpoint's own prompt, resolved as export resolves it
+        pm = prompted.prepare(cfg, dataset)
+        model, tok, spec, encoder = pm.model, pm.tok, pm.spec, pm.encoder
+        if cfg.lora:
+            peft_model = prompted.add_lora(model, cfg.lora)
+    else:
+        model, tok, pad, eos = prepare(cfg, dataset)
+        spec = tk.build_prompt_spec(tok, dataset.catalog, cfg.kind, cfg.pause_k, cfg.max_history, cfg.max_rationale,
+                                    pad, eos)
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, True)
+    # the shared-prefix KV path runs the prefix with a cache, which checkpointing does not keep
+    prefix_len = 0 if cfg.gradient_checkpointing else len(spec.prefix_ids)
     lr, grounding_lr, lr_source = peak_lrs(cfg)
     bs = cfg.batch_size or preset.batch_size
     epochs = cfg.epochs or preset.epochs
@@ -522,19 +558,24 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
             paused = insert_pauses(ground, spec.pause_id, rng)
             st = Stage("pause-pretrain", paused, 1, PAUSE_LR, bs, budget and budget * PAUSE_PRETRAIN_SHARE, pause_only=spec.pause_id)
             stages["pause_pretrain"] = run_stage(model, st, spec.pad_id, rng, progress)
-        samples = encode_split(spec, dataset, splits.train, tok)
+        samples = encode_split(spec, dataset, splits.train, tok, encoder)
         left = None if budget is None else max(budget - (time.perf_counter() - t_start), 1.0)
         vcfg = ValidationConfig(users=_pick(cfg.val_users, preset.val_users), every=cfg.val_every,
                                 patience=cfg.patience, metric=cfg.val_metric, beams=cfg.val_beams, seed=cfg.seed)
         validation = build_validation(vcfg, spec, dataset.catalog, splits.valid,
-                                      Path(cfg.out) / SNAPSHOTS_DIR if cfg.snapshots else None)
-        st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=len(spec.prefix_ids),
+                                      Path(cfg.out) / SNAPSHOTS_DIR if cfg.snapshots else None, encoder)
+        st = Stage(f"sft-{cfg.kind}", samples, epochs, lr, bs, left, cfg.max_steps, prefix_len=prefix_len,
+                   lora=peft_model is not None, pause_row=spec.pause_id if spec.kind == "pause" else None,
                    weight_decay=_pick(cfg.weight_decay, preset.weight_decay),
                    dropout=_pick(cfg.dropout, preset.dropout),
                    warmup_steps=_pick(cfg.warmup_steps, preset.warmup_steps),
                    decay_steps=_decay_steps(cfg, preset, len(samples), bs),
                    validate=validation, val_every=cfg.val_every, val_share=cfg.val_share)
         sft = run_stage(model, st, spec.pad_id, rng, progress)
+    if cfg.gradient_checkpointing:
+        _checkpointing(model, False)
+    if peft_model is not None:
+        model = prompted.merge_lora(peft_model)
     wall = time.perf_counter() - t_start
     losses = sft.pop("losses")
     for s in stages.values():
@@ -553,13 +594,23 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         "tokens": sft["tokens"], "init_from": str(cfg.init_from) if cfg.init_from else None,
         "grounding": cfg.grounding, "pause_pretrain": cfg.pause_pretrain, "stages": stages,
         "torch_threads": torch.get_num_threads(), "validation": val_record,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
     }
+    if pm is not None:
+        train_facts["prompt"] = pm.facts
+        train_facts["lora"] = None if not cfg.lora else {
+            "rank": cfg.lora, "alpha": 2 * cfg.lora,
+            "targets": sorted(peft_model.peft_config["default"].target_modules),
+            "saved": "merged into the weights"}
     card = TrainingCard(
         prompt=spec, dataset=dataset.name, index=cfg.index or (dataset.index or ""), seed=cfg.seed,
         preset=cfg.preset if cfg.init_from is None else f"init:{Path(cfg.init_from).name}",
         model_config=json.loads(model.config.to_json_string()), train=train_facts,
     )
-    save_checkpoint(cfg.out, model, tok, card, dataset.catalog, pad, eos)
+    if pm is not None:
+        prompted.save(cfg.out, model, pm, card, dataset.catalog)
+    else:
+        save_checkpoint(cfg.out, model, tok, card, dataset.catalog, pad, eos)
     if val_record is not None and cfg.plot:
         _, val_record["plot"] = write_curve(cfg.out, val_record["curve"], val_record["metric"],
                                             f"{cfg.kind} on {dataset.name}: {val_record['stop_detail']}")
@@ -568,6 +619,19 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
             progress.console.print(f"curve: {val_record['plot']}", highlight=False)
     return TrainResult(Path(cfg.out), sft["steps"], sft["epochs"], sft["final_loss"], wall, losses, stages, model,
                        val_record)
+
+
+def _checkpointing(model, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off, by the name this transformers has (renamed in 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _pick(value, default):

@@ -69,10 +69,11 @@ def sample_users(n: int, users: int, seed: int) -> np.ndarray:
 class Validator:
     """Hit/NDCG of a model on a fixed sample of the validation split (exact trie-constrained beam search)."""
 
-    def __init__(self, spec, catalog, valid, cfg: ValidationConfig):
+    def __init__(self, spec, catalog, valid, cfg: ValidationConfig, encoder=None):
         if len(valid) == 0:
             raise TrainError("the validation split is empty; pass --val-users 0 to train without validation")
         self.spec, self.catalog, self.cfg = spec, catalog, cfg
+        self.encoder = encoder  # the training samples' PromptEncoder (None: the spec's ids assembly)
         idx = sample_users(len(valid), cfg.users, cfg.seed)
         # a seeded order of the sample: resize(n) keeps its first n users, an unbiased subsample
         self._hists = [valid.histories[i] for i in idx]
@@ -113,7 +114,7 @@ class Validator:
 
         from pauserec.train.reference import ReferenceRecommender
 
-        rec = ReferenceRecommender(model, self.spec, self.catalog, beams=self.cfg.beams, top_n=10)
+        rec = ReferenceRecommender(model, self.spec, self.catalog, beams=self.cfg.beams, top_n=10, encoder=self.encoder)
         histories = self.histories if histories is None else histories
         bs, out = self.cfg.batch_size, []
         with torch.no_grad():
@@ -253,7 +254,8 @@ class Validation:
         self.early.restore(model)
 
 
-def build_validation(cfg: ValidationConfig, spec, catalog, valid, snapshots: Path | None = None) -> Validation | None:
+def build_validation(cfg: ValidationConfig, spec, catalog, valid, snapshots: Path | None = None,
+                     encoder=None) -> Validation | None:
     """The stage's validation hook for a config (None when ``cfg.users == 0``); TrainError on bad settings."""
     cfg.check()
     if not cfg.enabled:
@@ -261,7 +263,7 @@ def build_validation(cfg: ValidationConfig, spec, catalog, valid, snapshots: Pat
             raise TrainError("--snapshots saves the weights at every validation; it needs validation (--val-users > 0)")
         return None
     early = EarlyStopping(metric=cfg.metric, patience=cfg.patience, min_delta=cfg.min_delta)
-    return Validation(Validator(spec, catalog, valid, cfg), early, snapshots)
+    return Validation(Validator(spec, catalog, valid, cfg, encoder), early, snapshots)
 
 
 STOP_DETAIL = {
