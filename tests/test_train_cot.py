@@ -75,8 +75,8 @@ def test_tiny_cot_ranks_near_direct_under_the_same_budget(synthetic_data, tmp_pa
     floor, epochs = 0.8, 3
 
     def run(kind, **kw):
-        return train(TrainConfig(data=synthetic_data, index=None, kind=kind, out=tmp_path / f"{kind}{kw}", preset="tiny",
-                                 epochs=epochs, seed=0, threads=1, plot=False, **kw)).out
+        return train(TrainConfig(data=synthetic_data, index=None, kind=kind, out=tmp_path / f"{kind}{kw}",
+                                 preset="tiny", epochs=epochs, seed=0, threads=1, plot=False, **kw)).out
 
     direct = _hit10(run("direct"), synthetic_data)
     cot = _hit10(run("cot"), synthetic_data)  # the tiny preset's sid_share (0.8)
