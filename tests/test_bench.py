@@ -93,5 +93,10 @@ def test_demo_synthetic_tiny_budget(tmp_path):
     assert all(s["metrics"]["invalid_rate"] == 0.0 for s in quality["systems"])
     latency = json.loads(files["latency_json"].read_text())
     assert "pause_vs_cot" in latency["ratios"]
+    check = quality["cot_quality"]  # cot's quality beside the pause vs CoT headline, in both reports
+    assert check is not None and latency["cot_quality"] == check and set(check["epochs"]) == {"direct", "pause", "cot"}
+    line = ("WARNING: the CoT model is far below direct" if not check["comparable"]
+            else "CoT quality, for the pause vs CoT latency")
+    assert line in Path(files["md"]).read_text() and line in Path(files["latency_md"]).read_text()
     for kind in ("direct", "pause", "cot"):
         assert (tmp_path / "demo" / "engines" / kind / "manifest.json").is_file()

@@ -166,3 +166,42 @@ def test_environment_names_the_cpus_instruction_sets(tmp_path, monkeypatch):
     assert env.cpu_isa() == {"family": "25", "model": "1", "isa": ["avx2", "fma", "avx512f", "avx512_vnni"]}
     e = env.environment(2)
     assert "(family 25 model 1; avx2 fma avx512f avx512_vnni)" in environment_line({"environment": e})
+
+
+def _quality(cot_hit: float, cot_ndcg: float) -> dict:
+    def m(h, n):
+        return {"users": 400, "hit@5": h / 2, "hit@10": h, "ndcg@5": n / 2, "ndcg@10": n, "invalid_rate": 0.0}
+
+    return {"schema": "pauserec-bench/1", "benchmark": "quality", "environment": {},
+            "systems": [{"name": k, "kind": k, "metrics": m(h, n)} for k, h, n in
+                        (("direct", 0.315, 0.16), ("pause", 0.308, 0.15), ("cot", cot_hit, cot_ndcg))]}
+
+
+def test_pause_vs_cot_headline_warns_when_cot_is_far_below_direct(tmp_path):
+    """The demo's reports put cot's quality beside the pause vs CoT latency headline: loud when it is far apart."""
+    from pauserec.bench.report import compare_page, cot_quality_check, headline_lines, write_report
+
+    latency = {"schema": "pauserec-bench/1", "benchmark": "latency", "environment": {}, "systems": [],
+               "ratios": {"pause_vs_cot": {"1": {"reduction": 0.86, "text": "-86.0 %"}},
+                          "reference": "pause (HF generate)", "speedup_vs_reference": {}}}
+    bad = cot_quality_check(_quality(0.040, 0.018), {"direct": 6.0, "pause": 6.0, "cot": 4.1})
+    assert bad["comparable"] is False and bad["share_of_direct"]["hit@10"] == pytest.approx(0.040 / 0.315)
+    lines = headline_lines({**latency, "cot_quality": bad})
+    i = next(i for i, h in enumerate(lines) if h.startswith("Pause vs CoT latency"))
+    warning = lines[i + 1]  # right below the latency ratio
+    assert "WARNING" in warning and "Hit@10 0.0400 vs direct 0.3150 (13 %)" in warning and "cot 4.1" in warning
+    quality = {**_quality(0.040, 0.018), "cot_quality": bad}
+    files = {**write_report(quality, tmp_path, "quality"), **{
+        f"latency_{k}": v for k, v in write_report({**latency, "cot_quality": bad}, tmp_path, "latency").items()}}
+    assert "WARNING: the CoT model is far below direct" in Path(files["md"]).read_text()
+    assert "WARNING: the CoT model is far below direct" in Path(files["latency_md"]).read_text()
+    page = compare_page([Path(files["json"]), Path(files["latency_json"])])
+    assert page.count("<b>WARNING: the CoT model is far below direct</b>") == 2
+
+    good = cot_quality_check(_quality(0.30, 0.15))
+    assert good["comparable"] is True
+    line = headline_lines({**latency, "cot_quality": good})[-1]
+    assert line.startswith("CoT quality, for the pause vs CoT latency: Hit@10 0.3000 vs direct 0.3150 (95 %)")
+    assert "WARNING" not in line
+    assert cot_quality_check(_quality(0.30, 0.10))["comparable"] is False  # NDCG@10 at 62 % of direct's
+    assert headline_lines(latency)[-1].startswith("Pause vs CoT")  # no quality known: the ratio alone, as before

@@ -3,7 +3,9 @@
 data (synthetic unless --data) -> train direct / pause / cot (``pauserec train``'s path: validation every
 epoch, early stopping, the best checkpoint) -> export three engines -> quality and
 latency benchmarks (+ the HF ``generate`` baseline) -> one report (JSON, Markdown, PNG, and one
-self-contained index.html with the tables and plot).
+self-contained index.html with the tables and plot). Both reports carry cot's Hit@10 / NDCG@10 beside direct's
+(``cot_quality``, with the epochs each kind trained) next to the pause vs CoT latency headline, and a WARNING
+(also on the console) when cot is under ``report.COT_QUALITY_FLOOR`` of direct's.
 """
 
 from __future__ import annotations
@@ -52,7 +54,15 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     """Run every stage; returns {"quality": ..., "latency": ..., "files": {...}, "seconds": {...}}."""
     from pauserec.bench.latency import LatencyConfig, run_latency
     from pauserec.bench.quality import run_quality
-    from pauserec.bench.report import compare_page, finish, markdown, quality_title, write_report
+    from pauserec.bench.report import (
+        compare_page,
+        cot_quality_check,
+        cot_quality_line,
+        finish,
+        markdown,
+        quality_title,
+        write_report,
+    )
     from pauserec.data.synthetic import write_synthetic
     from pauserec.export import ExportConfig, export_engine
     from pauserec.train.sft import TrainConfig, train
@@ -68,14 +78,14 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     else:
         say(f"[bold]data[/]: {data} (index {cfg.index or 'default'})")
 
-    ckpts, engines = {}, {}
+    ckpts, engines, epochs = {}, {}, {}
     for kind in KINDS:
         t0 = time.perf_counter()
         say(f"[bold]train[/] {kind} ({cfg.preset}, <= {cfg.train_minutes:g} min)")
         res = train(TrainConfig(data=data, index=cfg.index, kind=kind, out=cfg.out / "checkpoints" / kind,
                                 preset=cfg.preset, max_minutes=cfg.train_minutes, epochs=cfg.epochs,
                                 seed=cfg.seed, threads=cfg.threads, progress=True))
-        ckpts[kind] = res.out
+        ckpts[kind], epochs[kind] = res.out, res.epochs
         if res.validation:  # the same path as `pauserec train`: the checkpoint is the best validation epoch
             say(f"  {res.validation['stop_detail']} ({res.validation['users']} validation users)")
         clock[f"train_{kind}"] = time.perf_counter() - t0
@@ -91,6 +101,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     systems = [run_quality(engines[k], data, cfg.index, beams=cfg.beams, limit=cfg.quality_users, threads=cfg.threads)
                for k in KINDS]
     quality = finish({"systems": systems, "data": str(data), "index": cfg.index}, "quality", threads=cfg.threads)
+    cot_check = quality["cot_quality"] = cot_quality_check(quality, epochs)  # in both reports, beside the headline
     clock["quality"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -99,7 +110,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
                          hf_baselines=(ckpts["pause"],) if cfg.hf_baseline else (), data=data, index=cfg.index,
                          batch_sizes=cfg.batch_sizes, beams=cfg.beams, iters=cfg.iters, warmup=1, seed=cfg.seed,
                          threads=cfg.threads)
-    latency = finish(run_latency(lcfg), "latency", threads=cfg.threads, manifests=_manifests(engines))
+    latency = finish({**run_latency(lcfg), "cot_quality": cot_check}, "latency", threads=cfg.threads,
+                     manifests=_manifests(engines))
     clock["latency"] = time.perf_counter() - t0
 
     files = {**write_report(quality, cfg.out / "report", "quality"), **{
@@ -115,6 +127,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict:
     say(f"popularity baseline: Hit@10 {pop['hit@10']:.4f}, NDCG@10 {pop['ndcg@10']:.4f}\n")
     say("[bold]Latency[/]")
     say(markdown(latency), markup=False, soft_wrap=True)
+    if cot_check and not cot_check["comparable"]:  # loud, last: the pause vs CoT headline is not like with like
+        say("[bold red]" + cot_quality_line(cot_check).replace("**", "") + "[/]", highlight=False)
     say(f"report: {cfg.out / 'report'} (one page: {page})  (total {clock['total']:.0f}s)")
     return {"quality": quality, "latency": latency, "files": files, "seconds": clock}
 

@@ -39,6 +39,49 @@ def _ms(x: float) -> str:
     return f"{x * 1000:,.1f}"
 
 
+# -- cot quality beside the pause vs CoT headline ---------------------------------------------------
+COT_QUALITY_FLOOR = 0.8  # cot's Hit@10 and NDCG@10 as a share of direct's below which the cot model is "not comparable"
+
+
+def cot_quality_check(quality: dict, epochs: dict | None = None, floor: float = COT_QUALITY_FLOOR) -> dict | None:
+    """cot's Hit@10 / NDCG@10 beside direct's from a quality result (one system per kind), for the pause vs CoT
+    latency headline: ``comparable`` is False when either metric is under ``floor`` x direct's. ``epochs``: the
+    epochs each kind trained ({kind: epochs}), named in the warning. None without a cot and a direct system."""
+    by_kind = {s.get("kind"): s["metrics"] for s in quality.get("systems", []) if s.get("metrics")}
+    if "cot" not in by_kind or "direct" not in by_kind:
+        return None
+    keys = ("hit@10", "ndcg@10")
+    cot, direct = ({k: float(by_kind[kind][k]) for k in keys} for kind in ("cot", "direct"))
+    share = {k: cot[k] / direct[k] if direct[k] > 0 else None for k in keys}
+    comparable = all(v is None or v >= floor for v in share.values())
+    out = {"cot": cot, "direct": direct, "share_of_direct": share, "floor": floor, "comparable": comparable}
+    if "pause" in by_kind:
+        out["pause"] = {k: float(by_kind["pause"][k]) for k in keys}
+    if epochs:
+        out["epochs"] = {k: v for k, v in epochs.items() if v is not None}
+    return out
+
+
+def cot_quality_line(check: dict | None) -> str | None:
+    """One line for the reports and the console: a loud warning when the cot model is far below direct."""
+    if not check:
+        return None
+    c, d, sh = check["cot"], check["direct"], check["share_of_direct"]
+
+    def pct(k):
+        return "n/a" if sh[k] is None else f"{sh[k] * 100:.0f} %"
+
+    numbers = (f"Hit@10 {c['hit@10']:.4f} vs direct {d['hit@10']:.4f} ({pct('hit@10')}), "
+               f"NDCG@10 {c['ndcg@10']:.4f} vs {d['ndcg@10']:.4f} ({pct('ndcg@10')})")
+    ep = check.get("epochs") or {}
+    trained = (f"; epochs trained: {', '.join(f'{k} {v:g}' for k, v in ep.items())}" if ep else "")
+    if check["comparable"]:
+        return (f"CoT quality, for the pause vs CoT latency: {numbers}, within the {check['floor'] * 100:.0f} % "
+                f"of direct's asked of it{trained}")
+    return (f"**WARNING: the CoT model is far below direct** ({numbers}; under {check['floor'] * 100:.0f} % of "
+            f"direct's): the pause vs CoT latency compares against a CoT model no one would deploy{trained}")
+
+
 # -- headlines -------------------------------------------------------------------------------------
 def _times(by_batch: dict) -> str:
     return ", ".join(f"**{x:.1f}x** at batch {bs}" for bs, x in by_batch.items())
@@ -65,6 +108,8 @@ def headline_lines(result: dict) -> list[str]:
     if pvc:
         lines.append("Pause vs CoT latency (engines, p50): " + ", ".join(f"**{v['text']}** at batch {bs}"
                                                                          for bs, v in pvc.items()))
+        if line := cot_quality_line(result.get("cot_quality")):
+            lines.append(line)
     for s in result.get("systems", []):
         a = s.get("agreement")
         if a and a.get("users") and s["system"].startswith("engine") and s.get("scoring") != "sid":
@@ -206,7 +251,8 @@ def quality_markdown(result: dict) -> str:
             f"| {s['name']} | {m.get('users', '-')} | {m['hit@5']:.4f} | {m['hit@10']:.4f} | "
             f"{m['ndcg@5']:.4f} | {m['ndcg@10']:.4f} | {m.get('invalid_rate', 0):.4f} |"
         )
-    return head + "\n".join(rows) + "\n" + prompt_lines(result)
+    line = cot_quality_line(result.get("cot_quality"))
+    return head + "\n".join(rows) + "\n" + prompt_lines(result) + (f"\n{line}\n" if line else "")
 
 
 def markdown(result: dict) -> str:

@@ -81,6 +81,9 @@ def train(
         False, "--snapshots", help="Also keep the weights of every evaluation in OUT/snapshots/step-N.pt (budget sweeps: "
         "past --decay-epochs the lr schedule does not depend on --epochs, so a run capped at E epochs ends on the "
         "epoch-E snapshot). Each snapshot is as large as the fp32 weights (about 2.4 GB at Qwen3-0.6B size)."),
+    sid_share: float = typer.Option(
+        None, "--sid-share", help="cot: share of each sample's loss on its SID tokens, the rationale and </think> "
+        "carrying the rest; 0: every labelled token weighs the same (default: the preset's, tiny 0.8, small 0)."),
 ) -> None:
     """Train a direct, pause (PauseRec) or cot recommender and save its best checkpoint.
 
@@ -99,6 +102,7 @@ def train(
         weight_decay=weight_decay, dropout=dropout, warmup_steps=warmup_steps, decay_epochs=decay_epochs,
         val_users=val_users, val_every=val_every, val_share=val_share, patience=patience, val_metric=val_metric, val_beams=val_beams,
         snapshots=snapshots, prompt=prompt, items=items, lora=lora, gradient_checkpointing=gradient_checkpointing,
+        sid_share=sid_share,
     )
     res = run(cfg)
     console.print(

@@ -102,3 +102,21 @@ def collate(samples, pad_id: int):
         labels[b, : len(y)] = torch.from_numpy(y)
         mask[b, : len(x)] = 1
     return ids, mask, labels
+
+
+def sid_share_weights(target, think_end_id: int, sid_share: float):
+    """Per-label loss weights (B, T) for cot rows: the labels after ``</think>`` (the SID) carry ``sid_share`` of
+    each row's weight, the rationale and ``</think>`` the rest (each group split evenly over its tokens); a row
+    without a labelled ``</think>`` (nothing to split) weighs every label ``1 / n``. ``target`` (B, T) holds
+    labels (IGNORE where none); weights are 0 there. Rows weigh the same whatever their lengths."""
+    import torch
+
+    sel = target != IGNORE
+    end = (target == think_end_id).long()
+    after = (end.cumsum(1) - end) > 0  # strictly after the </think> label
+    ans, rat = sel & after, sel & ~after
+    n_ans, n_rat = ans.sum(1, keepdim=True), rat.sum(1, keepdim=True)  # (B, 1)
+    split = (n_ans > 0) & (end.sum(1, keepdim=True) > 0)
+    w_ans = torch.where(split, sid_share / n_ans.clamp(min=1), 1.0 / (n_ans + n_rat).clamp(min=1))
+    w_rat = torch.where(split, (1.0 - sid_share) / n_rat.clamp(min=1), 1.0 / (n_ans + n_rat).clamp(min=1))
+    return torch.where(ans, w_ans, torch.where(rat, w_rat, 0.0))

@@ -12,6 +12,9 @@ Optional stages before SFT (paper §2.3, behind flags):
 * pause pre-training: the grounding sequences with ``<pause>`` inserted at ~10 % of positions; the
   network is frozen and only the ``<pause>`` embedding row trains (lr 1e-3).
 
+cot: with ``sid_share`` (``--sid-share``, else the preset's) the SID tokens carry that share of each sample's loss
+and the rationale the rest; without it every labelled token weighs the same (the rationale then dominates).
+
 The ``<pause>`` row starts at the mean of all embedding rows. AdamW (weight decay on matrices), a
 learning-rate schedule by steps (linear warm-up, cosine decay to 0.1x over the preset's ``decay_epochs``,
 then constant; ``pauserec.train.optim``), residual dropout, gradient clipping at 1.0, length-bucketed
@@ -71,6 +74,7 @@ from pauserec.train.samples import (  # noqa: F401  (re-exported: the samples us
     grounding_samples,
     insert_pauses,
     length_batches,
+    sid_share_weights,
 )
 from pauserec.train.validation import (
     SNAPSHOTS_DIR,
@@ -125,6 +129,7 @@ class TrainConfig:
     items: Path | None = None  # with prompt: item fields the layout renders (titles)
     lora: int | None = None  # with prompt: LoRA rank (adapters + the pause row train; merged before saving)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more compute)
+    sid_share: float | None = None  # cot: share of each sample's loss on its SID; None: the preset's; 0: token mean
 
 
 @dataclass
@@ -141,8 +146,13 @@ class TrainResult:
 
 
 # -- samples (pauserec.train.samples) and the loss --------------------------------------------------
-def masked_loss(model, ids, mask, labels, inputs_embeds=None, prefix_len: int = 0):
+def masked_loss(model, ids, mask, labels, inputs_embeds=None, prefix_len: int = 0, think_end_id: int = -1,
+                sid_share: float | None = None):
     """Mean next-token NLL (full-vocabulary softmax) over labelled positions -> (loss, n_labels).
+
+    ``sid_share`` (cot, with ``think_end_id``): a weighted mean instead, in which the labels after ``</think>``
+    (the SID) carry that share of every row's loss and the rationale + ``</think>`` the rest
+    (``samples.sid_share_weights``); otherwise ~37 rationale labels outvote the 4 SID labels.
 
     ``prefix_len > 0``: the first ``prefix_len`` tokens (the constant instruction) are the same in
     every row and unlabelled; they are run once and their KV is shared by the batch (same result,
@@ -167,7 +177,11 @@ def masked_loss(model, ids, mask, labels, inputs_embeds=None, prefix_len: int = 
         ).last_hidden_state  # (B, T-P, H)
         hidden = torch.cat([rest.new_zeros(B, prefix_len, rest.shape[-1]), rest], dim=1)  # prefix rows: no labels
     logits = model.lm_head(hidden[:, :-1][sel])  # (N, V) only where a label is
-    return F.cross_entropy(logits.float(), target[sel]), int(sel.sum())
+    if sid_share is None or think_end_id < 0:
+        return F.cross_entropy(logits.float(), target[sel]), int(sel.sum())
+    w = sid_share_weights(target, think_end_id, sid_share)[sel]  # cot: the SID's share of every row's loss
+    nll = F.cross_entropy(logits.float(), target[sel], reduction="none")
+    return (w * nll).sum() / w.sum(), int(sel.sum())
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -191,6 +205,8 @@ class Stage:
     validate: Validation | None = None  # evaluates, keeps the best weights, says when to stop
     val_every: int | None = None  # steps between validate calls; None: at the end of every epoch (see _eval_due)
     val_share: float = 0.10  # with val_every None: most validation time as a share of the training time
+    think_end_id: int = -1  # cot: with sid_share, the SID's labels are those after this one
+    sid_share: float | None = None  # cot: share of each row's loss on the SID (None: every label weighs the same)
 
 
 def _trainable(model, stage: Stage):
@@ -297,7 +313,8 @@ def run_stage(model, stage: Stage, pad_id: int, rng, progress=None) -> dict:
                 lr = lr_at(step, stage.lr, warmup, decay, elapsed / stage.budget_s if stage.budget_s else 0.0)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss, _ = masked_loss(model, ids, mask, labels, embeds, stage.prefix_len)
+                loss, _ = masked_loss(model, ids, mask, labels, embeds, stage.prefix_len, stage.think_end_id,
+                                      stage.sid_share)
                 _require_finite(loss, "loss", stage, step + 1, lr)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -570,7 +587,8 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
                    dropout=_pick(cfg.dropout, preset.dropout),
                    warmup_steps=_pick(cfg.warmup_steps, preset.warmup_steps),
                    decay_steps=_decay_steps(cfg, preset, len(samples), bs),
-                   validate=validation, val_every=cfg.val_every, val_share=cfg.val_share)
+                   validate=validation, val_every=cfg.val_every, val_share=cfg.val_share,
+                   think_end_id=spec.think_end_id, sid_share=_sid_share(cfg, preset))
         sft = run_stage(model, st, spec.pad_id, rng, progress)
     if cfg.gradient_checkpointing:
         _checkpointing(model, False)
@@ -593,7 +611,7 @@ def _train(cfg: TrainConfig, dataset) -> TrainResult:
         "max_minutes": cfg.max_minutes, "max_steps": cfg.max_steps, "train_samples": sft["samples"],
         "tokens": sft["tokens"], "init_from": str(cfg.init_from) if cfg.init_from else None,
         "grounding": cfg.grounding, "pause_pretrain": cfg.pause_pretrain, "stages": stages,
-        "torch_threads": torch.get_num_threads(), "validation": val_record,
+        "torch_threads": torch.get_num_threads(), "validation": val_record, "sid_share": st.sid_share,
         "gradient_checkpointing": cfg.gradient_checkpointing,
     }
     if pm is not None:
@@ -636,6 +654,14 @@ def _checkpointing(model, on: bool) -> None:
 
 def _pick(value, default):
     return default if value is None else value
+
+
+def _sid_share(cfg: TrainConfig, preset) -> float | None:
+    """cot: the SID's share of each sample's loss (None: a plain mean over every labelled token)."""
+    share = _pick(cfg.sid_share, preset.sid_share) if cfg.kind == "cot" else None
+    if share is not None and not 0 <= share < 1:
+        raise TrainError(f"--sid-share must be in [0, 1) (0: every labelled token weighs the same), got {share}")
+    return share or None
 
 
 def _decay_steps(cfg: TrainConfig, preset, n_samples: int, batch_size: int) -> int:
