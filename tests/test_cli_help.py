@@ -160,6 +160,8 @@ def _prose_defaults() -> dict[tuple[str, tuple[str, ...], str], str]:
         ("pauserec", ("train",), "--init-from"): f"its default lr is {_sci(FINETUNE_LR)} ({_sci(FINETUNE_GROUNDING_LR)} "
                                                  "for --grounding)",
         ("pauserec", ("train",), "--val-users"): f"(default: the preset's, small {small.val_users})",
+        ("pauserec", ("train",), "--sid-share"): f"(default: the preset's, tiny {tiny.sid_share:g}, small "
+                                                 f"{small.sid_share or 0:g})",
     }
 
 
