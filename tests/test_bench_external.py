@@ -111,6 +111,41 @@ def test_quality_on_a_minionerec_dataset_with_its_own_engine(tmp_path):
     assert "minionerec prompt" in quality_markdown({"systems": [res]})
 
 
+def test_quality_and_latency_on_onerec_think_data_with_its_own_engine(tmp_path):
+    """OneRec-Think's own files (Beauty.pretrain.json + sequential_data_processed.txt) are the catalog for export
+    (--index NAME.pretrain.json) and the data for export's guard, `quality` and `latency`; the HF baseline on those
+    users' histories gives the engine's top-10."""
+    import json
+    import random
+
+    from pauserec.bench.latency import LatencyConfig, run_latency
+    from pauserec.bench.quality import run_quality
+    from pauserec.export import ExportConfig, export_engine
+
+    prefixes = ("s_a", "s_b", "s_c")
+    index = write_index(tmp_path / "o.index.json", 36, prefixes, 6, seed=1)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Beauty.pretrain.json").write_text(json.dumps(
+        {k: {"title": f"t{k}", "description": "", "categories": "Beauty", "sid": "<|sid_begin|>" + "".join(v) +
+             "<|sid_end|>"} for k, v in index.items()}))
+    rng = random.Random(3)
+    (data / "sequential_data_processed.txt").write_text("".join(
+        f"{u} {' '.join(rng.choice(list(index)) for _ in range(rng.randint(4, 7)))}\n" for u in range(1, 7)))
+    ckpt = make_checkpoint(tmp_path / "ot", arch="qwen3", sid_tokens=sid_vocab(prefixes, 6), sid_as_special=True,
+                           extra_tokens=("<|sid_begin|>", "<|sid_end|>"), seed=2)
+    exp = export_engine(ExportConfig(checkpoint=ckpt, out=tmp_path / "engine", index=data / "Beauty.pretrain.json",
+                                     prompt="onerec-think", kind="direct", data=data, guard_users=4, check_users=0))
+    assert exp.prompt["popularity_guard"]["users"] == 4
+    res = run_quality(exp.out, data, beams=8)
+    assert res["metrics"]["users"] == 6 and res["metrics"]["invalid_rate"] == 0
+    assert "onerec-think prompt" in res["prompt"]
+    lat = run_latency(LatencyConfig(engines=(exp.out,), hf_baselines=(ckpt,), batch_sizes=(3,), beams=12, warmup=0,
+                                    iters=1, rss=False, data=data, threads=1))
+    eng = lat["systems"][0]
+    assert eng["agreement"]["identical_top10"] == eng["agreement"]["users"] == 3
+
+
 def test_ablation_of_a_checkpoint_trained_elsewhere(tmp_path):
     """`pauserec-bench ablation CKPT --prompt P --sid-index I --hf-baseline`: the engines are exported with the
     checkpoint's own prompt, and HF generate runs that prompt too (identical top-10 to the full-vocabulary engine)."""

@@ -1,4 +1,4 @@
-"""Dataset loading (LC-Rec/LETTER, MiniOneRec), LC-Rec splits, the synthetic generator, bad input."""
+"""Dataset loading (LC-Rec/LETTER, MiniOneRec, OneRec-Think), LC-Rec splits, the synthetic generator, bad input."""
 
 from __future__ import annotations
 
@@ -261,6 +261,91 @@ def test_minionerec_bad_input(tmp_path):
     root = write_minionerec(tmp_path / "g", rows={"train": [], "valid": [], "test": []})
     with pytest.raises(DataError, match="hold no samples"):
         load_dataset(root)
+
+
+# -- OneRec-Think ----------------------------------------------------------------------------------
+def write_onerec_think(root: Path, sequences: dict[str, list[str]], sids: dict[str, str], name="Beauty") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    items = {i: {"title": f"T{i}", "description": f"d{i}", "categories": "Beauty > Skin", "sid": s}
+             for i, s in sids.items()}
+    (root / f"{name}.pretrain.json").write_text(json.dumps(items))
+    (root / "sequential_data_processed.txt").write_text("".join(f"{u} {' '.join(s)}\n" for u, s in sequences.items()))
+    return root
+
+
+def onerec_think_rows(lines: list[str], items: dict, tail: int) -> list[tuple[str, str, str]]:
+    """OneRec-Think's generate_sid_prediction_data.py rule, written from its description: drop ``tail`` items from
+    the end, the last remaining one is the ground truth, the ones before it the description."""
+    rows = []
+    for line in lines:
+        user, *ids = line.split()
+        sids = [items[i]["sid"] for i in ids]
+        if len(sids) <= tail + 1:
+            continue
+        kept = sids[: len(sids) - tail]
+        rows.append((user, "The user has purchased the following items: " + "; ".join(kept[:-1]) + ";", kept[-1]))
+    return rows
+
+
+def test_onerec_think_real_data_gives_the_pipelines_own_splits(tmp_path, sci):
+    """Amazon Scientific written in OneRec-Think's layout: the catalog and sequences are the LC-Rec load's, and each
+    split's (user, description, ground truth) rows are the ones OneRec-Think's data script makes from the files."""
+    from pauserec.prompt.layout import load_layout
+
+    cat = sci.catalog
+    sids = {k: "<|sid_begin|>" + "".join(f"<s_{'abcd'[lv]}_{c}>" for lv, c in enumerate(cat.sids[i])) + "<|sid_end|>"
+            for i, k in enumerate(cat.item_ids)}
+    seqs = {u: [cat.item_ids[i] for i in s] for u, s in zip(sci.users, sci.sequences)}
+    root = write_onerec_think(tmp_path / "ot", seqs, sids)
+    ds = load_dataset(root)
+    assert ds.fmt == "onerec-think" and ds.name == "Beauty" and ds.catalog.token_prefixes == ("s_a", "s_b", "s_c", "s_d")
+    assert np.array_equal(ds.catalog.sids, cat.sids) and ds.catalog.item_ids == cat.item_ids
+    assert ds.items[1] == ItemText("T1", "d1", "", "Beauty > Skin")
+    assert all(np.array_equal(a, b) for a, b in zip(ds.sequences, sci.sequences))
+    layout = load_layout("onerec-think")
+
+    def user_message(prompt: str) -> str:  # the preset's user turn, as the description column holds it
+        return prompt.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+
+    lines = (root / "sequential_data_processed.txt").read_text().splitlines()
+    items = json.loads((root / "Beauty.pretrain.json").read_text())
+    longest = max(len(s) for s in ds.sequences)
+    for split, tail in zip(ds.splits(max_history=longest), (2, 1, 0)):
+        got = [(u, user_message(layout.render(layout.segments("direct"), [{"sid": ds.catalog.sid_string(int(i))}
+                                                                             for i in h])[0]),
+                "<|sid_begin|>" + ds.catalog.sid_string(int(t)) + "<|sid_end|>")
+               for u, h, t in zip(split.users, split.histories, split.targets)]
+        assert got == onerec_think_rows(lines, items, tail)
+    sizes = ds.splits().sizes()
+    assert sizes == {"train": 8317, "valid": 8317, "test": 8317}  # every user has >= 5 items
+    assert ds.splits().test.histories[0].tolist() == sci.splits().test.histories[0].tolist()
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"sid": "<s_a_1><s_b_2"}, "has sid '<s_a_1><s_b_2'; expected a SID string"),
+    ({"sid": None}, "has sid None"),
+    ({"seq": "u1 1 2\nu1 2 3\n"}, "user 'u1' appears on more than one line"),
+    ({"seq": "u1 1 9\n"}, "item '9' has no SID"),
+    ({"seq": None}, "sequential_data_processed.txt not found"),
+    ({"second": True}, "2 OneRec-Think item files match .* pick one with --index NAME"),
+])
+def test_onerec_think_bad_input(tmp_path, change, pattern):
+    root = write_onerec_think(tmp_path, {"u1": ["1", "2", "3"]}, {"1": "<|sid_begin|><s_a_1><s_b_2><|sid_end|>",
+                                                                "2": "<s_a_0><s_b_1>", "3": "<s_a_1><s_b_1>"})
+    items = json.loads((root / "Beauty.pretrain.json").read_text())
+    if "sid" in change:
+        items["2"]["sid"] = change["sid"]
+    (root / "Beauty.pretrain.json").write_text(json.dumps(items))
+    if change.get("seq") is None and "seq" in change:
+        (root / "sequential_data_processed.txt").unlink()
+    elif "seq" in change:
+        (root / "sequential_data_processed.txt").write_text(change["seq"])
+    if change.get("second"):
+        (root / "Toys.pretrain.json").write_text(json.dumps(items))
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(root)
+    if change.get("second"):
+        assert load_dataset(root, index="Toys").name == "Toys"
 
 
 def test_data_package_never_imports_torch():

@@ -10,21 +10,21 @@ import typer
 from pauserec.cli.common import console, handle_errors
 
 app = typer.Typer(
-    help="Inspect datasets (LC-Rec/LETTER json, MiniOneRec csv) and their SID indexes.", no_args_is_help=True
+    help="Inspect datasets (LC-Rec/LETTER json, MiniOneRec csv, OneRec-Think json + sequences) and their SID indexes.", no_args_is_help=True
 )
 
 
 @app.callback()
 def _group() -> None:
-    """Inspect datasets (LC-Rec/LETTER json, MiniOneRec csv) and their SID indexes."""
+    """Inspect datasets (LC-Rec/LETTER json, MiniOneRec csv, OneRec-Think json + sequences) and their SID indexes."""
 
 
 @app.command("info")
 @handle_errors
 def info(
-    data: Path = typer.Argument(..., help="Dataset folder (LC-Rec/LETTER or MiniOneRec layout)."),
+    data: Path = typer.Argument(..., help="Dataset folder (LC-Rec/LETTER, MiniOneRec or OneRec-Think layout)."),
     index: str | None = typer.Option(None, "--index", help="SID index NAME (indexes/<NAME>/) when there are several."),
-    fmt: str = typer.Option("auto", "--format", help="auto, lcrec or minionerec."),
+    fmt: str = typer.Option("auto", "--format", help="auto, lcrec, minionerec or onerec-think."),
     max_history: int = typer.Option(20, "--max-history", help="History length the splits are cut to."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:

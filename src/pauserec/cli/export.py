@@ -23,7 +23,7 @@ def export(
                                "(pauserec, minionerec, lc-rec[:N], onerec-think) or a JSON layout file. Needed for "
                                "checkpoints not trained by `pauserec train`."),
     index: Path = typer.Option(None, "--index", help="Item -> SID index the model was trained with (LC-Rec / "
-                               "MiniOneRec NAME.index.json); item ids are its keys."),
+                               "MiniOneRec NAME.index.json, OneRec-Think NAME.pretrain.json); item ids are its keys."),
     items: Path = typer.Option(None, "--items", help="Item fields the prompt renders (titles): LC-Rec .item.json "
                                "or MiniOneRec info .txt."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),

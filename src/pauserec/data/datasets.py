@@ -14,6 +14,16 @@ MiniOneRec (``fmt="minionerec"``)::
     train|valid|test/*.csv    user_id, history_item_title, item_title, history_item_id, item_id,
                               history_item_sid, item_sid (list columns as Python literals)
 
+OneRec-Think (``fmt="onerec-think"``)::
+
+    <name>.pretrain.json            item id -> {title, description, categories,
+                                    sid: "<|sid_begin|><s_a_99><s_b_19><s_c_220><s_d_204><|sid_end|>"}
+    sequential_data_processed.txt   one user a line: user_id item_id item_id ... (chronological)
+
+Its SID strings lose the ``<|...|>`` markers around the level tokens (the onerec-think prompt preset writes
+them back); its splits are the pipeline's own (``splits.last_three``: the last three items are the train,
+valid and test targets, one of each per user).
+
 The catalog's items are the index's keys (sorted numerically when every key is an integer, so
 dense index == item id on LC-Rec data; file order otherwise). Items without text get empty text.
 For MiniOneRec the splits are the CSV rows as given (histories cut to ``max_history``); each
@@ -32,14 +42,16 @@ from pathlib import Path
 import numpy as np
 
 from pauserec.data.catalog import Catalog, split_sid_string
-from pauserec.data.splits import Splits, SplitSamples, leave_one_out, truncate
+from pauserec.data.splits import Splits, SplitSamples, last_three, leave_one_out, truncate
 from pauserec.errors import DataError
 
-FORMATS = ("lcrec", "minionerec")
+FORMATS = ("lcrec", "minionerec", "onerec-think")
+ONERECTHINK_SEQUENCES = "sequential_data_processed.txt"
 EXPECTED = (
     "LC-Rec/LETTER files (<name>.inter.json, <name>.item.json and <name>.index.json or "
-    "indexes/<NAME>/<name>.index.json) or MiniOneRec folders (index/<name>.index.json, "
-    "index/<name>.item.json, info/*.txt, train/*.csv, valid/*.csv, test/*.csv)"
+    "indexes/<NAME>/<name>.index.json), MiniOneRec folders (index/<name>.index.json, "
+    "index/<name>.item.json, info/*.txt, train/*.csv, valid/*.csv, test/*.csv) or OneRec-Think files "
+    f"(<name>.pretrain.json, {ONERECTHINK_SEQUENCES})"
 )
 TEXT_FIELDS = ("title", "description", "brand", "categories")
 SPLIT_NAMES = ("train", "valid", "test")
@@ -94,7 +106,7 @@ class Dataset:
         return int(sum(len(s) for s in self.sequences))
 
     def splits(self, max_history: int = 20) -> Splits:
-        """Train/valid/test samples (LC-Rec rule, or the MiniOneRec CSVs as given)."""
+        """Train/valid/test samples (LC-Rec rule, the MiniOneRec CSVs as given, or OneRec-Think's last three)."""
         if self.given_splits is not None:
             return Splits(*(truncate(s, max_history) for s in self.given_splits))
         return leave_one_out(self.users, self.sequences, max_history)
@@ -116,7 +128,8 @@ class Dataset:
 
 # -- entry point ----------------------------------------------------------------------------------
 def load_dataset(path, index: str | None = None, fmt: str = "auto") -> Dataset:
-    """Load a dataset directory; ``fmt`` is "auto", "lcrec" or "minionerec"; ``index`` picks a SID index."""
+    """Load a dataset directory; ``fmt`` is "auto" or one of ``FORMATS``; ``index`` picks a SID index (for
+    OneRec-Think, the ``<index>.pretrain.json`` where a folder holds several)."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"dataset directory {root} not found; expected a folder with {EXPECTED}")
@@ -126,6 +139,8 @@ def load_dataset(path, index: str | None = None, fmt: str = "auto") -> Dataset:
         return load_lcrec(root, index)
     if fmt == "minionerec":
         return load_minionerec(root, index)
+    if fmt == "onerec-think":
+        return load_onerec_think(root, index)
     raise DataError(f"unknown dataset format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
 
 
@@ -134,6 +149,8 @@ def detect_format(root: Path) -> str:
         return "lcrec"
     if (root / "index").is_dir() or (root / "info").is_dir() or any(root.glob("train/*.csv")):
         return "minionerec"
+    if any(root.glob("*.pretrain.json")) or (root / ONERECTHINK_SEQUENCES).is_file():
+        return "onerec-think"
     raise DataError(f"{root}: unknown dataset layout; expected {EXPECTED}")
 
 
@@ -170,12 +187,15 @@ def _object(data, path: Path, what: str) -> dict:
     return data
 
 
-def catalog_from_index(path: Path, name: str) -> Catalog:
-    data = _object(read_json(path), path, "item id -> [SID tokens]")
+def catalog_from_index(path: Path, name: str, data: dict | None = None) -> Catalog:
+    """An item -> SID index (LC-Rec / MiniOneRec ``*.index.json``, or OneRec-Think's ``*.pretrain.json`` whose items
+    carry a ``sid`` string); ``data`` is the file's parsed content where the caller has read it already."""
+    data = _object(read_json(path) if data is None else data, path, "item id -> [SID tokens]")
     keys = list(data)
     if all(k.isdigit() for k in keys):
         keys.sort(key=int)
-    entries = [(k, _sid_list(data[k])) for k in keys]
+    entries = [(k, _onerec_think_sid(data[k], path, k) if isinstance(data[k], dict) else _sid_list(data[k]))
+               for k in keys]
     return Catalog.from_tokens(entries, source=str(path), name=name)
 
 
@@ -418,3 +438,61 @@ def _reconstruct_sequences(raw: dict[str, SplitSamples]) -> tuple[list[str], lis
             if user not in best or len(hist) + 1 >= len(best[user]):
                 best[user] = np.append(hist, target).astype(np.int32)
     return list(best), list(best.values())
+
+
+# -- OneRec-Think ---------------------------------------------------------------------------------
+def _onerec_think_sid(raw, path: Path, item_id: str) -> list[str]:
+    """``"<|sid_begin|><s_a_1><s_b_2><|sid_end|>"`` -> ``["<s_a_1>", "<s_b_2>"]`` (markers dropped)."""
+    sid = raw.get("sid") if isinstance(raw, dict) else None
+    tokens = split_sid_string(sid.strip()) if isinstance(sid, str) else []
+    while tokens and tokens[0].startswith("<|") and tokens[0].endswith("|>"):
+        tokens = tokens[1:]
+    while tokens and tokens[-1].startswith("<|") and tokens[-1].endswith("|>"):
+        tokens = tokens[:-1]
+    if not tokens:
+        raise DataError(f"{path}: item {item_id!r} has sid {sid!r}; expected a SID string such as "
+                        "'<|sid_begin|><s_a_99><s_b_19><s_c_220><s_d_204><|sid_end|>' (every item needs one)")
+    return tokens
+
+
+def load_onerec_think(root: Path, index: str | None = None) -> Dataset:
+    found = sorted(root.glob("*.pretrain.json"))
+    if index is not None:  # NAME, NAME.pretrain.json or a path to it
+        found = [p for p in found if p.name in (Path(index).name, f"{index}.pretrain.json")]
+    if len(found) != 1:
+        names = ", ".join(p.name for p in sorted(root.glob("*.pretrain.json"))) or "none"
+        pick = "pick one with --index NAME" if len(found) > 1 or index is None and names != "none" else \
+            "expected <name>.pretrain.json"
+        raise DataError(f"{root}: {len(found)} OneRec-Think item files match (found: {names}); {pick}")
+    item_path = found[0]
+    name = item_path.name[: -len(".pretrain.json")]
+    raw = _object(read_json(item_path), item_path, "item id -> {title, description, categories, sid}")
+    if not all(isinstance(v, dict) for v in raw.values()):
+        bad = next(k for k, v in raw.items() if not isinstance(v, dict))
+        raise DataError(f"{item_path}: item {bad!r} has {raw[bad]!r}; expected an object with title, description, "
+                        "categories and sid")
+    catalog = catalog_from_index(item_path, name, raw)
+    items = _texts(catalog, raw, str(item_path))
+    seq_path = root / ONERECTHINK_SEQUENCES
+    if not seq_path.is_file():
+        raise DataError(f"{seq_path} not found; OneRec-Think data needs it beside {item_path.name} "
+                        "(one user a line: user_id item_id item_id ...)")
+    lookup = _item_lookup(catalog)
+    users, sequences, seen = [], [], set()
+    with open(seq_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if len(parts) < 2:
+                continue  # a blank line or a user without items, as its scripts skip them
+            user = parts[0]
+            if user in seen:
+                raise DataError(f"{seq_path}:{lineno}: user {user!r} appears on more than one line; "
+                                "write each user's whole sequence on one line")
+            seen.add(user)
+            users.append(user)
+            sequences.append(_dense(parts[1:], lookup, f"{seq_path}:{lineno}: user {user!r}", item_path))
+    if not users:
+        raise DataError(f"{seq_path}: no user has an item; the dataset is empty")
+    longest = max(len(s) for s in sequences)
+    return Dataset(name, "onerec-think", catalog, users, sequences, items, path=root, index=name,
+                   given_splits=last_three(users, sequences, max_history=longest))

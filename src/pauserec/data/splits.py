@@ -8,6 +8,9 @@ The LC-Rec/LETTER leave-one-out rule, for each user sequence ``seq`` (chronologi
 
 Samples whose history would be empty (users with fewer than 3 items) are skipped. Histories keep
 only the last ``max_history`` items.
+
+OneRec-Think's rule (``last_three``) keeps valid and test as above but trains on one sample per user:
+history ``seq[:-3]`` -> target ``seq[-3]`` (its ``generate_sid_prediction_data.py``).
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ def leave_one_out(users: list[str], sequences: list[np.ndarray], max_history: in
     va.targets = np.asarray(va_t, dtype=np.int32)
     te.targets = np.asarray(te_t, dtype=np.int32)
     return Splits(train, va, te)
+
+
+def last_three(users: list[str], sequences: list[np.ndarray], max_history: int = 20) -> Splits:
+    """OneRec-Think's rule: each user's last three items are the train, valid and test targets, each with the
+    items before it as history (users with fewer than 4 items give no train sample, as leave-one-out)."""
+    m = check_max_history(max_history)
+    out = []
+    for tail in (3, 2, 1):
+        kept = [(u, s) for u, s in zip(users, sequences, strict=True) if len(s) > tail]
+        out.append(SplitSamples([u for u, _ in kept], [s[max(0, len(s) - tail - m): len(s) - tail] for _, s in kept],
+                                np.asarray([s[len(s) - tail] for _, s in kept], dtype=np.int32)))
+    return Splits(*out)
 
 
 def truncate(samples: SplitSamples, max_history: int) -> SplitSamples:

@@ -73,7 +73,7 @@ def read_catalog_source(path: Path, index: Path | None, catalog: Path | None, ha
         if index is not None:
             if not Path(index).is_file():
                 raise CheckpointError(f"--index {index} not found; pass the item -> SID index file the model was "
-                                      "trained with (LC-Rec / MiniOneRec *.index.json)")
+                                      "trained with (LC-Rec / MiniOneRec *.index.json, OneRec-Think *.pretrain.json)")
             return catalog_from_index(Path(index), Path(index).name.split(".")[0])
         if catalog is not None or has_card:
             return Catalog.load(Path(catalog) if catalog else path / CATALOG_FILE)

@@ -30,7 +30,7 @@ class ExportConfig:
     int4_compute: str = "int8"  # int4: multiply in int8 with activations quantised per block (faster), or in fp32
     force: bool = False
     prompt: str | None = None  # prompt layout: a preset name or a JSON file (checkpoints trained elsewhere)
-    index: Path | None = None  # item -> SID index (LC-Rec / MiniOneRec *.index.json): the catalog
+    index: Path | None = None  # item -> SID index (LC-Rec/MiniOneRec *.index.json, OneRec-Think *.pretrain.json)
     items: Path | None = None  # item fields the prompt renders (LC-Rec .item.json, MiniOneRec info .txt)
     base: Path | None = None  # the base checkpoint of a PEFT adapter directory (merged at export)
     kind: str | None = None  # the model kind (a card's own when it has one)
