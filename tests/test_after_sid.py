@@ -69,6 +69,17 @@ def test_a_layout_that_says_nothing_ranks_by_the_sid_alone(mini, tmp_path):
     assert_same_top10(report.out, histories, hf_top10(ckpt, prompts, index))  # generate stopping at the SID
 
 
+def test_no_after_sid_ranks_a_preset_by_the_sid_alone(mini, tmp_path):
+    """`pauserec-export --no-after-sid`: the preset's after-SID tokens are dropped on request (no warning), and the
+    engine's top-10 is generate's stopping at the SID."""
+    root, ckpt, index = mini
+    report = _export(tmp_path, ckpt, "mini.index.json", prompt="minionerec", after_sid=False, check_users=2)
+    assert report.manifest["prompt"]["after_ids"] == [] and not report.prompt.get("warnings")
+    assert report.manifest["shapes"]["beam_slots"] == len(next(iter(index.values()))) - 1
+    histories = _histories(4)
+    assert_same_top10(report.out, histories, hf_top10(ckpt, encoder_prompts(report.out, histories), index))
+
+
 def test_the_sid_rule_has_nothing_to_add_and_says_so(mini, tmp_path):
     root, ckpt, _ = mini
     report = _export(tmp_path, ckpt, "mini.index.json", prompt="minionerec", scoring="sid", check_users=0)

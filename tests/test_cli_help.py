@@ -133,7 +133,10 @@ def test_shown_defaults_are_the_options_defaults():
             shown = SHOWN_DEFAULT.findall(row)
             if shown:
                 checked += 1
-                if shown != [_shown(p.default)]:
+                want = _shown(p.default)
+                if getattr(p, "secondary_opts", None) and isinstance(p.default, bool):  # --x/--no-x: the flag's name
+                    want = (p.opts if p.default else p.secondary_opts)[0].lstrip("-")
+                if shown != [want]:
                     wrong.append(f"{prog} {' '.join(path)} {p.opts[0]}: help shows {shown}, default is {p.default!r}")
     assert not wrong, "\n".join(wrong)
     assert checked >= 40  # the rows were found: most commands show defaults

@@ -33,6 +33,10 @@ def export(
                                      "integer kernels, faster) | fp32 (activations stay float)."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
+    after_sid: bool = typer.Option(True, "--after-sid/--no-after-sid", help="Score the tokens the layout's "
+                                   "pipeline generates after the SID (its after_sid: '\\n'+EOS for minionerec, EOS "
+                                   "for lc-rec), so beams rank as its own generate ranks them; --no-after-sid ranks "
+                                   "by the SID alone (fewer decode steps)."),
     recompute_prefix: bool = typer.Option(False, "--recompute-prefix", help="Ablation: do not fuse the instruction "
                                           "prefix's KV into the graphs; every row recomputes it (same results)."),
     min_agreement: float = typer.Option(0.8, "--min-agreement", help="fp16/int8/int4: least top-10 overlap with "
@@ -73,7 +77,8 @@ def export(
     cfg = ExportConfig(checkpoint=checkpoint, out=out, precision=precision, backend=backend, static=static,
                        batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
-                       scoring=scoring, min_agreement=min_agreement, quant_sample=sample, int4_compute=int4_compute,
+                       scoring=scoring, after_sid=after_sid, min_agreement=min_agreement, quant_sample=sample,
+                       int4_compute=int4_compute,
                        fuse_prefix=not recompute_prefix, prompt=prompt, index=index, items=items, base=base,
                        check_users=check_users, guard_users=guard_users, prompt_sample=prompt_sample, stream=stream)
     t0 = time.perf_counter()

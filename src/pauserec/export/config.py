@@ -25,6 +25,7 @@ class ExportConfig:
     max_history: int | None = None  # default: the card's
     atol: float | None = None  # fp32 validation tolerance on log-probs (default 1e-4)
     scoring: str = "full"  # "full": log_softmax over the vocabulary (HF parity); "sid": over each level's codes
+    after_sid: bool = True  # score what the layout says the pipeline generates after the SID (False: the SID only)
     fuse_prefix: bool = True  # False (ablation): the prefill graph recomputes the instruction prefix per row
     min_agreement: float = 0.8  # reduced precisions: least top-10 overlap with the fp32 engine on the sample
     int4_compute: str = "int8"  # int4: multiply in int8 with activations quantised per block (faster), or in fp32

@@ -123,10 +123,16 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     say("prompt", f"{spec.layout} ({spec.kind}" + (f", k={spec.pause_k}" if spec.kind == "pause" else "") +
         f"): {len(spec.prefix_ids)} prefix + {len(spec.suffix_ids)} suffix ids fused, history assembled from "
         f"{spec.assembly}, at most {spec.max_history} items / {spec.max_history_tokens} ids")
-    if spec.after_ids and cfg.scoring == "sid":  # a one-token level normalises to 0 under the sid rule
-        src.warnings.append(f"the {spec.layout!r} pipeline scores {len(spec.after_ids)} token(s) after the SID, but "
-                            "the sid rule normalises over each level's codes and has nothing to add: beams are ranked "
-                            "by the SID alone, which may order them differently from the pipeline's own generate")
+    if spec.after_ids and (cfg.scoring == "sid" or not cfg.after_sid):
+        if not cfg.after_sid:
+            say("prompt", f"--no-after-sid: the {len(spec.after_ids)} token(s) the {spec.layout!r} pipeline scores "
+                "after the SID are not scored; beams are ranked by the SID alone (fewer decode steps; the order may "
+                "differ from the pipeline's own generate)")
+        else:  # a one-token level normalises to 0 under the sid rule
+            src.warnings.append(f"the {spec.layout!r} pipeline scores {len(spec.after_ids)} token(s) after the SID, "
+                                "but the sid rule normalises over each level's codes and has nothing to add: beams are "
+                                "ranked by the SID alone, which may order them differently from the pipeline's own "
+                                "generate")
         spec = src.spec = spec.replace(after_ids=())
         src.encoder = PromptEncoder(spec, src.catalog, src.tokenizer, src.item_fields)
     elif spec.after_ids:
