@@ -396,6 +396,7 @@ def test_bad_config_combinations(tmp_path):
         (dict(static=True, batch=1, beams=2, backend="tensorrt", precision="int8"), "not built"),
         (dict(scoring="top"), "scoring"),
         (dict(min_agreement=1.5), "min-agreement"),
+        (dict(precision="int4", int4_block=48), "--int4-block 48 is not a block size MatMulNBits takes"),
     ]:
         with pytest.raises(ExportError, match=msg):
             export_engine(ExportConfig(checkpoint=tmp_path, out=tmp_path / "eng", **cfg))
@@ -620,7 +621,7 @@ def test_int4_engine_uses_matmulnbits_and_reports_agreement(real_engines):
         assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
     q = [c for c in manifest(path)["validation"] if c["graph"] == "engine"][0]
     assert q["sample"] == 8 and 0.0 <= q["top10_overlap"] <= 1.0 and 0.0 <= q["top1_agreement"] <= 1.0
-    assert q["int4_compute"] == "int8"
+    assert q["int4_compute"] == "int8" and q["int4_block"] == 32
 
 
 def test_engine_sessions_share_one_mapped_weights_file(real_engines):

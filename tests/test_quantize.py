@@ -34,9 +34,11 @@ def _initializers(path):
     return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
 
 
-@pytest.mark.parametrize("k,n,column_bytes", [(64, 48, quantize.COLUMN_BYTES), (70, 33, 70 * 4 * 5)])
-def test_int4_weights_are_onnxruntimes_own(tmp_path, monkeypatch, k, n, column_bytes):
-    """K not a multiple of the block (padded), and columns quantised 5 at a time: the same bytes as ORT's quantizer."""
+@pytest.mark.parametrize("k,n,column_bytes,block", [(64, 48, quantize.COLUMN_BYTES, 32), (70, 33, 70 * 4 * 5, 32),
+                                                     (300, 20, 300 * 4 * 7, 128), (48, 9, quantize.COLUMN_BYTES, 16)])
+def test_int4_weights_are_onnxruntimes_own(tmp_path, monkeypatch, k, n, column_bytes, block):
+    """K not a multiple of the block (padded), columns quantised a few at a time, blocks of 16 to 128 (--int4-block):
+    the same bytes as ORT's quantizer."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -47,8 +49,8 @@ def test_int4_weights_are_onnxruntimes_own(tmp_path, monkeypatch, k, n, column_b
     model = _matmul_graph(tmp_path, w)
     monkeypatch.setattr(quantize, "COLUMN_BYTES", column_bytes)
     (tmp_path / "ours").mkdir()
-    quantize.quantize_graphs({"g": (tmp_path / "f.onnx", "q.onnx")}, tmp_path / "ours", "int4")
-    ref = MatMulNBitsQuantizer(model, bits=4, block_size=quantize.INT4_BLOCK, is_symmetric=True)
+    quantize.quantize_graphs({"g": (tmp_path / "f.onnx", "q.onnx")}, tmp_path / "ours", "int4", block=block)
+    ref = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True)
     ref.process()
     want = {t.name: onnx.numpy_helper.to_array(t) for t in ref.model.model.graph.initializer}
     got = _initializers(tmp_path / "ours" / "q.onnx")
@@ -58,7 +60,9 @@ def test_int4_weights_are_onnxruntimes_own(tmp_path, monkeypatch, k, n, column_b
     np.testing.assert_array_equal(got["w/q4_scale"], scales.reshape(-1))
     # and the graph computes the dequantised weight's product (codes - 8) * scale
     codes = np.stack([got["w/q4"] & 15, got["w/q4"] >> 4], axis=-1).reshape(n, -1).astype(np.float32)[:, :k] - 8
-    blocks = np.repeat(got["w/q4_scale"].reshape(n, -1), quantize.INT4_BLOCK, axis=1)[:, :k]
+    (node,) = onnx.load(str(tmp_path / "ours" / "q.onnx"), load_external_data=False).graph.node
+    assert {a.name: a.i for a in node.attribute}["block_size"] == block
+    blocks = np.repeat(got["w/q4_scale"].reshape(n, -1), block, axis=1)[:, :k]
     dequant = (codes * blocks).T
     sess = ort.InferenceSession(str(tmp_path / "ours" / "q.onnx"), providers=["CPUExecutionProvider"])
     a = rng.standard_normal((2, 3, k)).astype(np.float32)

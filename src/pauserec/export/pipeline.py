@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.export.config import BACKENDS, INT4_COMPUTE, PRECISIONS, SCORING, ExportConfig, ExportReport, Progress
+from pauserec.export.config import (BACKENDS, INT4_BLOCKS, INT4_COMPUTE, PRECISIONS, SCORING, ExportConfig, ExportReport,
+                                     Progress)
 from pauserec.prompt.spec import PromptEncoder
 
 
@@ -35,6 +36,9 @@ def _check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
     if cfg.scoring not in SCORING:
         raise ExportError(f"unknown scoring rule {cfg.scoring!r}; choose one of {', '.join(SCORING)}")
+    if cfg.int4_block not in INT4_BLOCKS:
+        raise ExportError(f"--int4-block {cfg.int4_block} is not a block size MatMulNBits takes; choose one of "
+                          f"{', '.join(map(str, INT4_BLOCKS))}")
     if cfg.int4_compute not in INT4_COMPUTE:
         raise ExportError(f"unknown --int4-compute {cfg.int4_compute!r}; choose one of {', '.join(INT4_COMPUTE)}")
     if not 0.0 <= cfg.min_agreement <= 1.0:
@@ -396,7 +400,8 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
 
     from pauserec.export import bundle, onnx, quantize, validate
 
-    say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", {cfg.int4_compute} compute" if cfg.precision == "int4" else ""))
+    say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", block {cfg.int4_block}, {cfg.int4_compute} compute"
+                                                           if cfg.precision == "int4" else ""))
     lowered = stage / "_lowered"
     fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     sources = {n: (files32[n], s.file, onnx.float_io(s)) for n, s in specs.items()}
@@ -408,7 +413,8 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
         shutil.rmtree(lowered)
     else:
         files = quantize.quantize_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
-                                         cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute])
+                                         cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute],
+                                         block=cfg.int4_block)
     files.pop("merged", None)
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
     kv = np.float16 if cfg.precision == "fp16" else np.float32
@@ -425,6 +431,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     report["reference"] = "hf-layerwise" if deferred else "fp32-engine"
     if cfg.precision == "int4":
         report["int4_compute"] = cfg.int4_compute
+        report["int4_block"] = cfg.int4_block
     if report["top10_overlap"] < cfg.min_agreement:
         raise ExportError(
             f"the {cfg.precision} engine agrees with {reference} on only {report['top10_overlap']:.3f} of the top-10 "

@@ -45,7 +45,7 @@ INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a
 LOWERING = {
     "fp16": "float16 weights and KV (norms and softmaxes in float32)",
     "int8": "int8 MatMul weights per column, activations quantised per row (batch-invariant)",
-    "int4": f"int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, block {INT4_BLOCK})",
+    "int4": "int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, blocks along K)",
 }
 COLUMN_BYTES = 256 << 20  # float32 bytes of a weight read and quantised at a time
 
@@ -168,12 +168,13 @@ def _column_blocks(t) -> list[tuple[int, int]]:
     return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def _quantized_weight(t, source: TensorSource, writer: WeightsWriter, precision: str, name: str) -> list:
+def _quantized_weight(t, source: TensorSource, writer: WeightsWriter, precision: str, name: str,
+                      block: int = INT4_BLOCK) -> list:
     """The initializers that replace the (K, N) float32 weight ``t`` (named ``name + suffix``), computed once per
     source tensor and precision."""
     from onnx import TensorProto
 
-    key = (source.key(t), precision)
+    key = (source.key(t), precision, block)
     if key[0] is None or key not in writer.quantized:
         parts = []
         for start, stop in _column_blocks(t):
@@ -181,7 +182,7 @@ def _quantized_weight(t, source: TensorSource, writer: WeightsWriter, precision:
             if not np.isfinite(w).all():
                 raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training "
                                   "diverged or the checkpoint is damaged; export an earlier checkpoint")
-            parts.append(quantize_weight(w) if precision == "int8" else quantize_int4(w))
+            parts.append(quantize_weight(w) if precision == "int8" else quantize_int4(w, block))
             del w
         if precision == "int8":
             arrays = {"/q8": np.concatenate([p[0] for p in parts], axis=1), "/q8_scale": np.concatenate([p[1] for p in parts])}
@@ -223,7 +224,7 @@ INT8_CONSTS = {"q8/axes": np.array([-1], np.int64), "q8/tiny": np.array(TINY, np
 
 
 def quantize_graph(src: Path, dst: Path, precision: str, writer: WeightsWriter, source: TensorSource,
-                   accuracy_level: int | None = None) -> Path:
+                   accuracy_level: int | None = None, block: int = INT4_BLOCK) -> Path:
     """The ``precision`` (int8 / int4) version of the fp32 graph ``src`` at ``dst``, its tensors in ``writer``'s
     weights.bin (``dst`` must sit beside it). Every MatMul by a 2-D float32 initializer is rewritten."""
     import onnx
@@ -253,13 +254,13 @@ def quantize_graph(src: Path, dst: Path, precision: str, writer: WeightsWriter, 
             continue
         a, w = node.input[0], node.input[1]
         if w not in done:
-            made = _quantized_weight(inits[w], source, writer, precision, w)
+            made = _quantized_weight(inits[w], source, writer, precision, w, block)
             new_inits += [p for _, p in made]
             done[w] = {s: p.name for s, p in made}
         q = done[w]
         if precision == "int4":
             k, n = (int(d) for d in inits[w].dims)
-            attrs = dict(K=k, N=n, bits=4, block_size=INT4_BLOCK, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
+            attrs = dict(K=k, N=n, bits=4, block_size=block, **({"accuracy_level": accuracy_level} if accuracy_level else {}))
             nodes.append(helper.make_node("MatMulNBits", [a, q["/q4"], q["/q4_scale"]], [node.output[0]],
                                           name=f"{node.name}/q4", domain="com.microsoft", **attrs))
             continue
@@ -294,12 +295,14 @@ def quantize_graph(src: Path, dst: Path, precision: str, writer: WeightsWriter, 
 
 
 def quantize_graphs(graphs: dict[str, tuple[Path, str]], out_dir: Path, precision: str, lazy=None,
-                    accuracy_level: int | None = None) -> dict[str, Path]:
+                    accuracy_level: int | None = None, block: int = INT4_BLOCK) -> dict[str, Path]:
     """Every graph (name -> (fp32 graph file, file name in ``out_dir``)) at ``precision``, sharing one
-    ``out_dir/weights.bin``; ``lazy``: the checkpoint reader of a streamed export. Returns the written files."""
+    ``out_dir/weights.bin``; ``lazy``: the checkpoint reader of a streamed export; ``block``: int4's block size
+    along K. Returns the written files."""
     writer = WeightsWriter(out_dir / WEIGHTS_FILE)
     try:
-        return {n: quantize_graph(path, out_dir / file, precision, writer, TensorSource(path.parent, lazy), accuracy_level)
+        return {n: quantize_graph(path, out_dir / file, precision, writer, TensorSource(path.parent, lazy),
+                                  accuracy_level, block)
                 for n, (path, file) in graphs.items()}
     finally:
         writer.close()
