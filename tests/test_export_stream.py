@@ -244,14 +244,14 @@ def test_streamed_quantized_export_never_writes_fp32_weights(tmp_path_factory, m
     seen = []
     real_quantize = quantize.quantize_graphs
 
-    def watched(graphs, out_dir, precision, lazy=None, accuracy_level=None):
+    def watched(graphs, out_dir, precision, lazy=None, accuracy_level=None, **kw):
         for path, _ in graphs.values():  # the fp32 graphs handed to the quantizer
             g = onnx.load(str(path), load_external_data=False).graph
             inits = {t.name: t for t in g.initializer}
             weights = [inits[n.input[1]] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
                        and re.search(r"\.(w\d+_|head_t)", n.input[1])]  # decoder projections, head (not SID rows)
             seen.append((len(weights), all(is_lazy(t) for t in weights), (path.parent / "weights.bin").stat().st_size))
-        return real_quantize(graphs, out_dir, precision, lazy, accuracy_level)
+        return real_quantize(graphs, out_dir, precision, lazy, accuracy_level, **kw)
 
     normal = exported(tmp_path_factory, arch, kind, f"-{precision}", precision=precision, quant_sample=16)
     monkeypatch.setattr(quantize, "quantize_graphs", watched)

@@ -12,7 +12,7 @@ from pauserec.cli.common import console, handle_errors
 
 @handle_errors
 def train(
-    data: Path = typer.Option(..., "--data", help="Dataset directory (LC-Rec or MiniOneRec layout)."),
+    data: Path = typer.Option(..., "--data", help="Dataset directory (LC-Rec, MiniOneRec or OneRec-Think layout)."),
     index: str = typer.Option(None, "--index", help="SID index: a name (e.g. rkmeans_zcr) or a NAME.index.json file; "
                               "default: the one beside the data."),
     kind: str = typer.Option(..., "--kind", help="direct | pause | cot"),

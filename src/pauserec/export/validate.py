@@ -22,6 +22,11 @@ from pauserec.runtime.spec import ModelShape
 
 # fp32 must match the HF model; reduced precisions are reported and judged by ranking agreement instead
 ATOL = {"fp32": 1e-4, "fp16": float("inf"), "int8": float("inf"), "int4": float("inf")}
+# A row's common offset (its log-normaliser) carries the float32 rounding of the row's largest logits, which grows
+# with their size (~1.2e-4 on a trained 128-wide model whose differences within the row were 3e-6): it moves every
+# code of a level alike, so it is held to NORMALISER_FACTOR x the tolerance, the rest of the row to the tolerance.
+NORMALISER_FACTOR = 10
+NORMALISER = " normaliser"  # suffix of the output name of a row's common-offset check
 MAX_REF_ROWS, MAX_REF_BEAMS = 3, 3  # HF reference runs per case: rows x beams sequences
 
 
@@ -217,11 +222,17 @@ class torch_threads:
         torch.set_num_threads(self.prev)
 
 
-def _err(graph: np.ndarray, ref: np.ndarray) -> float:
+def _err(graph: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(largest difference once the row's common offset is removed, that offset): the offset is the median
+    difference, the log-normaliser's error; the rest is what orders the row's codes."""
     graph = np.asarray(graph, dtype=np.float64)
     if not np.isfinite(graph).all():
-        return float("inf")
-    return float(np.abs(graph - ref).max()) if graph.size else 0.0
+        return float("inf"), float("inf")
+    if not graph.size:
+        return 0.0, 0.0
+    d = graph - np.asarray(ref, dtype=np.float64)
+    shift = float(np.median(d))
+    return float(np.abs(d - shift).max()), abs(shift)
 
 
 class _Case:
@@ -240,9 +251,10 @@ class _Case:
         self.rows = sorted({0, 1, batch - 1} & set(range(batch)))[:MAX_REF_ROWS]
         self.checks: dict[tuple[str, str], float] = {}
 
-    def record(self, graph: str, output: str, err: float) -> None:
-        key = (graph, output)
-        self.checks[key] = max(self.checks.get(key, 0.0), err)
+    def record(self, graph: str, output: str, err: tuple[float, float]) -> None:
+        """``err``: ``_err``'s (within the row, the row's common offset), kept as two checks."""
+        for key, e in (((graph, output), err[0]), ((graph, output + NORMALISER), err[1])):
+            self.checks[key] = max(self.checks.get(key, 0.0), e)
 
     @property
     def tables(self) -> list[tuple[int, ...]]:
@@ -317,7 +329,7 @@ class _Case:
                     r = self.level_ref(ref[step], step + 1)
                     err = _err(outs[step][b, j, :v], r)
                     if not np.all(np.isneginf(outs[step][b, j, v:])):
-                        err = float("inf")
+                        err = (float("inf"), float("inf"))
                     after = step + 1 - s.levels  # >= 0: a token scored after the SID
                     self.record("decode", f"logprobs[level {step + 2}]" if after < 0 else f"logprobs[after {after + 1}]",
                                 err)
@@ -373,7 +385,8 @@ def validate_graphs(refs: References, encoder: PromptEncoder, shape: ModelShape,
             case.static_ctx = static_env["hist"] + shape.suffix_len + shape.ctx_extra
         with torch_threads(threads):
             case.run()
-        checks += [Check(g, name, out, err, atol, precision) for (g, out), err in case.checks.items()]
+        checks += [Check(g, name, out, err, atol * NORMALISER_FACTOR if out.endswith(NORMALISER) else atol, precision)
+                   for (g, out), err in case.checks.items()]
         if isinstance(graphs, PairedGraphs):
             checks += [Check(g, name, f"{out} ({graphs.label})", err, paired_atol, precision, against="onnx")
                        for (g, out), err in graphs.take().items()]
