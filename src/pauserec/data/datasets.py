@@ -461,9 +461,9 @@ def load_onerec_think(root: Path, index: str | None = None) -> Dataset:
         found = [p for p in found if p.name in (Path(index).name, f"{index}.pretrain.json")]
     if len(found) != 1:
         names = ", ".join(p.name for p in sorted(root.glob("*.pretrain.json"))) or "none"
-        pick = "pick one with --index NAME" if len(found) > 1 or index is None and names != "none" else \
-            "expected <name>.pretrain.json"
-        raise DataError(f"{root}: {len(found)} OneRec-Think item files match (found: {names}); {pick}")
+        what = "pick one with --index NAME" if len(found) > 1 else (
+            f"--index {index} names none of them" if index is not None else "expected <name>.pretrain.json")
+        raise DataError(f"{root}: {len(found)} OneRec-Think item files match (found: {names}); {what}")
     item_path = found[0]
     name = item_path.name[: -len(".pretrain.json")]
     raw = _object(read_json(item_path), item_path, "item id -> {title, description, categories, sid}")
