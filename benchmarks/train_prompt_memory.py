@@ -1,7 +1,7 @@
 """Peak RSS and step time of a few `pauserec train --init-from CKPT --prompt LAYOUT` steps, one process per setting.
 
-    pauserec-bench shape qwen3-1.7b --dtype bfloat16 --kind direct --data DATA --index rkmeans_zcr --out /tmp/q17
-    python benchmarks/train_prompt_memory.py /tmp/q17 --data DATA --index rkmeans_zcr --prompt minionerec \\
+    pauserec-bench shape qwen3-1.7b --dtype bfloat16 --kind direct --data DATA --index rkmeans_zcr --out ckpt/q17
+    python benchmarks/train_prompt_memory.py ckpt/q17 --data DATA --index rkmeans_zcr --prompt minionerec \\
         --setting lora16 --setting lora16+gc --steps 3 --out results/train-prompt-memory.json
 
 Each setting runs ``pauserec.train.sft.train`` in a fresh process (``--kind pause --pause-k 5``, batch size
