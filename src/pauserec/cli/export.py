@@ -34,6 +34,9 @@ def export(
     int4_block: int = typer.Option(32, "--int4-block", help="int4: weights per scale along K (16, 32, 64, 128, "
                                    "256); larger blocks give a smaller engine and fewer scales to apply, coarser "
                                    "weights."),
+    kv_dtype: str = typer.Option("float32", "--kv-dtype", help="int8/int4: float16 holds the KV cache in half the "
+                                 "memory (cast per layer at the graphs' boundaries; ranked against fp32 like the "
+                                 "weights). fp32 engines keep float32 (exact); fp16 engines always use float16."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
     after_sid: bool = typer.Option(True, "--after-sid/--no-after-sid", help="Score the tokens the layout's "
@@ -81,7 +84,7 @@ def export(
                        batch=batch, beams=beams, max_history=max_history, atol=atol, force=force, kind=kind,
                        pause_k=pause_k, catalog=catalog, data=data, exporter=exporter, threads=threads,
                        scoring=scoring, after_sid=after_sid, min_agreement=min_agreement, quant_sample=sample,
-                       int4_compute=int4_compute, int4_block=int4_block,
+                       int4_compute=int4_compute, int4_block=int4_block, kv_dtype=kv_dtype,
                        fuse_prefix=not recompute_prefix, prompt=prompt, index=index, items=items, base=base,
                        check_users=check_users, guard_users=guard_users, prompt_sample=prompt_sample, stream=stream)
     t0 = time.perf_counter()

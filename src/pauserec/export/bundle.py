@@ -235,9 +235,10 @@ def write_failure(out: Path, e: OSError) -> ExportError:
 
 def build_manifest(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, static_env: dict | None, precision: str,
                   backend: str, exporter: dict, source: Path, source_sha: str, validation: list, plans: dict,
-                  prefix: str = "fused", merged: str | None = None) -> Manifest:
+                  prefix: str = "fused", merged: str | None = None, kv_dtype: str | None = None) -> Manifest:
     """The engine's manifest (without ``files``, which ``finish`` adds). ``prefix``: "fused" (the
-    instruction prefix's KV is a graph constant) or "recomputed" (an ablation engine)."""
+    instruction prefix's KV is a graph constant) or "recomputed" (an ablation engine). ``kv_dtype``: how the
+    graphs take and return the KV (default: float16 for fp16 engines, else float32)."""
     import pauserec
 
     static = static_env or {}
@@ -253,7 +254,7 @@ def build_manifest(*, spec: PromptSpec, catalog, dims, shape, graphs: dict, stat
                       prefix=prefix, suffix_len=shape.suffix_len, ctx_extra=shape.ctx_extra, beam_slots=shape.steps,
                       first_width=shape.first_width, next_width=shape.next_width, batch=static.get("batch"),
                       beams=static.get("beams"), hist=static.get("hist")),
-        precision=precision, kv_dtype="float16" if precision == "fp16" else "float32", backend=backend,
+        precision=precision, kv_dtype=kv_dtype or ("float16" if precision == "fp16" else "float32"), backend=backend,
         exporter=exporter["exporter"], opset=int(exporter["opset"]), torch=str(exporter["torch"]),
         source={"checkpoint": source.name, "sha256": source_sha}, validation=list(validation),
         pauserec_version=pauserec.__version__, merged=merged,

@@ -137,6 +137,67 @@ def to_fp16(src: Path, dst: Path, keep: list[str]) -> Path:
     return dst
 
 
+def kv_to_float16(path: Path, inputs: list[str], outputs: list[str]) -> None:
+    """Rewrite the graph at ``path`` in place so its KV inputs and outputs are float16; it computes as before.
+
+    A KV output made by stacking the layers (``Concat``) gets each layer cast before the stack, so no float32
+    stack is ever built; a KV input read one layer at a time (``Gather`` on the layer axis) is cast back per
+    layer after the read, so no float32 copy of the whole context exists either. Any other producer or
+    consumer gets one Cast of the whole tensor (same values, less memory saved). The semantics are exactly
+    ``graph(kv_in.astype(float32))`` with the KV outputs rounded to float16. Weights are untouched.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    io_types = {v.name: v for v in (*g.input, *g.output)}
+    missing = [x for x in (*inputs, *outputs) if x not in io_types]
+    if missing:
+        raise ExportError(f"{path.name} has no KV tensor {', '.join(missing)}; the graph is not one pauserec exported")
+    casts = []
+
+    def cast(src: str, dst: str, to: int) -> None:
+        casts.append(helper.make_node("Cast", [src], [dst], to=to, name=f"kv16/{dst}"))
+
+    for name in outputs:
+        p = producer[name]
+        if p.op_type == "Concat":
+            for j, x in enumerate(p.input):
+                cast(x, f"{x}/kv16", TensorProto.FLOAT16)
+                p.input[j] = f"{x}/kv16"
+        else:
+            p.output[list(p.output).index(name)] = f"{name}/kv32"
+            cast(f"{name}/kv32", name, TensorProto.FLOAT16)
+        io_types[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    for name in inputs:
+        whole = None
+        for n in consumers.get(name, []):
+            if n.op_type == "Gather" and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0:
+                y = n.output[0]
+                n.output[0] = f"{y}/kv16"
+                cast(f"{y}/kv16", y, TensorProto.FLOAT)
+            else:
+                if whole is None:
+                    whole = f"{name}/kv32"
+                    cast(name, whole, TensorProto.FLOAT)
+                n.input[:] = [whole if x == name else x for x in n.input]
+        io_types[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+    renamed = {x for c in casts for x in c.output}
+    kept = [v for v in g.value_info if v.name not in renamed]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    g.node.extend(casts)
+    _toposort(g)
+    onnx.save(model, str(path))
+    check(path)
+
+
 def save_external(model, dst: Path) -> None:
     """Save with every tensor in one external file beside ``dst`` (any size; ``consolidate`` reads it)."""
     import onnx

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.export.config import (BACKENDS, INT4_BLOCKS, INT4_COMPUTE, PRECISIONS, SCORING, ExportConfig, ExportReport,
-                                     Progress)
+from pauserec.export.config import (BACKENDS, INT4_BLOCKS, INT4_COMPUTE, KV_DTYPES, PRECISIONS, SCORING, ExportConfig,
+                                     ExportReport, Progress)
 from pauserec.prompt.spec import PromptEncoder
 
 
@@ -41,6 +41,15 @@ def _check_config(cfg: ExportConfig) -> None:
                           f"{', '.join(map(str, INT4_BLOCKS))}")
     if cfg.int4_compute not in INT4_COMPUTE:
         raise ExportError(f"unknown --int4-compute {cfg.int4_compute!r}; choose one of {', '.join(INT4_COMPUTE)}")
+    if cfg.kv_dtype not in KV_DTYPES:
+        raise ExportError(f"unknown --kv-dtype {cfg.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+    if cfg.kv_dtype == "float16" and cfg.precision == "fp32":
+        raise ExportError("--kv-dtype float16 rounds the KV cache, and an fp32 engine is exact (HF's scores within "
+                          "1e-4): use it with --precision int8 or int4 (ranked against fp32 like their weights), or "
+                          "export --precision fp16")
+    if cfg.kv_dtype == "float16" and cfg.backend == "tensorrt" and cfg.precision != "fp16":
+        raise ExportError("--kv-dtype float16 is for the ONNX Runtime engines (int8, int4); TensorRT plans are fp16 "
+                          "and hold their KV in float16 already: use --precision fp16")
     if not 0.0 <= cfg.min_agreement <= 1.0:
         raise ExportError(f"--min-agreement is a top-10 overlap in [0, 1], got {cfg.min_agreement}")
     if cfg.static and (not cfg.batch or not cfg.beams or cfg.batch < 1 or cfg.beams < 1):
@@ -57,6 +66,21 @@ def _check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"unknown exporter {cfg.exporter!r}; choose one of {', '.join(OPSETS)}")
     if cfg.kind is not None and cfg.kind not in ("direct", "pause", "cot"):
         raise ExportError(f"unknown --kind {cfg.kind!r}; choose direct, pause or cot")
+
+
+def kv_io(specs: dict, graph: str) -> tuple[list[str], list[str]]:
+    """(KV inputs, KV outputs) of one graph file: ``graph``'s own, or every graph's ("merged": named graph/tensor)."""
+    from pauserec.runtime.spec import KV
+
+    names = list(specs) if graph == "merged" else [graph]
+    label = (lambda g, t: f"{g}/{t.name}") if graph == "merged" else (lambda g, t: t.name)
+    return ([label(g, t) for g in names for t in specs[g].inputs if t.dtype == KV],
+            [label(g, t) for g in names for t in specs[g].outputs if t.dtype == KV])
+
+
+def kv_dtype(cfg: ExportConfig) -> str:
+    """The engine's KV dtype: float16 for fp16 engines and where asked (--kv-dtype), else float32."""
+    return "float16" if cfg.precision == "fp16" else cfg.kv_dtype
 
 
 def export_engine(cfg: ExportConfig, progress: Progress | None = None) -> ExportReport:
@@ -240,7 +264,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     if plan_ranking:
         validation.append({"graph": "engine", "case": "tensorrt vs onnx ranking sample", **plan_ranking})
     manifest = bundle.finish(stage, bundle.build_manifest(**common, precision=cfg.precision, backend=cfg.backend,
-                                                         validation=validation, plans=plans))
+                                                         validation=validation, plans=plans, kv_dtype=kv_dtype(cfg)))
     t0 = time.perf_counter()
     say("check", "load the engine with the runtime and recommend once")
     rec = smoke_test(stage, src, cfg)  # the staged engine, loaded once for every check below
@@ -415,16 +439,20 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
         files = quantize.quantize_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
                                          cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute],
                                          block=cfg.int4_block)
+    if cfg.precision != "fp16" and cfg.kv_dtype == "float16":
+        say("kv", "float16 KV cache at the graphs' boundaries (cast per layer; compute unchanged)")
+        for n, path in files.items():
+            onnx.kv_to_float16(path, *kv_io(specs, n))
     files.pop("merged", None)
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
-    kv = np.float16 if cfg.precision == "fp16" else np.float32
+    kv = np.float16 if kv_dtype(cfg) == "float16" else np.float32
     checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,
                                       precision=cfg.precision, **validate_args)
     deferred = src.streamed is not None and src.streamed.defer
     for folder, precision in ((stage, cfg.precision),) if deferred else ((fp32_dir, "fp32"), (stage, cfg.precision)):
         src.catalog.save(folder / bundle.CATALOG_FILE)
         bundle.finish(folder, bundle.build_manifest(**common, precision=precision, backend="onnx", validation=[],
-                                                   plans={}))
+                                                   plans={}, kv_dtype=kv_dtype(cfg) if folder == stage else "float32"))
     reference = "the HF model (one decoder layer at a time)" if deferred else "fp32"
     say(cfg.precision, f"top-10 agreement with {reference} on {cfg.quant_sample} users")
     report = _ranking_report(cfg, src, None if deferred else fp32_dir, stage)
