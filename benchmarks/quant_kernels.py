@@ -12,7 +12,10 @@ and 984 (one and 8 users' prefill of a 20-item history). Kernels:
   + ``MatMulInteger`` (u8 x s8) + the two rescales, i.e. what one int8 MatMul costs in an engine;
 - ``int8-gemm``: ``MatMulInteger`` alone on already-quantised input (the integer GEMM's own rate);
 - ``int4``: ``MatMulNBits`` (4 bits, blocks of 32) at ``accuracy_level`` 4 (int8 compute: the int4 default)
-  and 0 (``--int4-compute fp32``).
+  and 0 (``--int4-compute fp32``);
+- ``fp16`` / ``bf16``: ``MatMul`` on float16 / bfloat16 input and weight: whether this ONNX Runtime computes in
+  half precision on this CPU any faster than in float32 (AVX512-FP16, AVX512-BF16 and AMX-BF16 are there on
+  recent Xeons). A kernel ONNX Runtime does not have is listed under ``unavailable`` with its error.
 
 Rates are GOP/s (2·M·N·K per product) over 7 samples: median, min and max.
 """
@@ -29,20 +32,40 @@ SHAPES = ((1024, 3072), (3072, 1024))
 ROWS = (1, 20, 123, 160, 984)
 
 
-def _session(nodes, inits, k: int, n: int, threads: int, x_type=None, y_type=None, opsets=(("", 18),)):
+def _session(nodes, inits, k: int, n: int, threads: int, x_type=None, y_type=None, opsets=(("", 18),),
+             extra_inits=()):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     x_type, y_type = x_type or TensorProto.FLOAT, y_type or TensorProto.FLOAT
     graph = helper.make_graph(nodes, "kernel", [helper.make_tensor_value_info("x", x_type, ["m", k])],
                               [helper.make_tensor_value_info("y", y_type, ["m", n])],
-                              [numpy_helper.from_array(v, name) for name, v in inits.items()])
+                              [numpy_helper.from_array(v, name) for name, v in inits.items()] + list(extra_inits))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     model.ir_version = min(model.ir_version, 9)
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads, opts.intra_op_num_threads = 1, threads
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def half_kernels(k: int, n: int, threads: int, rng) -> tuple[dict, dict]:
+    """({name: session}, {name: why not}) for MatMul in float16 and bfloat16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = rng.standard_normal((k, n), dtype=np.float32) * 0.05
+    out, why = {}, {}
+    for name, dtype in (("fp16", TensorProto.FLOAT16), ("bf16", TensorProto.BFLOAT16)):
+        if dtype == TensorProto.FLOAT16:
+            init = numpy_helper.from_array(w.astype(np.float16), "w")
+        else:  # bfloat16: the top 16 bits of each float32
+            init = helper.make_tensor("w", dtype, [k, n], (w.view(np.uint32) >> 16).astype(np.uint16).tobytes(), raw=True)
+        try:
+            out[name] = _session([helper.make_node("MatMul", ["x", "w"], ["y"])], {}, k, n, threads, dtype, dtype,
+                                 extra_inits=[init])
+        except Exception as e:  # onnxruntime raises its own types: NOT_IMPLEMENTED where it has no kernel
+            why[name] = str(e).splitlines()[0][:300]
+    return out, why
 
 
 def kernels(k: int, n: int, threads: int, rng) -> dict:
@@ -84,19 +107,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    rows = []
+    rows, unavailable = [], {}
     for k, n in SHAPES:
         sessions = kernels(k, n, args.threads, rng)
+        half, why = half_kernels(k, n, args.threads, rng)
+        sessions.update(half)
+        unavailable.update(why)
         for m in ROWS:
             x = rng.standard_normal((m, k), dtype=np.float32)
-            xu8 = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
+            feeds = {"int8-gemm": rng.integers(0, 256, size=(m, k), dtype=np.uint8), "fp16": x.astype(np.float16)}
             for name, sess in sessions.items():
-                feed = {"x": xu8 if name == "int8-gemm" else x}
+                feed = {"x": feeds.get(name, x)}
                 r = _timed(lambda s=sess, f=feed: s.run(None, f), 2 * m * n * k, 7, 0.05)
                 rows.append({"kernel": name, "m": m, "k": k, "n": n, **r})
                 print(f"K {k:5d} N {n:5d} M {m:4d} {name:10s} {r['gflops_median']:8.0f} GOP/s "
                       f"[{r['gflops_min']:.0f}, {r['gflops_max']:.0f}]", flush=True)
-    result = {"rows": rows, "env": environment(threads=args.threads)}
+    for name, why in unavailable.items():
+        print(f"{name}: not available in this onnxruntime ({why})")
+    result = {"rows": rows, "unavailable": unavailable, "env": environment(threads=args.threads)}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

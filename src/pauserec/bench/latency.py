@@ -305,10 +305,12 @@ def answer_reference(systems, i: int) -> int | None:
 
 
 def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | None,
-                engine: Path | None = None) -> float | None:
-    """Peak RSS of a fresh process that loads one system and serves one batch (``engine``: the engine whose prompt
+                engine: Path | None = None, history_len: int = 20) -> float | None:
+    """Peak RSS of a fresh process that loads one system and serves one batch of seeded ``history_len``-item
+    histories (``engine``: the engine whose prompt
     an HF baseline of a checkpoint without a training card runs)."""
-    cmd = [sys.executable, "-m", "pauserec.bench.rss", system, str(path), "--batch", str(batch), "--beams", str(beams)]
+    cmd = [sys.executable, "-m", "pauserec.bench.rss", system, str(path), "--batch", str(batch), "--beams", str(beams),
+           "--history-len", str(history_len)]
     if threads:
         cmd += ["--threads", str(threads)]
     if engine is not None:
@@ -339,7 +341,8 @@ def run_latency(cfg: LatencyConfig, tick: Callable[[], None] | None = None) -> d
                 r.peak_rss_mb = s.peak_rss_mb()  # the worker's own peak, over every batch it served
             elif cfg.rss:
                 r.peak_rss_mb = peak_rss_mb(s.system, Path(s.path), max(cfg.batch_sizes), cfg.beams, cfg.threads,
-                                            getattr(s, "engine", None) if s.system == "hf-generate" else None)
+                                            getattr(s, "engine", None) if s.system == "hf-generate" else None,
+                                            cfg.history_len)
             results.append(asdict(r))
     finally:
         close_all(systems)
