@@ -307,8 +307,7 @@ def answer_reference(systems, i: int) -> int | None:
 def peak_rss_mb(system: str, path: Path, batch: int, beams: int, threads: int | None,
                 engine: Path | None = None, history_len: int = 20) -> float | None:
     """Peak RSS of a fresh process that loads one system and serves one batch of seeded ``history_len``-item
-    histories (``engine``: the engine whose prompt
-    an HF baseline of a checkpoint without a training card runs)."""
+    histories (``engine``: the engine whose prompt an HF baseline of a checkpoint without a training card runs)."""
     cmd = [sys.executable, "-m", "pauserec.bench.rss", system, str(path), "--batch", str(batch), "--beams", str(beams),
            "--history-len", str(history_len)]
     if threads:
