@@ -113,3 +113,17 @@ def test_export_on_older_onnxruntime(tmp_path, tmp_path_factory, merged_engine, 
         assert manifest.get("merged") is None and not (out / "merged.onnx").exists()
         assert manifest["precision"] == precision
     _same(_recommend_here(tmp_path / "fp32"), _recommend_here(merged_engine))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [OLDEST, NEWEST_GPU])
+def test_a_float16_kv_engine_runs_on_older_onnxruntime(tmp_path_factory, version):
+    """--kv-dtype float16 adds only Cast nodes: the engine runs on per-graph sessions there and recommends what it
+    recommends here (int4 scores move by ONNX Runtime's fusions across versions, never beyond a rounding step)."""
+    engine = exported(tmp_path_factory, "qwen3", "pause", "-kv16-int4", precision="int4", quant_sample=4,
+                      min_agreement=0.0, kv_dtype="float16")  # shared with test_kv_dtype
+    got = json.loads(_python(version, RUN, str(engine), json.dumps(HISTORIES)).strip().splitlines()[-1])
+    assert got["ort"] == version and got["sessions"] == ["OrtSession"]
+    here = _recommend_here(engine)
+    assert got["items"] == here["items"]
+    np.testing.assert_allclose(np.asarray(got["scores"]), np.asarray(here["scores"]), atol=0.05, rtol=0)

@@ -124,6 +124,11 @@ def float_io(spec: GraphSpec) -> list[str]:
     return [t.name for t in (*spec.inputs, *spec.outputs) if t.dtype != "kv"]
 
 
+def kv_io(spec: GraphSpec) -> tuple[list[str], list[str]]:
+    """The KV inputs and outputs of ``spec`` (the tensors ``float_io`` leaves out)."""
+    return [t.name for t in spec.inputs if t.dtype == "kv"], [t.name for t in spec.outputs if t.dtype == "kv"]
+
+
 def to_fp16(src: Path, dst: Path, keep: list[str]) -> Path:
     """float16 weights and KV I/O; the inputs and outputs named in ``keep`` (ids, log-probs) keep their types."""
     import onnx

@@ -68,16 +68,6 @@ def _check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"unknown --kind {cfg.kind!r}; choose direct, pause or cot")
 
 
-def kv_io(specs: dict, graph: str) -> tuple[list[str], list[str]]:
-    """(KV inputs, KV outputs) of one graph file: ``graph``'s own, or every graph's ("merged": named graph/tensor)."""
-    from pauserec.runtime.spec import KV
-
-    names = list(specs) if graph == "merged" else [graph]
-    label = (lambda g, t: f"{g}/{t.name}") if graph == "merged" else (lambda g, t: t.name)
-    return ([label(g, t) for g in names for t in specs[g].inputs if t.dtype == KV],
-            [label(g, t) for g in names for t in specs[g].outputs if t.dtype == KV])
-
-
 def kv_dtype(cfg: ExportConfig) -> str:
     """The engine's KV dtype: float16 for fp16 engines and where asked (--kv-dtype), else float32."""
     return "float16" if cfg.precision == "fp16" else cfg.kv_dtype
@@ -441,8 +431,11 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
                                          block=cfg.int4_block)
     if cfg.precision != "fp16" and cfg.kv_dtype == "float16":
         say("kv", "float16 KV cache at the graphs' boundaries (cast per layer; compute unchanged)")
-        for n, path in files.items():
-            onnx.kv_to_float16(path, *kv_io(specs, n))
+        for n, path in files.items():  # the merged model names its graphs' tensors "graph/tensor"
+            prefix = {g: f"{g}/" for g in specs} if n == "merged" else {n: ""}
+            ins = [p + x for g, p in prefix.items() for x in onnx.kv_io(specs[g])[0]]
+            outs = [p + x for g, p in prefix.items() for x in onnx.kv_io(specs[g])[1]]
+            onnx.kv_to_float16(path, ins, outs)
     files.pop("merged", None)
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
     kv = np.float16 if kv_dtype(cfg) == "float16" else np.float32
