@@ -653,3 +653,24 @@ def test_cuda_beam_state_ops_match_host_ops():
         np.testing.assert_array_equal(cuda.download(cuda.prefix(d, 2)), host.download(host.prefix(h, 2)))
     tokens = np.array([[3, -1], [0, 7]], np.int32)
     np.testing.assert_array_equal(cuda.download(cuda.codes(cuda.upload(tokens))), np.maximum(tokens, 0))
+
+
+def test_host_beam_reorder_in_place_matches_reference():
+    """The host loop reorders the beams' KV in place, a layer at a time (no second copy of the whole beam KV);
+    each beam takes its parent's slots, padding (-1) beam 0's, as a plain loop over users and beams says."""
+    from pauserec.runtime.beam import ArrayOps
+    from pauserec.runtime.device import HostOps
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float16):
+        beam = rng.normal(size=(3, 2, 2, 5, 3, 4)).astype(dtype)  # (layers, B, Hkv, K, slots, D)
+        parent = rng.integers(-1, 5, size=(2, 5)).astype(np.int32)
+        want = np.empty_like(beam)
+        for b in range(2):
+            for k in range(5):
+                want[:, b, :, k] = beam[:, b, :, max(parent[b, k], 0)]
+        host = HostOps()
+        np.testing.assert_array_equal(host.download(host.gather_beams(host.upload(beam), host.upload(parent))), want)
+        got = ArrayOps().gather_beams(beam, parent)
+        assert got is beam  # reordered where it lies
+        np.testing.assert_array_equal(got, want)

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import gc
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pauserec.errors import ExportError
 from pauserec.export.config import (BACKENDS, INT4_BLOCKS, INT4_COMPUTE, KV_DTYPES, PRECISIONS, SCORING, ExportConfig,
                                      ExportReport, Progress)
 from pauserec.prompt.spec import PromptEncoder
+from pauserec.runtime.memory import release_memory
 
 
 def _check_config(cfg: ExportConfig) -> None:
@@ -100,20 +100,6 @@ def export_engine(cfg: ExportConfig, progress: Progress | None = None) -> Export
     finally:
         if stage_dir is not None:
             shutil.rmtree(stage_dir, ignore_errors=True)
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps tensors below its mmap
-    threshold, tens of MB, in its arenas after they are freed)."""
-    import ctypes
-    import ctypes.util
-
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(libc).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
-        pass
 
 
 def check_finite(model) -> None:

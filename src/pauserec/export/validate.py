@@ -54,9 +54,7 @@ class OrtGraphs:
     """ONNX Runtime CPU sessions over staged graph files that share one ``weights.bin`` (validation only)."""
 
     def __init__(self, files: dict[str, Path], threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from pauserec.runtime.backends.ort import session_options
+        from pauserec.runtime.backends.ort import inference_session, session_options
         from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
         self.weights = WeightStore(next(iter(files.values())).parent / WEIGHTS_FILE)
@@ -64,7 +62,7 @@ class OrtGraphs:
         for n, p in files.items():
             opts = session_options(threads)
             self.weights.add_to(opts, p)
-            self.sessions[n] = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+            self.sessions[n] = inference_session(p, opts, ["CPUExecutionProvider"])
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
         return self.sessions[graph].run(None, feeds)

@@ -119,8 +119,13 @@ class ArrayOps:
         return np.ascontiguousarray(src[..., :n, :])
 
     def gather_beams(self, src, parent) -> np.ndarray:
-        p = np.maximum(parent, 0)[None, :, None, :]  # (1, B, 1, K)
-        return np.take_along_axis(src, p.reshape(*p.shape, *([1] * (src.ndim - 4))), axis=3)
+        """(L, B, H, K, ...) beams reordered by parent (B, K) in place, one layer at a time: only one layer's
+        copy exists at once (a whole second copy is 120 MB at batch 8 on a 32-head 7B model)."""
+        p = np.maximum(parent, 0)[:, None, :]  # (B, 1, K)
+        p = p.reshape(*p.shape, *([1] * (src.ndim - 4)))
+        for layer in src:  # (B, H, K, ...) views
+            layer[...] = np.take_along_axis(layer, p, axis=2)
+        return src
 
     def codes(self, tokens) -> np.ndarray:
         return np.maximum(tokens, 0).astype(np.int64)  # dead beams feed code 0

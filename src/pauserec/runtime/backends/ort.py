@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pauserec.errors import BackendUnavailable, EngineError
+from pauserec.runtime.memory import release_memory
 from pauserec.runtime.session import check_declared
 from pauserec.runtime.spec import GraphSpec
 
@@ -48,6 +49,19 @@ def session_options(threads: int | None, prepack: bool = False, spin: bool = Fal
         opts.intra_op_num_threads = int(threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return opts
+
+
+def inference_session(path: Path, opts, providers: list, disabled_optimizers: list[str] | None = None):
+    """An ONNX Runtime session on the model at ``path``; EngineError if it cannot load. The heap garbage its
+    graph optimisation leaves (constant folding: 170 MB at the Llama-2-7B shape) goes back to the system."""
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=disabled_optimizers or [])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
+    release_memory()
+    return sess
 
 
 # The merged model runs its idle graphs on a batch of zero users. ONNX Runtime before 1.32 mishandles
@@ -93,8 +107,6 @@ class OrtSession:
         """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions (on
         "cuda": one device copy for all of them). ``tf32``: CUDA may multiply float32 in TF32 (faster on Ampere
         and later, scores differ by ~1e-3); off, float32 engines give the CPU's results."""
-        import onnxruntime as ort
-
         self.io, self.device, self.weights = io, device, weights  # the mapped weights outlive the session
         providers = ([("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})] if device == "cuda"
                      else ["CPUExecutionProvider"])
@@ -105,11 +117,7 @@ class OrtSession:
         opts = session_options(threads, prepack, spin)
         if weights is not None:
             weights.add_to(opts, path, device)
-        try:
-            self.sess = ort.InferenceSession(str(path), opts, providers=providers,
-                                             disabled_optimizers=DISABLED_OPTIMIZERS)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
+        self.sess = inference_session(path, opts, providers, DISABLED_OPTIMIZERS)
         if device == "cuda" and self.sess.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailable(f"ONNX Runtime could not create a CUDA session for {path.name} "
                                      f"(got {self.sess.get_providers()}): no usable GPU or driver; {CUDA_HELP}")
@@ -199,14 +207,8 @@ class MergedSession:
     """
 
     def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None, spin: bool = False) -> None:
-        import onnxruntime as ort
-
         opts = session_options(threads, prepack=True, spin=spin)
-        try:
-            self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                             disabled_optimizers=MERGED_DISABLED_OPTIMIZERS)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
+        self.sess = inference_session(path, opts, ["CPUExecutionProvider"], MERGED_DISABLED_OPTIMIZERS)
         self.providers = self.sess.get_providers()
         declared_in = {a.name: a for a in self.sess.get_inputs()}
         declared_out = {a.name: a for a in self.sess.get_outputs()}
