@@ -354,19 +354,19 @@ def smoke_test(engine_dir: Path, src, cfg: ExportConfig):
     import numpy as np
 
     from pauserec.errors import PauserecError
-    from pauserec.runtime import Engine, Recommender
+    from pauserec.export.validate import check_recommender
 
     try:
-        engine = Engine.load(engine_dir, provider="cpu", threads=cfg.threads)
+        rec = check_recommender(engine_dir, "cpu", cfg.beams or 20, cfg.threads)
         ids = src.catalog.item_ids
         history = [ids[i] for i in range(min(3, len(ids)))]
-        out = Recommender(engine).recommend([history], k=1, beams=cfg.beams or 2)
+        out = rec.recommend([history], k=1, beams=cfg.beams or 2)
     except PauserecError as e:
         raise ExportError(f"the exported engine does not run ({e}); nothing was written. Report this with the "
                           "checkpoint's config.json") from e
     if out.item_index[0, 0] < 0 or not np.isfinite(out.scores[0, 0]):
         raise ExportError("the exported engine recommends nothing valid for a catalog history; nothing was written")
-    return Recommender(engine)
+    return rec
 
 
 def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate_args: dict, say):

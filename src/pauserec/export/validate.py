@@ -404,14 +404,36 @@ def summarize(checks: list[Check]) -> list[dict]:
     return [c.to_dict() for c in checks]
 
 
+# The export's own runs of an engine (ranking sample, smoke test, popularity guard) take batches whose KV cache, with
+# the graphs' working copies of it (x3), stays within an eighth of the engine's bytes (at least 256 MB): a 7B model
+# with 32 KV heads holds ~120 MB per user in float32, so a batch of 8 would add 2 GB to the export's peak memory.
+CHECK_KV_SHARE, CHECK_KV_FLOOR, CHECK_KV_COPIES = 1 / 8, 256 << 20, 3
+
+
+def check_batch(engine, beams: int) -> int:
+    """Users per batch for the export's own runs of ``engine`` (1 .. the runtime's default batch)."""
+    from pauserec.runtime.recommender import DEFAULT_BATCH
+
+    weights = sum(p.stat().st_size for p in engine.path.iterdir() if p.is_file())
+    budget = max(CHECK_KV_FLOOR, int(weights * CHECK_KV_SHARE))
+    per_user = CHECK_KV_COPIES * engine.kv_bytes_per_user(beams)
+    return int(max(1, min(DEFAULT_BATCH, budget // max(per_user, 1))))
+
+
+def check_recommender(path: Path, provider: str = "cpu", beams: int = 20, threads: int | None = None):
+    """The engine at ``path`` loaded for the export's own checks, its batches sized by ``check_batch``."""
+    from pauserec.runtime import Engine, Recommender
+
+    engine = Engine.load(path, provider=provider, threads=threads)
+    return Recommender(engine, batch_size=check_batch(engine, beams))
+
+
 def compare_quantized(ref_dir: Path, q_dir: Path, histories: list[list[str]], targets: list[str] | None,
                       beams: int = 20, providers: tuple[str, str] = ("cpu", "cpu")) -> dict:
     """Top-10 overlap, top-1 agreement and (when targets are known) Hit@10 of a reduced-precision engine
     against its fp32 twin (or of one engine on two ``providers``, e.g. its TensorRT plans against ONNX)."""
-    from pauserec.runtime import Engine, Recommender
-
     k = min(10, beams)
-    ref = Recommender(Engine.load(ref_dir, provider=providers[0])).recommend(histories, k=k, beams=beams)
+    ref = check_recommender(ref_dir, providers[0], beams).recommend(histories, k=k, beams=beams)
     return compare_with_reference(q_dir, histories, ref.items, targets, beams, providers[1])
 
 
@@ -419,9 +441,7 @@ def compare_with_reference(q_dir: Path, histories: list[list[str]], ref_items: n
                            beams: int = 20, provider: str = "cpu") -> dict:
     """``compare_quantized`` against a reference top-10 given as item ids (B, 10), "" padding: the fp32 engine's,
     or the HF model's computed one decoder layer at a time (``pauserec.export.stream.layerwise_topk``)."""
-    from pauserec.runtime import Engine, Recommender
-
-    q = Recommender(Engine.load(q_dir, provider=provider)).recommend(histories, k=min(10, beams), beams=beams)
+    q = check_recommender(q_dir, provider, beams).recommend(histories, k=min(10, beams), beams=beams)
     ref_items = np.asarray(ref_items)
     overlap = float(np.mean([len(set(a[a != ""]) & set(b[b != ""])) / 10 for a, b in zip(ref_items, q.items)]))
     out = {"sample": len(histories), "top10_overlap": overlap, "top1_agreement": float(np.mean(ref_items[:, 0] == q.items[:, 0]))}

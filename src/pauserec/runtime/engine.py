@@ -212,6 +212,14 @@ class Engine:
     def max_history(self) -> int:
         return self.prompt.max_history
 
+    def kv_bytes_per_user(self, beams: int, history_tokens: int | None = None) -> int:
+        """Bytes of KV cache one user holds between graph calls: its context (history, suffix, cot's
+        rationale) shared by its beams, and each beam's SID slots; ``history_tokens``: the longest history the
+        engine takes when None. The graphs' working copies during a call come on top (about as much again)."""
+        hist = self.prompt.max_history_tokens if history_tokens is None else int(history_tokens)
+        per_token = 2 * self.layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize  # keys + values
+        return per_token * (hist + self.suffix_len + self.ctx_extra + int(beams) * (self.steps - 1))
+
     # -- graphs -----------------------------------------------------------------------------------
     # device=True: the outputs the search feeds back (log-probs for the top-k, KV) stay on the device
     # (backends with device memory; others return host arrays as always).
