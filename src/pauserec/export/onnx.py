@@ -64,7 +64,7 @@ def attach_weights(path: Path, module) -> None:
     from onnx import numpy_helper
 
     from pauserec.export.stream import is_stand_in
-    from pauserec.export.weights import LAZY_FILE, point_to
+    from pauserec.export.weights import INLINE_BYTES, LAZY_FILE, header, point_to
 
     model = onnx.load(str(path), load_external_data=False)
     state = module.state_dict()
@@ -83,10 +83,12 @@ def attach_weights(path: Path, module) -> None:
             model.graph.initializer.append(proto)
             continue
         array = streamed.real(t) if streamed is not None and is_stand_in(t) else np.ascontiguousarray(t.cpu().numpy())
-        t = numpy_helper.from_array(array, vi.name)
-        if array.nbytes >= 1024:
-            (path.parent / f"w{n}.bin").write_bytes(t.raw_data)
+        if array.nbytes >= INLINE_BYTES:
+            (path.parent / f"w{n}.bin").write_bytes(memoryview(array).cast("B"))
+            t = header(array, vi.name)
             point_to(t, f"w{n}.bin", 0, array.nbytes)
+        else:
+            t = numpy_helper.from_array(array, vi.name)
         model.graph.initializer.append(t)
         del array, t
     onnx.save(model, str(path))

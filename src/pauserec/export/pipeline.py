@@ -242,6 +242,7 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     manifest = bundle.finish(stage, bundle.build_manifest(**common, precision=cfg.precision, backend=cfg.backend,
                                                          validation=validation, plans=plans, kv_dtype=kv_dtype(cfg)))
     t0 = time.perf_counter()
+    release_memory()  # what the checks above freed (their engines, the layer-by-layer reference) before one more load
     say("check", "load the engine with the runtime and recommend once")
     rec = smoke_test(stage, src, cfg)  # the staged engine, loaded once for every check below
     if hf_top is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pauserec.errors import ExportError
-from pauserec.export.weights import INLINE_BYTES, LAZY_FILE, _tensor_bytes, point_to
+from pauserec.export.weights import INLINE_BYTES, LAZY_FILE, _tensor_bytes, header, point_to
 from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
 
 ZERO_POINT = 128  # activations are stored as uint8 around 128: MLAS's fastest integer GEMM is u8 x s8
@@ -151,9 +151,11 @@ class WeightsWriter:
         """An initializer ``name`` holding ``array``: inline when small, else in weights.bin."""
         from onnx import numpy_helper
 
-        t = numpy_helper.from_array(np.ascontiguousarray(array), name)
-        if array.nbytes >= INLINE_BYTES:
-            self.raw(t, t.raw_data)
+        array = np.ascontiguousarray(array)
+        if array.nbytes < INLINE_BYTES:
+            return numpy_helper.from_array(array, name)
+        t = header(array, name)
+        self.raw(t, memoryview(array).cast("B"))
         return t
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 from pauserec.errors import ExportError
 from pauserec.runtime.weights import ALIGN, WEIGHTS_FILE
 
@@ -34,6 +36,15 @@ def point_to(t, location: str, offset: int, length: int) -> None:
     for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = t.external_data.add()
         entry.key, entry.value = k, v
+
+
+def header(array: np.ndarray, name: str):
+    """An initializer ``name`` with ``array``'s type and shape and no values (point it at them with ``point_to``).
+    Never a TensorProto made with the values and then cleared: protobuf's upb backend keeps a message's bytes
+    in its arena until the message itself is freed, so every cleared weight would stay resident."""
+    from onnx import TensorProto, helper
+
+    return TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
 
 
 def is_lazy(t) -> bool:
