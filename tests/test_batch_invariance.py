@@ -23,8 +23,12 @@ HISTORIES = [["item1", "item5"], ["item7"], ["item2", "item9", "item3", "item12"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # fp16 rounds a log-prob near -10 to steps of 0.008: the GEMM's summation order (which follows the batch's row
-# count, not its contents) moves scores by ~1e-4 there, never the ranking. Every other precision: 1e-4.
+# count, not its contents) moves scores by ~1e-4 there, never the ranking. Every other precision: the same bits
+# (each history is padded to its own bucket, so the masked slots never change a user's sums; see PAD_QUANTUM).
+# cot: a user's think steps run with the batch's other unfinished users (alone: one row), and ONNX Runtime's float
+# GEMM sums a one-row product in another order: ~1e-6.
 ATOL = {"fp16": 1e-3}
+COT_ATOL = 1e-5
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
@@ -36,7 +40,7 @@ def test_scores_are_the_same_alone_and_in_a_batch(tmp_path_factory, precision, a
     engine = exported(tmp_path_factory, arch, kind, "" if precision == "fp32" else f"-batch-{precision}", **cfg)
     rec = Recommender(Engine.load(engine, provider="cpu"))
     batch = rec.recommend(HISTORIES, k=10, beams=10)
-    atol = ATOL.get(precision, 1e-4)
+    atol = ATOL.get(precision, COT_ATOL if kind == "cot" else 0.0)
     for u, history in enumerate(HISTORIES):
         alone = rec.recommend([history], k=10, beams=10)
         assert alone.items[0].tolist() == batch.items[u].tolist(), (precision, u)

@@ -254,7 +254,9 @@ class BeamSearch:
         self.cur = lp
 
     def _close_context(self) -> None:
-        end = self.cap if self.e.static else self.used
+        # host arrays: the SID levels read the whole buffer, as the think steps did, so a user's context has the
+        # same width whatever the other users' rationale lengths (batch-invariant sums); device views: what was used
+        end = self.cap if self.e.static or not self.ops.slices else self.used
         ops = self.ops
         self.ctx_key = self.buf_key if end == self.cap else ops.prefix(self.buf_key, end)
         self.ctx_value = self.buf_value if end == self.cap else ops.prefix(self.buf_value, end)

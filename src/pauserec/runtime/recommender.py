@@ -28,6 +28,13 @@ from pauserec.runtime.beam import Timings, beam_search
 from pauserec.runtime.engine import MANIFEST_FILE, sha256_file
 
 DEFAULT_BATCH = 32
+# A user's scores must not depend on who shares its batch. The graphs compute each user's rows alone, but the
+# length its history is padded to changes the order of the float sums over its context (masked slots shift the
+# real ones into other SIMD lanes and tails): ~1e-7 in float32, which the rounding of quantised activations
+# amplifies layer after layer (top-10s changed and scores moved by up to 1.0 at the Llama-2-7B shape in int8,
+# 0.03 at the Qwen3-0.6B shape). So every history is padded to its own bucket, a multiple of PAD_QUANTUM tokens
+# (at most the engine's budget), and a batch holds users of one bucket: alone or in any batch, the same arithmetic.
+PAD_QUANTUM = 16
 
 
 @dataclass
@@ -113,14 +120,12 @@ class Recommender:
             kept=np.zeros(n, np.int32),
         )
         timings, masking = Timings(), 0.0
-        order = np.argsort([len(d) for d in dense], kind="stable")  # bucket by history length
-        for start in range(0, n, self.batch_size):
-            rows = order[start : start + self.batch_size]
+        hist, res.kept[:] = self.encoder.many_kept(dense)  # each user's history ids, within the engine's budget
+        for rows, width in self._batches(hist):
             t1 = time.perf_counter()
             node_mask, mask_row = filters.masks(self.catalog.trie, rows) if filters else (None, None)
             masking += time.perf_counter() - t1
-            nodes, scores, kept = self._search([dense[r] for r in rows], beams, timings, node_mask, mask_row)
-            res.kept[rows] = kept
+            nodes, scores = self._search([hist[r] for r in rows], width, beams, timings, node_mask, mask_row)
             self._fill(res, rows, nodes, scores, k, filters)
         res.timings = {**timings.as_dict(), **({"filters": masking} if filters else {}),
                        "total": time.perf_counter() - t0, "users": float(n)}
@@ -201,17 +206,32 @@ class Recommender:
                               f"beams={e.static_beams}, or export a dynamic engine for other beam widths")
         return k, beams
 
-    def _search(self, dense: list[np.ndarray], beams: int, timings: Timings, node_mask: np.ndarray | None = None,
-                mask_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Pad one bucket to (B,T) ids + mask, run the beam search, return leaves + scores of its rows and the
-        history items each kept. ``node_mask`` (M, N) / ``mask_row`` (rows,): the bucket's item filters."""
+    def padded_length(self, n_tokens: int) -> int:
+        """The history slots a user with ``n_tokens`` history ids is computed with, alone or in any batch
+        (``PAD_QUANTUM``); a static engine's fixed history length."""
         e = self.engine
-        rows = len(dense)
+        if e.static_hist:
+            return int(e.static_hist)
+        return int(min(-(-max(n_tokens, 1) // PAD_QUANTUM) * PAD_QUANTUM, max(e.prompt.max_history_tokens, n_tokens)))
+
+    def _batches(self, hist: list[np.ndarray]):
+        """(rows, padded length) of each batch: users of one padded length, at most ``batch_size`` of them."""
+        width = np.array([self.padded_length(len(h)) for h in hist], np.int64)
+        order = np.argsort(width, kind="stable")
+        for w in np.unique(width):
+            rows = order[width[order] == w]
+            for start in range(0, len(rows), self.batch_size):
+                yield rows[start : start + self.batch_size], int(w)
+
+    def _search(self, hist: list[np.ndarray], width: int, beams: int, timings: Timings,
+                node_mask: np.ndarray | None = None, mask_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pad one batch's history ids to (B, width) ids + mask, run the beam search, return its rows' leaves and
+        scores. ``node_mask`` (M, N) / ``mask_row`` (rows,): the batch's item filters."""
+        e = self.engine
+        rows = len(hist)
         batch = e.static_batch or rows
-        hist, kept = self.encoder.many_kept(dense)  # each user's history ids, within the engine's budget
-        t = e.static_hist or max(len(h) for h in hist)
-        ids = np.full((batch, t), e.prompt.pad_id, np.int64)
-        mask = np.zeros((batch, t), np.int64)
+        ids = np.full((batch, width), e.prompt.pad_id, np.int64)
+        mask = np.zeros((batch, width), np.int64)
         for b in range(batch):
             toks = hist[b % rows]  # padding rows repeat real ones
             ids[b, : len(toks)], mask[b, : len(toks)] = toks, 1
@@ -222,7 +242,7 @@ class Recommender:
             search.step()
         timings.add(search.timings)
         nodes, scores = search.leaves()
-        return nodes[:rows], scores[:rows], kept
+        return nodes[:rows], scores[:rows]
 
     def _fill(self, res: Recommendations, rows: np.ndarray, nodes: np.ndarray, scores: np.ndarray, k: int,
               filters: item_filters.RequestFilters | None = None) -> None:
