@@ -7,8 +7,9 @@ import ctypes.util
 import gc
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS.
+def release_memory(collect: bool = True) -> None:
+    """Collect garbage (``collect``: a full collection, tenths of a second in a process holding a torch model) and
+    hand freed heap pages back to the OS.
 
     glibc keeps freed blocks below its mmap threshold in its heap, and raises that threshold (up to 32 MB)
     each time a larger mapped block is freed, so tensors of tens of MB end up there and stay resident after
@@ -16,9 +17,13 @@ def release_memory() -> None:
     evaluates thousands of small nodes, and at the Llama-2-7B shape 170 MB of freed heap stayed resident
     after a merged session was opened. ``malloc_trim`` returns it. Not glibc: nothing to trim.
     """
-    gc.collect()
-    libc = ctypes.util.find_library("c")
+    if collect:
+        gc.collect()
     try:
-        ctypes.CDLL(libc).malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c"))

@@ -60,7 +60,7 @@ def inference_session(path: Path, opts, providers: list, disabled_optimizers: li
         sess = ort.InferenceSession(str(path), opts, providers=providers, disabled_optimizers=disabled_optimizers or [])
     except Exception as e:  # onnxruntime raises its own exception types
         raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
-    release_memory()
+    release_memory(collect=False)  # C++ heap: no Python objects to collect
     return sess
 
 
