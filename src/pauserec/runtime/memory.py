@@ -1,10 +1,14 @@
-"""Handing freed heap memory back to the operating system."""
+"""Handing memory the process no longer uses back to the operating system."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import os
+from pathlib import Path
+
+MADV_DONTNEED = 4  # Linux
 
 
 def release_memory(collect: bool = True) -> None:
@@ -25,5 +29,47 @@ def release_memory(collect: bool = True) -> None:
         pass
 
 
+def drop_mapped_pages(path: str | Path) -> int:
+    """Drop the resident pages of this process's mappings of the file ``path`` that hold nothing but the file's
+    own bytes; returns the bytes of address space dropped. Nothing is lost: a page touched again is read back
+    from the file. A private mapping with a page written to (copy-on-write: ``Anonymous`` in its smaps) is left
+    alone, since dropping would revert that page to the file's bytes.
+
+    Prepacking reads every weight of an engine once, at load, into ONNX Runtime's own packed copy. Where ONNX
+    Runtime keeps the original tensor mapped too (the scales of an int4 ``MatMulNBits``: it packs them but
+    still holds them), the pages read at load stay resident though no kernel reads them again: 6 % of an int4
+    engine at block 128. Not Linux (no ``/proc/self/smaps``): nothing is dropped.
+    """
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+    except OSError:
+        return 0
+    libc, dropped = _libc(), 0
+    for start, end, anonymous in _file_mappings(text, target):
+        if anonymous == 0 and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
+def _file_mappings(smaps: str, target: str):
+    """(start, end, anonymous kB) of each mapping of file ``target`` in the text of ``/proc/self/smaps``."""
+    current = None
+    for line in smaps.splitlines():
+        head = line.split(maxsplit=5)
+        if head and "-" in head[0] and ":" not in head[0]:  # a mapping's header: "start-end perms offset dev inode path"
+            if current:
+                yield current
+            current = None
+            if len(head) == 6 and head[5] == target:
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                current = (start, end, 0)
+        elif current and line.startswith("Anonymous:"):
+            current = (current[0], current[1], int(line.split()[1]))
+    if current:
+        yield current
+
+
 def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c"))
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -90,8 +90,14 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
     from pauserec.runtime.backends.ort import MergedSession, OrtSession
     from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
-    if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
-        return dict(MergedSession(path / merged, graphs, threads, spin).views)
+    from pauserec.runtime.memory import drop_mapped_pages
 
-    store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
-    return {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin) for name, io in graphs.items()}
+    if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
+        sessions = dict(MergedSession(path / merged, graphs, threads, spin).views)
+    else:
+        store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
+        sessions = {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin)
+                    for name, io in graphs.items()}
+    if prepack or provider != "cpu":  # the kernels hold their own copies: the pages read at load are not read again
+        drop_mapped_pages(path / WEIGHTS_FILE)
+    return sessions

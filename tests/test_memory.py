@@ -1,0 +1,88 @@
+"""Memory the runtime hands back: mapped weight pages no kernel reads after a prepacked load."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from pauserec.runtime.memory import _file_mappings, drop_mapped_pages
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def _resident_kb(path) -> list[int]:
+    """Rss (kB) of each of this process's mappings of ``path``, in address order."""
+    target, out, current = os.path.realpath(path), [], False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if head and "-" in head[0] and ":" not in head[0]:
+                current = len(head) == 6 and head[5].rstrip("\n") == target
+            elif current and line.startswith("Rss:"):
+                out.append(int(line.split()[1]))
+    return out
+
+
+@linux
+def test_drops_clean_pages_and_keeps_written_ones(tmp_path):
+    data = np.random.default_rng(0).integers(0, 256, 4 << 20, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    data.tofile(path)
+    with open(path, "rb") as f:
+        clean = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        written = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    for m in (clean, written):
+        assert np.array_equal(np.frombuffer(m, np.uint8), data)  # every page read: resident
+    written[4096] = (int(data[4096]) + 1) % 256  # a copy-on-write page: only this mapping has it
+    before = _resident_kb(path)
+    assert len(before) == 2 and min(before) > 0
+
+    dropped = drop_mapped_pages(path)
+
+    assert dropped == 4 << 20  # the clean mapping only
+    after = _resident_kb(path)
+    assert sorted(after)[0] == 0 and sorted(after)[1] in before  # the written mapping kept what it had
+    assert written[4096] == (int(data[4096]) + 1) % 256  # the written page kept its value
+    assert np.array_equal(np.frombuffer(clean, np.uint8), data)  # the dropped pages read back from the file
+    assert drop_mapped_pages(tmp_path / "other.bin") == 0  # a file nobody maps: nothing
+    clean.close()
+    written.close()
+
+
+def test_reads_mapping_headers_and_anonymous_pages():
+    smaps = ("7f00-7f10 r--p 00000000 fe:00 12 /e/weights.bin\nRss: 4 kB\nAnonymous: 0 kB\nVmFlags: rd\n"
+             "7f10-7f20 rw-p 00001000 fe:00 12 /e/weights.bin\nAnonymous: 8 kB\n"
+             "7f20-7f30 rw-p 00000000 00:00 0 \nAnonymous: 4 kB\n"
+             "7f30-7f40 r--p 00000000 fe:00 13 /e/weights.bin.bak\nAnonymous: 0 kB\n")
+    assert list(_file_mappings(smaps, "/e/weights.bin")) == [(0x7f00, 0x7f10, 0), (0x7f10, 0x7f20, 8)]
+
+
+@linux
+def test_a_prepacked_engine_keeps_no_weight_pages_it_does_not_read(tmp_path_factory, monkeypatch):
+    """int4: ONNX Runtime packs each MatMulNBits' scales into its own buffer but keeps the mapped originals,
+    read once at load; after Engine.load they are not resident, and the engine recommends the same bits."""
+    pytest.importorskip("torch")
+    from test_export import exported
+
+    import pauserec.runtime.memory
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime.weights import WEIGHTS_FILE
+
+    path = exported(tmp_path_factory, "qwen3", "pause", "-batch-int4", precision="int4", quant_sample=4,
+                    min_agreement=0.0)
+    histories = [["item1", "item5"], ["item7", "item2", "item9"]]
+    with monkeypatch.context() as m:
+        m.setattr(pauserec.runtime.memory, "drop_mapped_pages", lambda path: 0)
+        kept = Engine.load(path, provider="cpu")  # int4: prepacked, its read pages left resident
+        assert sum(_resident_kb(path / WEIGHTS_FILE)) > 0
+        want = Recommender(kept).recommend(histories, k=10, beams=10)
+        del kept
+    engine = Engine.load(path, provider="cpu")
+    assert sum(_resident_kb(path / WEIGHTS_FILE)) == 0
+    got = Recommender(engine).recommend(histories, k=10, beams=10)
+    np.testing.assert_array_equal(got.items, want.items)
+    np.testing.assert_array_equal(got.scores, want.scores)
