@@ -186,10 +186,10 @@ struct DType {
 
 DType dtype_of(const std::string& name) {
   static const DType known[] = {{"float32", "<f4", 4}, {"float16", "<f2", 2}, {"int32", "<i4", 4},
-                                {"int64", "<i8", 8},   {"uint8", "|u1", 1}};
+                                {"int64", "<i8", 8},   {"uint8", "|u1", 1},   {"int8", "|i1", 1}};
   for (const DType& d : known)
     if (d.name == name) return d;
-  throw py::value_error("DeviceArray dtype must be float32, float16, int32, int64 or uint8, got " + name);
+  throw py::value_error("DeviceArray dtype must be float32, float16, int32, int64, uint8 or int8, got " + name);
 }
 
 struct DeviceArray {

@@ -35,8 +35,9 @@ def export(
                                    "256); larger blocks give a smaller engine and fewer scales to apply, coarser "
                                    "weights."),
     kv_dtype: str = typer.Option("float32", "--kv-dtype", help="int8/int4: float16 holds the KV cache in half the "
-                                 "memory (cast per layer at the graphs' boundaries; ranked against fp32 like the "
-                                 "weights). fp32 engines keep float32 (exact); fp16 engines always use float16."),
+                                 "memory (cast per layer at the graphs' boundaries), int8 in about a quarter (one "
+                                 "scale per key or value vector); ranked against fp32 like the weights. fp32 engines "
+                                 "keep float32 (exact); fp16 engines always use float16."),
     scoring: str = typer.Option("full", "--scoring", help="full: log-softmax over the vocabulary (HF parity) | "
                                 "sid: over each level's codebook only (less work per step)."),
     after_sid: bool = typer.Option(True, "--after-sid/--no-after-sid", help="Score the tokens the layout's "

@@ -9,7 +9,7 @@ from pathlib import Path
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 INT4_COMPUTE = {"fp32": None, "int8": 4}  # MatMulNBits accuracy_level: activations in fp32, or quantised to int8
 INT4_BLOCKS = (16, 32, 64, 128, 256)  # block sizes (weights per scale along K) MatMulNBits takes
-KV_DTYPES = ("float32", "float16")  # how the KV cache is held between graph calls (float16: half the memory)
+KV_DTYPES = ("float32", "float16", "int8")  # how the KV cache is held between graph calls (runtime.spec.KV_STORAGE)
 SCORING = ("full", "sid")
 BACKENDS = ("onnx", "tensorrt")
 Progress = Callable[[str, str], None]  # (stage, detail)
@@ -32,7 +32,7 @@ class ExportConfig:
     min_agreement: float = 0.8  # reduced precisions: least top-10 overlap with the fp32 engine on the sample
     int4_block: int = 32  # int4: weights per scale along K (16..256; larger: smaller engine, coarser)
     int4_compute: str = "int8"  # int4: multiply in int8 with activations quantised per block (faster), or in fp32
-    kv_dtype: str = "float32"  # int8/int4: "float16" holds the KV cache in half the memory (fp16 engines always do)
+    kv_dtype: str = "float32"  # int8/int4: "float16" / "int8" hold the KV cache in 1/2 / ~1/4 of the memory (fp16 engines: float16)
     force: bool = False
     prompt: str | None = None  # prompt layout: a preset name or a JSON file (checkpoints trained elsewhere)
     index: Path | None = None  # item -> SID index (LC-Rec/MiniOneRec *.index.json, OneRec-Think *.pretrain.json)

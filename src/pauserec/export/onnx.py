@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from pathlib import Path
 
 from pauserec.errors import ExportError
-from pauserec.runtime.spec import GraphSpec
+from pauserec.runtime.spec import KV_STORAGE, GraphSpec
 
 OPSETS = {"torchscript": 18, "dynamo": 23}
 FP16_KEEP_FP32 = ("Pow", "ReduceMean", "Softmax", "LogSoftmax")  # norms and softmaxes stay in float32
@@ -144,18 +145,25 @@ def to_fp16(src: Path, dst: Path, keep: list[str]) -> Path:
     return dst
 
 
-def kv_to_float16(path: Path, inputs: list[str], outputs: list[str]) -> None:
-    """Rewrite the graph at ``path`` in place so its KV inputs and outputs are float16; it computes as before.
+def kv_storage(path: Path, inputs: list[str], outputs: list[str], kv_dtype: str) -> None:
+    """Rewrite the graph at ``path`` in place so its KV inputs and outputs are held as ``kv_dtype`` ("float16" or
+    "int8", ``pauserec.runtime.spec.KV_STORAGE``); it computes in float32 as before.
 
-    A KV output made by stacking the layers (``Concat``) gets each layer cast before the stack, so no float32
-    stack is ever built; a KV input read one layer at a time (``Gather`` on the layer axis) is cast back per
-    layer after the read, so no float32 copy of the whole context exists either. Any other producer or
-    consumer gets one Cast of the whole tensor (same values, less memory saved). The semantics are exactly
-    ``graph(kv_in.astype(float32))`` with the KV outputs rounded to float16. Weights are untouched.
+    A KV output made by stacking the layers (``Concat``) gets each layer encoded before the stack, so no float32
+    stack is ever built; a KV input read one layer at a time (``Gather`` on the layer axis) is decoded per layer
+    after the read, so no float32 copy of the whole context exists either. Any other producer or consumer gets
+    one encoding / decoding of the whole tensor (same values, less memory saved). The semantics are exactly
+    ``graph(decode(kv_in))`` with the KV outputs encoded: float16 rounds each value; int8 quantises each vector
+    along the last axis (a layer's key or value of one user, head and slot) with a scale of its own
+    (``kv_int8_reference``), so a user's KV never depends on the other users of a batch. Weights are untouched.
     """
     import onnx
-    from onnx import TensorProto, helper
 
+    codecs = _kv_codecs()
+    if kv_dtype not in codecs:
+        raise ExportError(f"no KV storage {kv_dtype!r}; choose one of {', '.join(codecs)}")
+    encode, decode, elem = codecs[kv_dtype]
+    extra = KV_STORAGE[kv_dtype]
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -167,42 +175,161 @@ def kv_to_float16(path: Path, inputs: list[str], outputs: list[str]) -> None:
     missing = [x for x in (*inputs, *outputs) if x not in io_types]
     if missing:
         raise ExportError(f"{path.name} has no KV tensor {', '.join(missing)}; the graph is not one pauserec exported")
-    casts = []
-
-    def cast(src: str, dst: str, to: int) -> None:
-        casts.append(helper.make_node("Cast", [src], [dst], to=to, name=f"kv16/{dst}"))
-
+    added = []
     for name in outputs:
         p = producer[name]
         if p.op_type == "Concat":
             for j, x in enumerate(p.input):
-                cast(x, f"{x}/kv16", TensorProto.FLOAT16)
-                p.input[j] = f"{x}/kv16"
+                added += encode(x, f"{x}/kv")
+                p.input[j] = f"{x}/kv"
         else:
             p.output[list(p.output).index(name)] = f"{name}/kv32"
-            cast(f"{name}/kv32", name, TensorProto.FLOAT16)
-        io_types[name].type.tensor_type.elem_type = TensorProto.FLOAT16
+            added += encode(f"{name}/kv32", name)
     for name in inputs:
         whole = None
         for n in consumers.get(name, []):
             if n.op_type == "Gather" and next((a.i for a in n.attribute if a.name == "axis"), 0) == 0:
                 y = n.output[0]
-                n.output[0] = f"{y}/kv16"
-                cast(f"{y}/kv16", y, TensorProto.FLOAT)
+                n.output[0] = f"{y}/kv"
+                added += decode(f"{y}/kv", y)
             else:
                 if whole is None:
                     whole = f"{name}/kv32"
-                    cast(name, whole, TensorProto.FLOAT)
+                    added += decode(name, whole)
                 n.input[:] = [whole if x == name else x for x in n.input]
-        io_types[name].type.tensor_type.elem_type = TensorProto.FLOAT16
-    renamed = {x for c in casts for x in c.output}
+    for name in (*inputs, *outputs):
+        t = io_types[name].type.tensor_type
+        t.elem_type = elem
+        if extra and t.shape.dim[-1].HasField("dim_value"):
+            t.shape.dim[-1].dim_value += extra
+    renamed = {x for c in added for x in c.output}
     kept = [v for v in g.value_info if v.name not in renamed]
     del g.value_info[:]
     g.value_info.extend(kept)
-    g.node.extend(casts)
+    g.node.extend(added)
     _toposort(g)
     onnx.save(model, str(path))
     check(path)
+
+
+def _cast(src: str, dst: str, to: int) -> list:
+    from onnx import helper
+
+    return [helper.make_node("Cast", [src], [dst], to=to, name=f"kv/{dst}")]
+
+
+def _const(name: str, value, dtype="float32"):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value, dtype), name), name=name)
+
+
+# int8 KV: s = m * 2**(e - 7) with e = floor(log2(amax / 127)) and m = ceil(amax / 127 / 2**(e - 7)) in [128, 256]
+# (one off either way where the logarithm rounds across an integer: m stays in [64, 319]), stored as m - 192 and e.
+KV8_BIAS, KV8_TINY = 192, 1e-30  # all-zero vectors: scale from 1e-30, e = -100
+LN2 = math.log(2.0)
+
+
+def _pack_int8(src: str, dst: str) -> list:
+    """Nodes: float32 ``src`` (..., D) -> int8 ``dst`` (..., D + 2): values, m - 192, e (see KV_STORAGE)."""
+    from onnx import TensorProto, helper
+
+    k = f"{dst}/kv8"
+    n = helper.make_node
+    return [
+        _const(f"{k}/axes", [-1], "int64"), _const(f"{k}/127", 127.0), _const(f"{k}/tiny", KV8_TINY),
+        _const(f"{k}/ln2", LN2), _const(f"{k}/two", 2.0), _const(f"{k}/seven", 7.0),
+        _const(f"{k}/mlo", 64.0), _const(f"{k}/mhi", 319.0), _const(f"{k}/qlo", -127.0), _const(f"{k}/qhi", 127.0),
+        _const(f"{k}/bias", float(KV8_BIAS)),
+        n("Abs", [src], [f"{k}/abs"], name=f"{k}/abs"),
+        n("ReduceMax", [f"{k}/abs", f"{k}/axes"], [f"{k}/amax"], keepdims=1, name=f"{k}/amax"),
+        n("Div", [f"{k}/amax", f"{k}/127"], [f"{k}/t0"], name=f"{k}/t0"),
+        n("Max", [f"{k}/t0", f"{k}/tiny"], [f"{k}/t"], name=f"{k}/t"),
+        n("Log", [f"{k}/t"], [f"{k}/ln"], name=f"{k}/ln"),
+        n("Div", [f"{k}/ln", f"{k}/ln2"], [f"{k}/log2"], name=f"{k}/log2"),
+        n("Floor", [f"{k}/log2"], [f"{k}/e"], name=f"{k}/e"),
+        *_scale(f"{k}/e", f"{k}/p", None, k),  # p = 2**(e - 7)
+        n("Div", [f"{k}/t", f"{k}/p"], [f"{k}/m0"], name=f"{k}/m0"),
+        n("Ceil", [f"{k}/m0"], [f"{k}/m1"], name=f"{k}/m1"),
+        n("Clip", [f"{k}/m1", f"{k}/mlo", f"{k}/mhi"], [f"{k}/m"], name=f"{k}/m"),
+        n("Mul", [f"{k}/m", f"{k}/p"], [f"{k}/s"], name=f"{k}/s"),
+        n("Div", [src, f"{k}/s"], [f"{k}/x"], name=f"{k}/x"),
+        n("Round", [f"{k}/x"], [f"{k}/r"], name=f"{k}/r"),
+        n("Clip", [f"{k}/r", f"{k}/qlo", f"{k}/qhi"], [f"{k}/rc"], name=f"{k}/rc"),
+        n("Cast", [f"{k}/rc"], [f"{k}/q"], to=TensorProto.INT8, name=f"{k}/q"),
+        n("Sub", [f"{k}/m", f"{k}/bias"], [f"{k}/mb"], name=f"{k}/mb"),
+        n("Cast", [f"{k}/mb"], [f"{k}/mq"], to=TensorProto.INT8, name=f"{k}/mq"),
+        n("Cast", [f"{k}/e"], [f"{k}/eq"], to=TensorProto.INT8, name=f"{k}/eq"),
+        n("Concat", [f"{k}/q", f"{k}/mq", f"{k}/eq"], [dst], axis=-1, name=f"{k}/pack"),
+    ]
+
+
+def _scale(e: str, p: str, m: str | None, k: str) -> list:
+    """Nodes: ``p`` = 2**(``e`` - 7), times (``m`` + 192) when ``m`` is given (the stored lanes, as float32)."""
+    from onnx import helper
+
+    n = helper.make_node
+    out = [n("Sub", [e, f"{k}/seven"], [f"{k}/e7"], name=f"{k}/e7"),
+           n("Pow", [f"{k}/two", f"{k}/e7"], [p if m is None else f"{k}/p"], name=f"{k}/pow")]
+    if m is not None:
+        out += [n("Add", [m, f"{k}/bias"], [f"{k}/m"], name=f"{k}/m"),
+                n("Mul", [f"{k}/m", f"{k}/p"], [p], name=f"{k}/s")]
+    return out
+
+
+def _unpack_int8(src: str, dst: str) -> list:
+    """Nodes: int8 ``src`` (..., D + 2) -> float32 ``dst`` (..., D), the values ``_pack_int8`` stored."""
+    from onnx import TensorProto, helper
+
+    k = f"{dst}/kv8"
+    n = helper.make_node
+    f = TensorProto.FLOAT
+    return [
+        _const(f"{k}/axes", [-1], "int64"), _const(f"{k}/0", [0], "int64"), _const(f"{k}/-2", [-2], "int64"),
+        _const(f"{k}/-1", [-1], "int64"), _const(f"{k}/end", [2**62], "int64"),
+        _const(f"{k}/two", 2.0), _const(f"{k}/seven", 7.0), _const(f"{k}/bias", float(KV8_BIAS)),
+        n("Slice", [src, f"{k}/0", f"{k}/-2", f"{k}/axes"], [f"{k}/q8"], name=f"{k}/q8"),
+        n("Slice", [src, f"{k}/-2", f"{k}/-1", f"{k}/axes"], [f"{k}/m8"], name=f"{k}/m8"),
+        n("Slice", [src, f"{k}/-1", f"{k}/end", f"{k}/axes"], [f"{k}/e8"], name=f"{k}/e8"),
+        n("Cast", [f"{k}/q8"], [f"{k}/q"], to=f, name=f"{k}/q"),
+        n("Cast", [f"{k}/m8"], [f"{k}/mf"], to=f, name=f"{k}/mf"),
+        n("Cast", [f"{k}/e8"], [f"{k}/ef"], to=f, name=f"{k}/ef"),
+        *_scale(f"{k}/ef", f"{k}/s", f"{k}/mf", k),
+        n("Mul", [f"{k}/q", f"{k}/s"], [dst], name=f"{k}/x"),
+    ]
+
+
+def kv_int8_reference(x):
+    """NumPy statement of the int8 KV storage (float32 (..., D) -> int8 (..., D + 2)) and its decoding."""
+    import numpy as np
+
+    x = np.asarray(x, np.float32)
+    t = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(127), np.float32(KV8_TINY))
+    e = np.floor(np.log(t) / np.float32(LN2)).astype(np.float32)
+    p = np.power(np.float32(2), e - np.float32(7)).astype(np.float32)
+    m = np.clip(np.ceil(t / p), 64, 319).astype(np.float32)
+    q = np.clip(np.round(x / (m * p)), -127, 127).astype(np.int8)
+    packed = np.concatenate([q, (m - KV8_BIAS).astype(np.int8), e.astype(np.int8)], axis=-1)
+    return packed
+
+
+def kv_int8_decode(packed):
+    """float32 values of int8 KV storage (``kv_int8_reference``'s inverse up to the rounding)."""
+    import numpy as np
+
+    packed = np.asarray(packed, np.int8)
+    m = packed[..., -2:-1].astype(np.float32) + np.float32(KV8_BIAS)
+    s = m * np.power(np.float32(2), packed[..., -1:].astype(np.float32) - np.float32(7)).astype(np.float32)
+    return packed[..., :-2].astype(np.float32) * s
+
+
+def _kv_codecs():
+    from onnx import TensorProto
+
+    return {"float16": (lambda s, d: _cast(s, d, TensorProto.FLOAT16), lambda s, d: _cast(s, d, TensorProto.FLOAT),
+                        TensorProto.FLOAT16),
+            "int8": (_pack_int8, _unpack_int8, TensorProto.INT8)}
 
 
 def save_external(model, dst: Path) -> None:

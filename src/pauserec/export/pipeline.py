@@ -27,6 +27,7 @@ from pauserec.export.config import (BACKENDS, INT4_BLOCKS, INT4_COMPUTE, KV_DTYP
                                      ExportReport, Progress)
 from pauserec.prompt.spec import PromptEncoder
 from pauserec.runtime.memory import release_memory
+from pauserec.runtime.spec import DTYPES
 
 
 def _check_config(cfg: ExportConfig) -> None:
@@ -43,13 +44,16 @@ def _check_config(cfg: ExportConfig) -> None:
         raise ExportError(f"unknown --int4-compute {cfg.int4_compute!r}; choose one of {', '.join(INT4_COMPUTE)}")
     if cfg.kv_dtype not in KV_DTYPES:
         raise ExportError(f"unknown --kv-dtype {cfg.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
-    if cfg.kv_dtype == "float16" and cfg.precision == "fp32":
-        raise ExportError("--kv-dtype float16 rounds the KV cache, and an fp32 engine is exact (HF's scores within "
-                          "1e-4): use it with --precision int8 or int4 (ranked against fp32 like their weights), or "
-                          "export --precision fp16")
-    if cfg.kv_dtype == "float16" and cfg.backend == "tensorrt" and cfg.precision != "fp16":
-        raise ExportError("--kv-dtype float16 is for the ONNX Runtime engines (int8, int4); TensorRT plans are fp16 "
-                          "and hold their KV in float16 already: use --precision fp16")
+    if cfg.kv_dtype != "float32" and cfg.precision == "fp32":
+        raise ExportError(f"--kv-dtype {cfg.kv_dtype} rounds the KV cache, and an fp32 engine is exact (HF's scores "
+                          "within 1e-4): use it with --precision int8 or int4 (ranked against fp32 like their weights)"
+                          + (", or export --precision fp16" if cfg.kv_dtype == "float16" else ""))
+    if cfg.kv_dtype == "int8" and cfg.precision == "fp16":
+        raise ExportError("--kv-dtype int8 is for int8 and int4 engines; fp16 engines hold their KV in float16: drop "
+                          "--kv-dtype, or export --precision int8 / int4 --kv-dtype int8")
+    if cfg.kv_dtype != "float32" and cfg.backend == "tensorrt" and cfg.precision != "fp16":
+        raise ExportError(f"--kv-dtype {cfg.kv_dtype} is for the ONNX Runtime engines (int8, int4); TensorRT plans are "
+                          "fp16 and hold their KV in float16 already: use --precision fp16")
     if not 0.0 <= cfg.min_agreement <= 1.0:
         raise ExportError(f"--min-agreement is a top-10 overlap in [0, 1], got {cfg.min_agreement}")
     if cfg.static and (not cfg.batch or not cfg.beams or cfg.batch < 1 or cfg.beams < 1):
@@ -397,8 +401,6 @@ def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate
 
 def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common: dict, validate_args: dict, say):
     """fp16 / int8 / int4 graphs from the validated fp32 ones, judged by ranking agreement."""
-    import numpy as np
-
     from pauserec.export import bundle, onnx, quantize, validate
 
     say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", block {cfg.int4_block}, {cfg.int4_compute} compute"
@@ -416,16 +418,17 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
         files = quantize.quantize_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
                                          cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute],
                                          block=cfg.int4_block)
-    if cfg.precision != "fp16" and cfg.kv_dtype == "float16":
-        say("kv", "float16 KV cache at the graphs' boundaries (cast per layer; compute unchanged)")
+    if cfg.precision != "fp16" and cfg.kv_dtype != "float32":
+        say("kv", f"{cfg.kv_dtype} KV cache at the graphs' boundaries ("
+            + ("cast" if cfg.kv_dtype == "float16" else "one scale per key or value vector") + " per layer; compute unchanged)")
         for n, path in files.items():  # the merged model names its graphs' tensors "graph/tensor"
             prefix = {g: f"{g}/" for g in specs} if n == "merged" else {n: ""}
             ins = [p + x for g, p in prefix.items() for x in onnx.kv_io(specs[g])[0]]
             outs = [p + x for g, p in prefix.items() for x in onnx.kv_io(specs[g])[1]]
-            onnx.kv_to_float16(path, ins, outs)
+            onnx.kv_storage(path, ins, outs, cfg.kv_dtype)
     files.pop("merged", None)
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
-    kv = np.float16 if kv_dtype(cfg) == "float16" else np.float32
+    kv = DTYPES[kv_dtype(cfg)]
     checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,
                                       precision=cfg.precision, **validate_args)
     deferred = src.streamed is not None and src.streamed.defer

@@ -310,7 +310,7 @@ class _Case:
         tables, steps = self.tables, s.steps  # (past the SID: one-token levels, code 0)
         sizes = [len(t) for t in tables]
         codes = np.stack([self.rng.integers(0, v, size=(batch, k)) for v in sizes], axis=-1)  # (B, K, L + after)
-        bk = np.zeros((s.layers, batch, s.kv_heads, k, steps, s.head_dim), self.kv_dtype)
+        bk = np.zeros((*ck.shape[:3], k, steps, ck.shape[-1]), ck.dtype)  # the engine's KV layout
         bv = bk.copy()
         outs = []
         for step in range(steps):

@@ -283,7 +283,7 @@ class BeamSearch:
         top = ops.topk(trie, scores, lp, nodes, self.k, self.dev_mask, self.dev_rows)  # (B, K) each
         self.timings.topk += time.perf_counter() - t0
         if self.level == 0:
-            shape = (e.layers, self.batch, e.kv_heads, self.k, e.steps - 1, e.head_dim)
+            shape = (e.layers, self.batch, e.kv_heads, self.k, e.steps - 1, e.kv_width)
             self.beam_key, self.beam_value = ops.zeros(shape, e.kv_dtype), ops.zeros(shape, e.kv_dtype)
         elif self.level + 1 < e.steps:  # another decode follows: reorder the beams' own KV
             t0 = time.perf_counter()

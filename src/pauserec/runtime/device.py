@@ -23,8 +23,8 @@ import numpy as np
 from pauserec.runtime.trie_topk import TopK
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-             "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
-CAI_TYPES = {"<f4": np.float32, "<f2": np.float16, "<i4": np.int32, "<i8": np.int64, "|u1": np.uint8}
+             "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+CAI_TYPES = {"<f4": np.float32, "<f2": np.float16, "<i4": np.int32, "<i8": np.int64, "|u1": np.uint8, "|i1": np.int8}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pauserec.prompt.spec import ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, Prom
 from pauserec.errors import DataError, EngineError, PauserecError
 from pauserec.runtime.backends import available_cpus, open_sessions
 from pauserec.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REEXPORT, Manifest  # noqa: F401
-from pauserec.runtime.spec import DTYPES
+from pauserec.runtime.spec import DTYPES, kv_width
 
 CATALOG_FILE = "catalog.npz"
 
@@ -87,6 +87,7 @@ class Engine:
         self.suffix_len: int = shapes.suffix_len
         self.ctx_extra: int = shapes.ctx_extra
         self.layers, self.kv_heads, self.head_dim = model.layers, model.kv_heads, model.head_dim
+        self.kv_width: int = kv_width(model.head_dim, manifest.kv_dtype)  # last axis of the KV tensors
         if catalog.levels != self.levels:
             raise EngineError(f"{path}: catalog has {catalog.levels} SID levels, the manifest {self.levels}; re-export it")
         self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
@@ -217,7 +218,7 @@ class Engine:
         rationale) shared by its beams, and each beam's SID slots; ``history_tokens``: the longest history the
         engine takes when None. The graphs' working copies during a call come on top (about as much again)."""
         hist = self.prompt.max_history_tokens if history_tokens is None else int(history_tokens)
-        per_token = 2 * self.layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize  # keys + values
+        per_token = 2 * self.layers * self.kv_heads * self.kv_width * np.dtype(self.kv_dtype).itemsize  # keys + values
         return per_token * (hist + self.suffix_len + self.ctx_extra + int(beams) * (self.steps - 1))
 
     # -- graphs -----------------------------------------------------------------------------------

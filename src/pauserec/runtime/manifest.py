@@ -15,7 +15,7 @@ from typing import Any
 
 from pauserec.prompt.spec import PromptSpec
 from pauserec.errors import EngineError, PauserecError
-from pauserec.runtime.spec import DTYPES, GraphSpec
+from pauserec.runtime.spec import KV_STORAGE, GraphSpec
 
 # 2: one weights.bin shared by the graphs, scoring rule; 3: decode returns the new beam-KV slot;
 # 4: the prompt as data (fused prefix/suffix ids, ids or text history assembly, token budget), typed manifest
@@ -121,7 +121,7 @@ class Manifest:
             raise EngineError(f"{path}/{MANIFEST_FILE} is incomplete or malformed ({e!r}); re-export with `{redo}`") from e
         if m.scoring not in SCORING:
             raise EngineError(f"{path}: unknown scoring rule {m.scoring!r}; re-export with `{redo}`")
-        if m.kv_dtype not in DTYPES:
+        if m.kv_dtype not in KV_STORAGE:
             raise EngineError(f"{path}: unknown KV dtype {m.kv_dtype!r}; re-export with `{redo}`")
         if "prefill" not in m.graphs:
             raise EngineError(f"{path}/{MANIFEST_FILE} declares no prefill graph; re-export with `{redo}`")

@@ -21,8 +21,18 @@ import numpy as np
 
 from pauserec.errors import EngineError
 
-DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
-KV = "kv"  # placeholder dtype of KV tensors: float32, or float16 for fp16 engines
+DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16, "int8": np.int8}
+KV = "kv"  # placeholder dtype of KV tensors: the engine's kv_dtype (KV_STORAGE)
+# How an engine holds its KV cache between graph calls (the manifest's kv_dtype) -> the bytes the last axis
+# of every KV tensor adds to head_dim. "int8": each (layer, user, head, slot) vector of head_dim values is stored
+# as head_dim int8 values q, then two int8 lanes m and e encoding its scale s = (m + 192) * 2**(e - 7); the
+# values are q * s (all zeros: 0). pauserec.export.onnx.kv_storage writes it; kv_int8_reference states it.
+KV_STORAGE = {"float32": 0, "float16": 0, "int8": 2}
+
+
+def kv_width(head_dim: int, kv_dtype: str) -> int:
+    """The last axis of an engine's KV tensors: head_dim, plus the scale lanes of an int8 KV cache."""
+    return head_dim + KV_STORAGE[kv_dtype]
 SYMBOLS = ("batch", "beams", "hist", "ctx")
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "think": "think.onnx"}
 
@@ -34,7 +44,9 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
     def to_dict(self, kv_dtype: str = "float32") -> dict[str, Any]:
-        return {"name": self.name, "dtype": kv_dtype if self.dtype == KV else self.dtype, "dims": list(self.dims)}
+        if self.dtype != KV:
+            return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims)}
+        return {"name": self.name, "dtype": kv_dtype, "dims": [*self.dims[:-1], kv_width(self.dims[-1], kv_dtype)]}
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
