@@ -229,11 +229,12 @@ def test_layer_by_layer_top10_over_a_real_vocabulary(tmp_path_factory):
     _assert_same_top(items, scores, want.item_index, want.scores)
 
 
-@pytest.mark.parametrize("arch,kind,precision", [("qwen3", "pause", "int8"), ("qwen2", "direct", "int4")])
-def test_streamed_quantized_export_never_writes_fp32_weights(tmp_path_factory, monkeypatch, arch, kind, precision):
-    """--stream at int8 / int4: the quantizer reads the checkpoint; no float32 copy of a MatMul weight is written
-    anywhere (every file the export writes is watched), the engine recommends what the in-memory export's does,
-    and its ranking is judged against the HF model's own top-10, computed one layer at a time."""
+@pytest.mark.parametrize("arch,kind,precision", [("qwen3", "pause", "int8"), ("qwen2", "direct", "int4"),
+                                                 ("llama", "pause", "fp16")])
+def test_streamed_lowered_export_never_writes_fp32_weights(tmp_path_factory, monkeypatch, arch, kind, precision):
+    """--stream at int8 / int4 / fp16: the lowering reads the checkpoint; no float32 copy of a MatMul weight is
+    written anywhere (every file the export writes is watched), the engine recommends what the in-memory export's
+    does, and its ranking is judged against the HF model's own top-10, computed one layer at a time."""
     import re
 
     import onnx
@@ -242,19 +243,20 @@ def test_streamed_quantized_export_never_writes_fp32_weights(tmp_path_factory, m
     from pauserec.export.weights import is_lazy
 
     seen = []
-    real_quantize = quantize.quantize_graphs
+    lowering = "fp16_graphs" if precision == "fp16" else "quantize_graphs"
+    real_lowering = getattr(quantize, lowering)
 
-    def watched(graphs, out_dir, precision, lazy=None, accuracy_level=None, **kw):
-        for path, _ in graphs.values():  # the fp32 graphs handed to the quantizer
+    def watched(graphs, out_dir, *args, **kw):
+        for path, *_ in graphs.values():  # the fp32 graphs handed to the lowering
             g = onnx.load(str(path), load_external_data=False).graph
             inits = {t.name: t for t in g.initializer}
             weights = [inits[n.input[1]] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits
                        and re.search(r"\.(w\d+_|head_t)", n.input[1])]  # decoder projections, head (not SID rows)
             seen.append((len(weights), all(is_lazy(t) for t in weights), (path.parent / "weights.bin").stat().st_size))
-        return real_quantize(graphs, out_dir, precision, lazy, accuracy_level, **kw)
+        return real_lowering(graphs, out_dir, *args, **kw)
 
     normal = exported(tmp_path_factory, arch, kind, f"-{precision}", precision=precision, quant_sample=16)
-    monkeypatch.setattr(quantize, "quantize_graphs", watched)
+    monkeypatch.setattr(quantize, lowering, watched)
     streamed = exported(tmp_path_factory, arch, kind, f"-{precision}-stream", precision=precision, quant_sample=16,
                         stream=True)
     assert seen and all(n > 0 and lazy for n, lazy, _ in seen)  # every MatMul weight read from the checkpoint

@@ -44,7 +44,7 @@ def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
     import onnx
     from onnx import helper
 
-    from pauserec.export.onnx import _toposort, check
+    from pauserec.export.onnx import toposort, check
 
     models = {name: onnx.load(str(path), load_external_data=False) for name, path in files.items()}
     opsets = {(o.domain, o.version) for m in models.values() for o in m.opset_import}
@@ -90,7 +90,7 @@ def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
             graph.node.append(n)
 
     merged = _merge_matmuls(graph, set(shared))
-    _toposort(graph)
+    toposort(graph)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets)])
     model.ir_version = max(m.ir_version for m in models.values())
     onnx.save(model, str(dst))

@@ -132,19 +132,6 @@ def kv_io(spec: GraphSpec) -> tuple[list[str], list[str]]:
     return [t.name for t in spec.inputs if t.dtype == "kv"], [t.name for t in spec.outputs if t.dtype == "kv"]
 
 
-def to_fp16(src: Path, dst: Path, keep: list[str]) -> Path:
-    """float16 weights and KV I/O; the inputs and outputs named in ``keep`` (ids, log-probs) keep their types."""
-    import onnx
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = convert_float_to_float16(
-        onnx.load(str(src)), keep_io_types=keep, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32]
-    )
-    _toposort(model.graph)  # the converter appends its Cast nodes at the end
-    save_external(model, dst)
-    return dst
-
-
 def kv_storage(path: Path, inputs: list[str], outputs: list[str], kv_dtype: str) -> None:
     """Rewrite the graph at ``path`` in place so its KV inputs and outputs are held as ``kv_dtype`` ("float16" or
     "int8", ``pauserec.runtime.spec.KV_STORAGE``); it computes in float32 as before.
@@ -207,7 +194,7 @@ def kv_storage(path: Path, inputs: list[str], outputs: list[str], kv_dtype: str)
     del g.value_info[:]
     g.value_info.extend(kept)
     g.node.extend(added)
-    _toposort(g)
+    toposort(g)
     onnx.save(model, str(path))
     check(path)
 
@@ -332,27 +319,7 @@ def _kv_codecs():
             "int8": (_pack_int8, _unpack_int8, TensorProto.INT8)}
 
 
-def save_external(model, dst: Path) -> None:
-    """Save with every tensor in one external file beside ``dst`` (any size; ``consolidate`` reads it)."""
-    import onnx
-
-    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=dst.name + ".data", size_threshold=1024)
-    check(dst)
-
-
-def to_fp16_graphs(sources: dict[str, tuple[Path, str, list[str]]], work: Path, out_dir: Path) -> dict[str, Path]:
-    """fp16 versions of the fp32 graphs (name -> (graph, file name, ``keep``)), consolidated into ``out_dir``."""
-    from pauserec.export.weights import consolidate
-
-    raw = {}
-    for n, (path, file, keep) in sources.items():
-        (work / n).mkdir(parents=True)
-        raw[n] = to_fp16(path, work / n / file, keep)
-    return consolidate(raw, out_dir)
-
-
-def _toposort(graph) -> None:
+def toposort(graph) -> None:
     """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable otherwise)."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     pending, ordered = list(graph.node), []

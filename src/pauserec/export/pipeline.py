@@ -154,12 +154,14 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     prompt_check = check_prompts(cfg, src)
     clock["prompt_check"] = time.perf_counter() - t1
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
-    deferred = src.streamed is not None and cfg.precision in ("int8", "int4")
+    # streamed int8 / int4 / fp16: no fp32 engine is written (cot fp16 goes through one: its ranking reference is it)
+    deferred = src.streamed is not None and (cfg.precision in ("int8", "int4") or
+                                             (cfg.precision == "fp16" and spec.kind != "cot"))
     if deferred and spec.kind == "cot":
         raise ExportError(f"--stream at {cfg.precision} ranks the engine against the HF model computed one layer at "
                           "a time, which does not generate a cot model's rationales; export this cot model without "
                           "--stream, or with --stream at fp32 or fp16")
-    if deferred:  # the fp32 graphs name the checkpoint's tensors; the quantizer reads them: no fp32 weights written
+    if deferred:  # the fp32 graphs name the checkpoint's tensors; the lowering reads them: no fp32 weights written
         src.streamed.defer = True
     built = build_graphs(src.model, src.spec, cfg.scoring, cfg.fuse_prefix, src.streamed)
     specs = graph_specs(built.shape)
@@ -405,15 +407,13 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
 
     say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", block {cfg.int4_block}, {cfg.int4_compute} compute"
                                                            if cfg.precision == "int4" else ""))
-    lowered = stage / "_lowered"
     fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     sources = {n: (files32[n], s.file, onnx.float_io(s)) for n, s in specs.items()}
     if common["merged"]:  # the merged model is lowered like the graphs (its weights are theirs: stored once)
         sources["merged"] = (fp32_dir / common["merged"], common["merged"],
                              [f"{n}/{x}" for n, s in specs.items() for x in onnx.float_io(s)])
     if cfg.precision == "fp16":
-        files = onnx.to_fp16_graphs(sources, lowered, stage)
-        shutil.rmtree(lowered)
+        files = quantize.fp16_graphs(sources, stage, lazy=src.streamed)
     else:
         files = quantize.quantize_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
                                          cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute],

@@ -296,6 +296,65 @@ def quantize_graph(src: Path, dst: Path, precision: str, writer: WeightsWriter, 
     return dst
 
 
+def fp16_graph(src: Path, dst: Path, keep: list[str], writer: WeightsWriter, source: TensorSource,
+               done: dict) -> Path:
+    """The fp16 version of the fp32 graph ``src`` at ``dst`` (beside ``writer``'s weights.bin): ONNX Runtime's
+    float16 converter rewrites the graph without its weights (norms and softmaxes stay float32; the inputs and
+    outputs in ``keep`` keep their types), then each weight is read (from the fp32 graphs' files or, streamed, the
+    checkpoint), cast to the type the converter gave it and written, once per source tensor (``done``)."""
+    from unittest import mock
+
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers import float16
+
+    from pauserec.export.onnx import FP16_KEEP_FP32, check, toposort
+
+    if dst.parent != writer.path.parent:
+        raise ExportError(f"{dst} must be written beside {writer.path} (its external data); report this as a bug")
+    model = onnx.load(str(src), load_external_data=False)
+    keys = {t.name: source.key(t) for t in model.graph.initializer}  # before the converter retypes them
+    # The converter reads each converted initializer's values only to learn its shape: give it the declared dims
+    # (the values are external, unread here)
+    with mock.patch.object(float16, "make_value_info_from_tensor",
+                           lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))):
+        model = float16.convert_float_to_float16(model, keep_io_types=keep,
+                                                 op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32])
+    toposort(model.graph)  # the converter appends its Cast nodes at the end
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        key = (keys[t.name], t.data_type)
+        if key not in done:
+            values = np.frombuffer(source.bytes(t), np.float32)  # the fp32 graph's bytes, or the checkpoint's
+            if not np.isfinite(values).all():
+                raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training "
+                                  "diverged or the checkpoint is damaged; export an earlier checkpoint")
+            if t.data_type == TensorProto.FLOAT16:
+                values = float16.convert_np_to_float16(values)  # the converter's rounding (clamped to float16's range)
+            writer.raw(t, memoryview(np.ascontiguousarray(values)).cast("B"))
+            info = {e.key: e.value for e in t.external_data}
+            done[key] = (int(info["offset"]), int(info["length"]))
+            del values
+        else:
+            point_to(t, WEIGHTS_FILE, *done[key])
+    onnx.save(model, str(dst))
+    writer.fh.flush()
+    check(dst)
+    return dst
+
+
+def fp16_graphs(graphs: dict[str, tuple[Path, str, list[str]]], out_dir: Path, lazy=None) -> dict[str, Path]:
+    """Every graph (name -> (fp32 graph file, file name in ``out_dir``, inputs/outputs kept as they are)) in
+    fp16, sharing one ``out_dir/weights.bin``; one weight in memory at a time."""
+    writer, done = WeightsWriter(out_dir / WEIGHTS_FILE), {}
+    try:
+        return {n: fp16_graph(path, out_dir / file, keep, writer, TensorSource(path.parent, lazy), done)
+                for n, (path, file, keep) in graphs.items()}
+    finally:
+        writer.close()
+
+
 def quantize_graphs(graphs: dict[str, tuple[Path, str]], out_dir: Path, precision: str, lazy=None,
                     accuracy_level: int | None = None, block: int = INT4_BLOCK) -> dict[str, Path]:
     """Every graph (name -> (fp32 graph file, file name in ``out_dir``)) at ``precision``, sharing one
