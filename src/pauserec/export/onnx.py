@@ -288,7 +288,7 @@ def _unpack_int8(src: str, dst: str) -> list:
 
 
 def kv_int8_reference(x):
-    """NumPy statement of the int8 KV storage (float32 (..., D) -> int8 (..., D + 2)) and its decoding."""
+    """NumPy statement of the int8 KV storage: float32 (..., D) -> int8 (..., D + 2) (decoded by ``kv_int8_decode``)."""
     import numpy as np
 
     x = np.asarray(x, np.float32)

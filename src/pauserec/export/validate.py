@@ -51,20 +51,30 @@ class Check:
 
 
 class OrtGraphs:
-    """ONNX Runtime CPU sessions over staged graph files that share one ``weights.bin`` (validation only)."""
+    """ONNX Runtime CPU sessions over staged graph files that share one ``weights.bin`` (validation only).
+
+    One session is open at a time: running another graph closes the open one first. A session can hold far more
+    than the mapped weights (ONNX Runtime's CPU provider turns every float16 weight into a float32 copy: an fp16
+    engine's prefill and decode sessions side by side held 4.3x its bytes), and the checks switch graphs a few times.
+    """
 
     def __init__(self, files: dict[str, Path], threads: int | None = None) -> None:
-        from pauserec.runtime.backends.ort import inference_session, session_options
         from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
+        self.files, self.threads = files, threads
         self.weights = WeightStore(next(iter(files.values())).parent / WEIGHTS_FILE)
-        self.sessions = {}
-        for n, p in files.items():
-            opts = session_options(threads)
-            self.weights.add_to(opts, p)
-            self.sessions[n] = inference_session(p, opts, ["CPUExecutionProvider"])
+        self.sessions = {n: None for n in files}
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
+        from pauserec.runtime.backends.ort import inference_session, session_options
+        from pauserec.runtime.memory import release_memory
+
+        if self.sessions[graph] is None:
+            self.sessions = {n: None for n in self.files}
+            release_memory(collect=False)
+            opts = session_options(self.threads)
+            self.weights.add_to(opts, self.files[graph])
+            self.sessions[graph] = inference_session(self.files[graph], opts, ["CPUExecutionProvider"])
         return self.sessions[graph].run(None, feeds)
 
 
