@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # (each history is padded to its own bucket, so the masked slots never change a user's sums; see PAD_QUANTUM).
 # cot: a user's think steps run with the batch's other unfinished users (alone: one row), and ONNX Runtime's float
 # GEMM sums a one-row product in another order: ~1e-6.
-ATOL = {"fp16": 1e-3}
+# int4 on AVX2 CPUs without AVX-512 (AMD Zen 3): ONNX Runtime's MatMulNBits sums some row counts in another order,
+# ~1e-6 (the same bits on AVX-512 / AMX Xeons).
+ATOL = {"fp16": 1e-3, "int4": 1e-5}
 COT_ATOL = 1e-5
 
 
@@ -78,3 +80,23 @@ def test_int8_graph_computes_the_per_row_rule(tmp_path):
     for i in range(2):
         for j in range(5):
             np.testing.assert_array_equal(sess.run(None, {"x": a[i:i + 1, j:j + 1]})[0][0, 0], got[i, j])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_batch_prefilled_in_parts_gives_the_same_results(tmp_path_factory, precision):
+    """The host prefills a batch a few users at a time (``Engine.prefill_tokens``) to bound its working memory:
+    the same items and scores as one call, and the parts are really separate calls."""
+    from pauserec.runtime import Engine, Recommender
+
+    cfg = {} if precision == "fp32" else dict(precision=precision, quant_sample=4, min_agreement=0.0)
+    engine = exported(tmp_path_factory, "qwen3", "pause", "" if precision == "fp32" else f"-batch-{precision}", **cfg)
+    e = Engine.load(engine, provider="cpu")
+    whole = Recommender(e).recommend(HISTORIES, k=10, beams=10)
+    calls = []
+    real = e._prefill
+    e._prefill = lambda ids, mask, device: calls.append(len(ids)) or real(ids, mask, device)
+    e.prefill_tokens = 1  # one user per call
+    parts = Recommender(e).recommend(HISTORIES, k=10, beams=10)
+    assert len(calls) > 1 and max(calls) == 1
+    assert parts.items.tolist() == whole.items.tolist()
+    np.testing.assert_allclose(parts.scores, whole.scores, atol=ATOL.get(precision, 0.0), rtol=0)

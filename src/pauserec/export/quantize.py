@@ -11,7 +11,8 @@ constant 2-D weight ``W`` (K, N) becomes
     acc   = MatMulInteger(A_q, W_q, 128)                       (..., N)    int32, MLAS's u8 x s8 kernels (VNNI, AMX)
     out   = float(acc) * s_a * s_w                             (..., N)
 
-with ``W_q = round(W / s_w)`` symmetric int8 per output column (``s_w = max |W[:, n]| / 127``). Inputs that
+with ``W_q = round(W / s_w)`` symmetric per output column in 7 bits (``s_w = max |W[:, n]| / 63``: see
+``WEIGHT_MAX``, AVX2's saturating kernel). Inputs that
 several MatMuls share (q/k/v, gate/up) are quantised once. A row's output depends on that row alone.
 
 **int4, weight only**: every such MatMul becomes ONNX Runtime's ``MatMulNBits`` (symmetric, blocks of
@@ -50,12 +51,19 @@ LOWERING = {
 COLUMN_BYTES = 256 << 20  # float32 bytes of a weight read and quantised at a time
 
 
+# int8 weights use 7 bits: MLAS's u8 x s8 kernel on AVX2 CPUs without VNNI (AMD Zen 3, older Xeons) adds pairs of
+# products into int16 with saturation (vpmaddubsw), so 2 * 255 * |w| must stay below 32,768: |w| <= 63. With the
+# full [-127, 127] such CPUs computed wrong sums (off by up to 247 in a 64-wide test product); VNNI / AMX do not
+# saturate, but an engine must give the same scores on every CPU it is copied to.
+WEIGHT_MAX = 63
+
+
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(K, N) float -> (int8 (K, N), float32 scale (N,)), symmetric per column, values in [-127, 127]."""
+    """(K, N) float -> (int8 (K, N), float32 scale (N,)), symmetric per column, values in [-WEIGHT_MAX, WEIGHT_MAX]."""
     w = np.asarray(w, np.float32)
-    scale = np.abs(w).max(axis=0) / 127.0
+    scale = np.abs(w).max(axis=0) / float(WEIGHT_MAX)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+    return np.clip(np.rint(w / scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8), scale
 
 
 def reference_matmul(a: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ from pauserec.runtime.backends import available_cpus, open_sessions
 from pauserec.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REEXPORT, Manifest  # noqa: F401
 from pauserec.runtime.spec import DTYPES, kv_width
 
+PREFILL_TOKENS = 256  # history tokens per host prefill call: bounds its working memory (Engine.prefill)
+
 CATALOG_FILE = "catalog.npz"
 
 
@@ -93,6 +95,7 @@ class Engine:
         self.first_ids = np.asarray(self.prompt.sid_token_ids[0], dtype=np.int64)  # cot: level-1 columns of the vocab
         self.encoder = prompt_encoder(path, self.prompt, catalog)
         self.ops = None  # device steps override (see device_ops)
+        self.prefill_tokens = PREFILL_TOKENS  # history tokens per prefill call on the host (see prefill)
 
     @classmethod
     def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None, verify: bool = True,
@@ -175,7 +178,7 @@ class Engine:
 
         fitted = fit_catalog(read_catalog(catalog), self.manifest, self.path)
         other = Engine(self.path, self.manifest, fitted, self.sessions, self.provider, self.threads, self.source)
-        other.ops = self.ops
+        other.ops, other.prefill_tokens = self.ops, self.prefill_tokens
         return other
 
     @property
@@ -225,7 +228,28 @@ class Engine:
     # device=True: the outputs the search feeds back (log-probs for the top-k, KV) stay on the device
     # (backends with device memory; others return host arrays as always).
     def prefill(self, history_ids: np.ndarray, history_mask: np.ndarray, device: bool = False):
-        """(B,T) ids + mask -> log-probs (B, V1 | vocab), ctx_key, ctx_value (layers, B, Hkv, T+S, D)."""
+        """(B,T) ids + mask -> log-probs (B, V1 | vocab), ctx_key, ctx_value (layers, B, Hkv, T+S, D).
+
+        On the host a batch is prefilled ``prefill_tokens`` history tokens at a time (whole users): the prefill's
+        working memory (every token's activations, each layer's KV before it is stacked) grows with the tokens of
+        one call, and was the peak of serving a batch (Llama-2-7B shape int4, batch 8: 93 MB per user, where the
+        KV it keeps is 33). A user's rows are the same bits in any batch (see ``Recommender.padded_length``), so
+        the results do not change; each part is copied into the batch's arrays as it comes."""
+        b, t = history_ids.shape
+        step = max(1, self.prefill_tokens // max(t, 1))
+        if device or self.static or b <= step:
+            return self._prefill(history_ids, history_mask, device)
+        lp = key = value = None
+        for i in range(0, b, step):
+            part = self._prefill(history_ids[i : i + step], history_mask[i : i + step], False)
+            if lp is None:
+                lp = np.empty((b, *part[0].shape[1:]), part[0].dtype)
+                key, value = (np.empty((x.shape[0], b, *x.shape[2:]), x.dtype) for x in part[1:])
+            lp[i : i + step], key[:, i : i + step], value[:, i : i + step] = part
+            del part
+        return lp, key, value
+
+    def _prefill(self, history_ids: np.ndarray, history_mask: np.ndarray, device: bool):
         keep = ("ctx_key", "ctx_value") + (("logprobs",) if device else ())
         out = self.session("prefill").run({"history_ids": history_ids, "history_mask": history_mask}, keep=keep)
         return out["logprobs"], out["ctx_key"], out["ctx_value"]
