@@ -40,7 +40,9 @@ def test_the_hf_baseline_of_an_external_checkpoint_runs_the_engines_prompt(tmp_p
     eng, hf = result["systems"]
     assert hf["system"] == "hf-generate" and "prompt of engine engine-m" in hf["facts"]["prompt"]
     assert eng["agreement"]["identical_top10"] == eng["agreement"]["users"] == 3
-    assert eng["agreement"]["max_score_diff"] < 1e-4
+    # a score sums one log-prob per SID level and token after it (5 here), each within the export's 1e-4 of HF's:
+    # on an AVX2 CPU (AMD Zen 3) ONNX Runtime's and torch's float32 sums differed by 1.2e-4 over a score
+    assert eng["agreement"]["max_score_diff"] < 5e-4
     from pauserec.bench.report import latency_markdown
 
     assert "runs the prompt of engine engine-m" in latency_markdown(result)

@@ -61,10 +61,22 @@ def test_reads_mapping_headers_and_anonymous_pages():
     assert list(_file_mappings(smaps, "/e/weights.bin")) == [(0x7f00, 0x7f10, 0), (0x7f10, 0x7f20, 8)]
 
 
+def _touch(path) -> None:
+    """Read every page of this process's mappings of ``path`` (through /proc/self/mem): all resident."""
+    target = os.path.realpath(path)
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+        for line in maps:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].rstrip("\n") == target:
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                mem.seek(start)
+                mem.read(end - start)
+
+
 @linux
 def test_a_prepacked_engine_keeps_no_weight_pages_it_does_not_read(tmp_path_factory, monkeypatch):
-    """int4: ONNX Runtime packs each MatMulNBits' scales into its own buffer but keeps the mapped originals,
-    read once at load; after Engine.load they are not resident, and the engine recommends the same bits."""
+    """int4: ONNX Runtime packs each MatMulNBits' scales into its own buffer but keeps the mapped originals, read
+    once at load. Engine.load drops such pages; dropping every page of a live engine's weights changes nothing."""
     pytest.importorskip("torch")
     from test_export import exported
 
@@ -75,13 +87,15 @@ def test_a_prepacked_engine_keeps_no_weight_pages_it_does_not_read(tmp_path_fact
     path = exported(tmp_path_factory, "qwen3", "pause", "-batch-int4", precision="int4", quant_sample=4,
                     min_agreement=0.0)
     histories = [["item1", "item5"], ["item7", "item2", "item9"]]
-    with monkeypatch.context() as m:
-        m.setattr(pauserec.runtime.memory, "drop_mapped_pages", lambda path: 0)
-        kept = Engine.load(path, provider="cpu")  # int4: prepacked, its read pages left resident
-        assert sum(_resident_kb(path / WEIGHTS_FILE)) > 0
-        want = Recommender(kept).recommend(histories, k=10, beams=10)
-        del kept
-    engine = Engine.load(path, provider="cpu")
+    dropped = []
+    real = pauserec.runtime.memory.drop_mapped_pages
+    monkeypatch.setattr(pauserec.runtime.memory, "drop_mapped_pages", lambda p: dropped.append(p) or 0)
+    engine = Engine.load(path, provider="cpu")  # int4: prepacked
+    assert dropped == [path / WEIGHTS_FILE]  # the load hands the weight pages back
+    want = Recommender(engine).recommend(histories, k=10, beams=10)
+    _touch(path / WEIGHTS_FILE)
+    assert sum(_resident_kb(path / WEIGHTS_FILE)) > 0
+    real(path / WEIGHTS_FILE)
     assert sum(_resident_kb(path / WEIGHTS_FILE)) == 0
     got = Recommender(engine).recommend(histories, k=10, beams=10)
     np.testing.assert_array_equal(got.items, want.items)
