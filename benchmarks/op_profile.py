@@ -5,8 +5,8 @@
 Each engine is opened with ONNX Runtime profiling switched on (the one change to the runtime's session options:
 this script wraps ``pauserec.runtime.backends.ort.session_options``), warmed up with one call, then serves
 ``--calls`` recommend calls on seeded random ``--history-len``-item users (beam ``--beams``). Every session run
-(``model_run`` in the profile) is one graph call: the first of a recommend call is the prefill, the others decode
-steps. For each phase it reports the wall time of its runs, the sum of its operators' kernel times by group, and
+(``model_run`` in the profile) is one graph call, attributed to the graph whose operators did its work (prefill,
+in parts of whole users for long batches; decode steps; cot's think steps). For each phase it reports the wall time of its runs, the sum of its operators' kernel times by group, and
 the rest ("between operators": ONNX Runtime's executor and thread pool), plus the recommend call's time outside
 the graph runs (the host search loop, top-k, copies). Profiling costs a little per operator: the kernel shares are
 what to read, not the absolute times (``pauserec-bench latency`` times the engines).
@@ -44,27 +44,36 @@ def group_of(op: str, node: str) -> str:
     return next((g for g, ops in GROUPS.items() if op in ops), "other")
 
 
-def phases(events: list[dict], runs_per_call: int) -> dict:
-    """Per phase (prefill / decode): seconds of graph runs, of kernels by group, and operator counts, summed
-    over the profiled calls (the warm-up call's runs excluded by the caller)."""
+GRAPHS = ("prefill", "decode", "think")
+
+
+def phases(events: list[dict]) -> dict:
+    """Per phase (the graph a run computes: prefill / decode / think): seconds of graph runs, of kernels by group,
+    and operator counts, summed over the runs in ``events``. In the merged model every run also steps the idle
+    graphs on empty batches: a run belongs to the graph whose own operators (``<graph>/...``) took the most time."""
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
                    key=lambda e: e["ts"])
-    out = {p: {"runs": 0, "run_s": 0.0, "kernels_s": collections.Counter(), "nodes": 0} for p in ("prefill", "decode")}
+    out = {}
     j = 0
-    for n, r in enumerate(runs):
-        phase = "prefill" if n % runs_per_call == 0 else "decode"
+    for r in runs:
         t0, t1 = r["ts"], r["ts"] + r["dur"]
         while j < len(nodes) and nodes[j]["ts"] < t0:
             j += 1
-        o = out[phase]
+        mine = []
+        while j < len(nodes) and nodes[j]["ts"] <= t1:
+            mine.append(nodes[j])
+            j += 1
+        own = collections.Counter({g: 0.0 for g in GRAPHS})
+        for e in mine:
+            own[e["name"].split("/", 1)[0]] += e["dur"]
+        phase = max(GRAPHS, key=lambda g: own[g])
+        o = out.setdefault(phase, {"runs": 0, "run_s": 0.0, "kernels_s": collections.Counter(), "nodes": 0})
         o["runs"] += 1
         o["run_s"] += r["dur"] / 1e6
-        while j < len(nodes) and nodes[j]["ts"] <= t1:
-            e = nodes[j]
+        o["nodes"] += len(mine)
+        for e in mine:
             o["kernels_s"][group_of(e["args"].get("op_name", ""), e["name"])] += e["dur"] / 1e6
-            o["nodes"] += 1
-            j += 1
     return out
 
 
@@ -113,7 +122,7 @@ def profile_engine(path: Path, batch: int, calls: int, threads: int, spin: bool,
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     per_call = len(runs) // (calls + 1)
     events = [e for e in events if e.get("ts", 0) >= runs[per_call]["ts"]]  # drop the warm-up call
-    ph = phases(events, per_call)
+    ph = phases(events)
     graph_s = sum(p["run_s"] for p in ph.values())
     report = {"engine": str(path), "batch": batch, "calls": calls, "runs_per_call": per_call,
               "wall_s_per_call": float(np.median(walls)), "outside_graphs_s_per_call": (sum(walls) - graph_s) / calls,
