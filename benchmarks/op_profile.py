@@ -50,11 +50,12 @@ GRAPHS = ("prefill", "decode", "think")
 
 def phases(events: list[dict]) -> dict:
     """Per phase (the graph a run computes: prefill / decode / think): seconds of graph runs, of kernels by group,
-    and operator counts, summed over the runs in ``events``. In the merged model every run also steps the idle
-    graphs on empty batches: a run belongs to the graph whose own operators (``<graph>/...``) took the most time."""
+    and operator counts, summed over the runs in ``events``. In the merged model a run computes one graph's ``If``
+    branch: it belongs to the graph whose operators (``<graph>/...``) took the most time. The ``If`` nodes are not
+    counted as operators (their time is their branch's operators and the executor between them)."""
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")),
-                   key=lambda e: e["ts"])
+    nodes = sorted((e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                    and e.get("args", {}).get("op_name") != "If"), key=lambda e: e["ts"])
     out = {}
     j = 0
     for r in runs:

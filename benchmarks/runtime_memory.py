@@ -39,7 +39,6 @@ def _child(mode: str, args: list[str]) -> None:
 
         backend.session_options = with_patterns
         backend.DISABLED_OPTIMIZERS.clear()
-        backend.MERGED_DISABLED_OPTIMIZERS[:] = ["ReshapeFusion"]  # needed for zero-user batches, not memory
         backend.SHRINK_AFTER = ()
     from pauserec.cli.main import app
 

@@ -128,7 +128,7 @@ def test_every_graph_validates_against_hf(engines, name):
 def test_manifest_describes_the_engine(engines):
     path = engines["qwen3-pause"]
     m = manifest(path)
-    assert m["format_version"] == 4 and m["kind"] == "pause" and m["pause_k"] == 3 and m["scoring"] == "full"
+    assert m["format_version"] == 5 and m["kind"] == "pause" and m["pause_k"] == 3 and m["scoring"] == "full"
     assert m["sid"] == {"levels": 3, "codebook_sizes": list(LEVEL_SIZES), "token_prefixes": ["a", "b", "c"]}
     assert PromptSpec.from_dict(m["prompt"]) == tiny_spec("pause")
     assert m["model"]["arch"] == "qwen3" and m["model"]["kv_heads"] == 2 and m["model"]["q_heads"] == 4
@@ -167,25 +167,55 @@ def test_pause_suffix_and_prefix_are_graph_constants(engines):
     assert "think" not in " ".join(d_inputs) and "pause" not in " ".join(d_inputs)
 
 
+def graphs_of(model) -> list:
+    """The model's graph and its If branches (merged.onnx holds each engine graph in a branch)."""
+    out = [model.graph]
+    for node in model.graph.node:
+        out += [a.g for a in node.attribute if a.name in ("then_branch", "else_branch")]
+    return out
+
+
+def _unnamed(t):
+    import onnx
+
+    c = onnx.TensorProto()
+    c.CopyFrom(t)
+    c.name = ""
+    return c
+
+
 @pytest.mark.parametrize("name", ["qwen3-pause", "qwen2-direct", "llama-cot"])
-def test_merged_model_packs_each_weight_once_and_recommends_the_same(engines, name):
-    """merged.onnx: every weight of weights.bin feeds at most one MatMul (so ONNX Runtime packs it once);
-    its per-graph views (the other graphs idle at zero users) recommend what the separate graphs do."""
+def test_merged_model_runs_one_graph_per_call_and_recommends_the_same(engines, name):
+    """merged.onnx: one If per graph on its "<graph>/run" flag, every weight one initializer of the model that
+    the branches share (so ONNX Runtime packs it once); its per-graph views recommend what the separate graphs do."""
     import onnx
 
     from pauserec.runtime import Engine, Recommender
     from pauserec.runtime.backends.ort import MergedView
+    from pauserec.runtime.spec import run_flag
 
     path = engines[name]
     model = onnx.load(str(path / "merged.onnx"), load_external_data=False)
-    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-    matmuls: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in external:
-            matmuls[node.input[1]] = matmuls.get(node.input[1], 0) + 1
-    assert matmuls and max(matmuls.values()) == 1
     graphs = set(manifest(path)["graphs"])
+    assert [n.op_type for n in model.graph.node] == ["If"] * len(graphs)
+    assert {n.input[0] for n in model.graph.node} == {run_flag(g) for g in graphs}
     assert {i.name.split("/")[0] for i in model.graph.input} == graphs
+    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        branch = next(a.g for a in node.attribute if a.name == "then_branch")
+        assert not external & {t.name for t in branch.initializer}  # the weights are the model's, not a branch's
+        # its small constants are initializers, each value once (so ONNX Runtime can merge equal shape operators)
+        assert "Constant" not in {n.op_type for n in branch.node}
+        values = [t.SerializeToString(deterministic=True) for t in map(_unnamed, branch.initializer)]
+        assert len(values) == len(set(values))
+        for inner in branch.node:
+            for x in inner.input:
+                if x in external:
+                    readers.setdefault(x, set()).add(node.input[0])
+    assert len(readers) == len(external)  # every weight read by a branch
+    if len(graphs) > 1:  # the decoder's weights are one tensor for every graph
+        assert max(len(r) for r in readers.values()) == len(graphs)
 
     merged = Engine.load(path, provider="cpu")  # default: prepacked, one session for every graph
     split = Engine.load(path, provider="cpu", prepack=False)
@@ -594,7 +624,8 @@ def test_real_shape_engine_holds_one_copy_of_the_weights(real_engines):
     for graph in ("prefill.onnx", "decode.onnx", "think.onnx", "merged.onnx"):
         assert (cot / graph).stat().st_size < 200_000, graph  # structure only
         model = onnx.load(str(cot / graph), load_external_data=False)
-        big = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
+        big = [t for g in graphs_of(model) for t in g.initializer
+               if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) > 1024]
         assert big == []
     m = manifest(cot)
     assert m["model"]["vocab"] == REAL_VOCAB and m["model"]["head_dim"] == 128 and m["model"]["tied_embeddings"]
@@ -623,12 +654,15 @@ def test_no_weight_is_larger_than_one_head_block(real_engines):
     from pauserec.export.graphs import HEAD_BLOCK
 
     model = onnx.load(str(real_engines["pause"] / "merged.onnx"), load_external_data=False)
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    sizes = {t.name: int(np.prod(t.dims)) for g in graphs_of(model) for t in g.initializer}
     blocks = [n for n in sizes if n.startswith("core.head_t")]
     assert len(blocks) == -(-REAL_VOCAB // HEAD_BLOCK)
     assert max(sizes.values()) <= HEAD_BLOCK * 64
-    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & set(blocks)]
-    assert len(matmuls) == len(blocks)
+    runs = [a.g for n in model.graph.node for a in n.attribute if a.name == "then_branch"]
+    assert len(runs) == 2
+    for graph in runs:  # each graph's branch (prefill, decode): every block its own MatMul, once
+        matmuls = [n for n in graph.node if n.op_type == "MatMul" and set(n.input) & set(blocks)]
+        assert sorted(x for n in matmuls for x in n.input if x in blocks) == sorted(blocks)
 
 
 def test_int4_engine_uses_matmulnbits_and_reports_agreement(real_engines):
@@ -636,7 +670,8 @@ def test_int4_engine_uses_matmulnbits_and_reports_agreement(real_engines):
 
     path = real_engines["pause-sid-int4"]
     for graph in ("decode.onnx", "merged.onnx"):
-        nodes = [n for n in onnx.load(str(path / graph), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+        model = onnx.load(str(path / graph), load_external_data=False)
+        nodes = [n for g in graphs_of(model) for n in g.node if n.op_type == "MatMulNBits"]
         assert nodes  # int8 compute by default: activations quantised per block (MLAS integer kernels)
         assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
     q = [c for c in manifest(path)["validation"] if c["graph"] == "engine"][0]

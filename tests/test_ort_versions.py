@@ -3,10 +3,9 @@
 Each version's CPU wheel is installed beside the environment (``pip install --no-deps --target``, cached under the
 virtualenv) and put first on ``PYTHONPATH`` of a subprocess, so one test session checks three onnxruntimes.
 
-ONNX Runtime before 1.32 cannot run a batch of zero users (its reductions return an empty input's shape unreduced,
-its MatMul refuses to broadcast a zero-sized batch dimension), which the merged model's idle graphs are fed: there
-the runtime opens per-graph sessions and export writes no merged model. These tests fail without that choice (the
-pause engine's merged session raised in ``prefill//Sub`` on 1.24 to 1.31).
+The merged model (one If branch per graph; the idle graphs compute nothing) runs on each of them in one prepacked
+session. (When idle graphs were run on a batch of zero users, ONNX Runtime before 1.32 could not: its reductions
+returned an empty input's shape unreduced and its MatMul refused to broadcast a zero-sized batch dimension.)
 """
 
 from __future__ import annotations
@@ -82,10 +81,6 @@ def _same(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def merged_engine(tmp_path_factory) -> Path:
     """A pause engine (fused prefix, think suffix) exported with this environment's onnxruntime, merged model and all."""
-    from pauserec.runtime.backends.ort import merged_unsupported_reason
-
-    if merged_unsupported_reason():
-        pytest.skip(merged_unsupported_reason())
     engine = exported(tmp_path_factory, "qwen3", "pause")
     assert json.loads((engine / "manifest.json").read_text())["merged"] == "merged.onnx"
     return engine
@@ -96,21 +91,21 @@ def merged_engine(tmp_path_factory) -> Path:
 def test_an_engine_with_a_merged_model_runs_on_older_onnxruntime(merged_engine, version):
     got = json.loads(_python(version, RUN, str(merged_engine), json.dumps(HISTORIES)).strip().splitlines()[-1])
     assert got["ort"] == version
-    assert got["sessions"] == ["OrtSession"]  # the per-graph sessions, not the merged one
+    assert got["sessions"] == ["MergedView"]  # the merged model's one session
     _same(got, _recommend_here(merged_engine))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST_GPU])
 def test_export_on_older_onnxruntime(tmp_path, tmp_path_factory, merged_engine, version):
-    """fp32 and int4 export there (the quantizer's API is the oldest's too); the fp32 engine recommends what
-    the engine exported with this environment's onnxruntime does, run here on its per-graph sessions."""
+    """fp32 and int4 export there (the quantizer's API is the oldest's too), merged model and all; the fp32 engine
+    recommends what the engine exported with this environment's onnxruntime does."""
     ckpt = make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", "qwen3", "pause")
     for precision in ("fp32", "int4"):
         out = tmp_path / precision
         _python(version, EXPORT, str(ckpt), str(out), precision)
         manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest.get("merged") is None and not (out / "merged.onnx").exists()
+        assert manifest["merged"] == "merged.onnx" and (out / "merged.onnx").exists()
         assert manifest["precision"] == precision
     _same(_recommend_here(tmp_path / "fp32"), _recommend_here(merged_engine))
 
@@ -118,12 +113,12 @@ def test_export_on_older_onnxruntime(tmp_path, tmp_path_factory, merged_engine, 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST_GPU])
 def test_a_float16_kv_engine_runs_on_older_onnxruntime(tmp_path_factory, version):
-    """--kv-dtype float16 adds only Cast nodes: the engine runs on per-graph sessions there and recommends what it
+    """--kv-dtype float16 adds only Cast nodes: the engine runs on its merged session there and recommends what it
     recommends here (int4 scores move by ONNX Runtime's fusions across versions, never beyond a rounding step)."""
     engine = exported(tmp_path_factory, "qwen3", "pause", "-kv16-int4", precision="int4", quant_sample=4,
                       min_agreement=0.0, kv_dtype="float16")  # shared with test_kv_dtype
     got = json.loads(_python(version, RUN, str(engine), json.dumps(HISTORIES)).strip().splitlines()[-1])
-    assert got["ort"] == version and got["sessions"] == ["OrtSession"]
+    assert got["ort"] == version and got["sessions"] == ["MergedView"]
     here = _recommend_here(engine)
     assert got["items"] == here["items"]
     np.testing.assert_allclose(np.asarray(got["scores"]), np.asarray(here["scores"]), atol=0.05, rtol=0)

@@ -1,31 +1,31 @@
-"""Every graph of an engine in one ONNX model, each weight multiplied by one MatMul node (CPU).
+"""Every graph of an engine in one ONNX model, so its weights are packed once (CPU).
 
-ONNX Runtime's CPU MatMul re-lays a constant weight into its GEMM's packed layout once, at session
-start ("prepacking"); a call then reads the packed copy instead of packing the weight's panels again.
-That pays most when a MatMul has few rows (a decode step multiplies 20 beams' rows per user). But each
-MatMul *node* packs into a buffer of its own, and prefill, decode and think are separate graphs,
-each with its own session: prepacking the engine's graphs held one packed copy of the weights per
-graph (3x the weights at the Qwen3-0.6B shape).
+ONNX Runtime's CPU MatMul kernels re-lay a constant weight into their GEMM's packed layout once, at session
+start ("prepacking"); a call then reads the packed copy instead of packing the weight's panels again. That pays
+most when a MatMul has few rows (a decode step multiplies 20 beams' rows per user). But prefill, decode and think
+are separate graphs, and one session per graph packs its own copy of every weight (3x the weights at the Qwen3-0.6B
+shape). Within one session ONNX Runtime packs a weight once for every kernel that multiplies by it.
 
-``merge_graphs`` writes ``merged.onnx``: the graphs side by side in one model, their inputs and
-outputs named ``<graph>/<name>``, and every weight that several graphs multiply by feeding *one*
-MatMul: each graph's rows are flattened to 2-D, concatenated, multiplied, split and reshaped back.
-The runtime opens one session on it and runs one graph at a time by feeding the others a batch of
-zero users (``pauserec.runtime.backends.ort.MergedSession``), so the packed weights exist once.
+``merge_graphs`` writes ``merged.onnx``: one model whose inputs and outputs are the graphs' own, named
+``<graph>/<name>``, plus one boolean input ``<graph>/run`` per graph. Each graph is the ``then`` branch of its own
+``If`` node on that flag (its nodes and tensors renamed ``<graph>:<name>`` inside the branch); the ``else`` branch
+returns empty tensors. The weights are the model's initializers, shared by every branch that names them (same
+name, same bytes in ``weights.bin``). The runtime opens one session on it and runs one graph at a time by setting
+that graph's flag alone (``pauserec.runtime.backends.ort.MergedSession``): the idle graphs compute nothing.
 
-It works on the consolidated fp32 graphs (names of shared weights are the same in every graph, their
-data in ``weights.bin``); reduced precisions lower the merged model like any other graph.
+It is built from an engine's final graphs (fp32, or after the lowering to fp16 / int8 / int4 and the KV storage),
+so the merged model computes exactly what they compute. Each branch holds its graph's small constants as
+initializers, each distinct value once (``_equal_constants``): ONNX Runtime then simplifies a branch as far as the
+same graph in a session of its own.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-from pauserec.errors import ExportError
+from pauserec.runtime.spec import MERGED_SEP as SEP, run_flag
 
 MERGED_FILE = "merged.onnx"
-SEP = "/"
 
 
 def _external_key(t) -> tuple | None:
@@ -38,120 +38,138 @@ def _external_key(t) -> tuple | None:
     return info.get("location"), info.get("offset", "0"), info.get("length"), t.data_type, tuple(t.dims)
 
 
-def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
-    """Write the merged model of ``files`` (graph name -> consolidated .onnx) to ``dst``; returns a summary
-    (graphs, nodes, merged weights). Only external initializers with the same name and bytes are shared."""
-    import onnx
-    from onnx import helper
-
-    from pauserec.export.onnx import toposort, check
-
-    models = {name: onnx.load(str(path), load_external_data=False) for name, path in files.items()}
-    opsets = {(o.domain, o.version) for m in models.values() for o in m.opset_import}
-    shared: dict[str, tuple] = {}  # weight name -> external key, when every graph holding it agrees
+def _shared_weights(models: dict) -> set[str]:
+    """Names of the external initializers whose every holder stores the same bytes: one tensor of the merged model."""
+    keys: dict[str, tuple] = {}
     conflicts: set[str] = set()
     for m in models.values():
         for t in m.graph.initializer:
             key = _external_key(t)
-            if key is None:  # an inline tensor: never shared, and a name it shares with a weight is not either
+            if key is None or keys.setdefault(t.name, key) != key:  # inline, or other bytes under that name
                 conflicts.add(t.name)
-            elif shared.setdefault(t.name, key) != key:
-                conflicts.add(t.name)
-    for name in conflicts:
-        shared.pop(name, None)
+    return set(keys) - conflicts
 
+
+def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
+    """Write the merged model of ``files`` (graph name -> .onnx whose weights are in one ``weights.bin`` beside
+    ``dst``) to ``dst``; returns a summary (graphs, nodes, shared weights)."""
+    import onnx
+    from onnx import helper
+
+    from pauserec.errors import ExportError
+    from pauserec.export.onnx import check
+
+    models = {name: onnx.load(str(path), load_external_data=False) for name, path in files.items()}
+    shared = _shared_weights(models)
     graph = helper.make_graph([], "pauserec_merged", [], [])
     kept: set[str] = set()
+    nodes = 0
     for g, m in models.items():
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in m.graph.node for a in n.attribute):
-            raise ExportError(f"the {g} graph has control flow (If/Loop), which the merged CPU model does not handle")
+        inputs = {vi.name for vi in m.graph.input}
+        if run_flag(g) in {f"{g}{SEP}{x}" for x in inputs}:
+            raise ExportError(f"the {g} graph has an input named like the merged model's flag {run_flag(g)!r}")
 
-        def rename(x: str, g: str = g) -> str:
-            return x if (not x or x in shared) else f"{g}{SEP}{x}"
+        def rename(x: str, g: str = g, inputs: set = inputs) -> str:
+            if not x or x in shared:
+                return x
+            return f"{g}{SEP}{x}" if x in inputs else f"{g}:{x}"  # graph inputs are the model's, read from outside
 
-        for t in m.graph.initializer:
+        local = []  # the graph's own constants are its branch's initializers, each distinct value once
+        constants = [n for n in m.graph.node if _constant_value(n) is not None]  # (a Constant node's value too)
+        values = list(m.graph.initializer) + [_constant_value(n) for n in constants]
+        alias = _equal_constants(values)
+        for n in constants:
+            m.graph.node.remove(n)
+        for t in values:
             if t.name in shared:
                 if t.name not in kept:
                     kept.add(t.name)
                     graph.initializer.append(t)
-                continue
-            t.name = rename(t.name)
-            graph.initializer.append(t)
-        for vi, into in [(vi, graph.input) for vi in m.graph.input] + [(vi, graph.output) for vi in m.graph.output]:
+            elif t.name not in alias:
+                t.name = rename(t.name)
+                local.append(t)
+        for vi in m.graph.input:
             vi.name = rename(vi.name)
-            for dim in vi.type.tensor_type.shape.dim:  # each graph's "batch" is its own size
-                if dim.dim_param:
-                    dim.dim_param = f"{g}{SEP}{dim.dim_param}"
-            into.append(vi)
+            _scope_dims(vi, g)
+            graph.input.append(vi)
+        graph.input.append(helper.make_tensor_value_info(run_flag(g), onnx.TensorProto.BOOL, []))
+        body = []
         for n in m.graph.node:
-            n.name = f"{g}{SEP}{n.name}"
-            n.input[:] = [rename(x) for x in n.input]
+            n.input[:] = [rename(alias.get(x, x)) for x in n.input]
             n.output[:] = [rename(x) for x in n.output]
-            graph.node.append(n)
-
-    merged = _merge_matmuls(graph, set(shared))
-    toposort(graph)
+            n.name = f"{g}{SEP}{n.name}"
+            body.append(n)
+        nodes += len(body)
+        ran, idle, idle_nodes = [], [], []
+        for vi in m.graph.output:
+            tt = vi.type.tensor_type
+            ran.append(helper.make_tensor_value_info(rename(vi.name), tt.elem_type, None))
+            empty = f"{g}:idle/{vi.name}"  # (0, ..., 0) of the output's rank: nothing computed
+            idle_nodes.append(helper.make_node("Constant", [], [empty], name=empty,
+                                               value=helper.make_tensor(empty, tt.elem_type, [0] * len(tt.shape.dim), [])))
+            idle.append(helper.make_tensor_value_info(empty, tt.elem_type, None))
+            vi.name = f"{g}{SEP}{vi.name}"
+            _scope_dims(vi, g)
+            graph.output.append(vi)
+        graph.node.append(helper.make_node(
+            "If", [run_flag(g)], [vi.name for vi in m.graph.output], name=f"{g}{SEP}if",
+            then_branch=helper.make_graph(body, f"{g}_run", [], ran, local),
+            else_branch=helper.make_graph(idle_nodes, f"{g}_idle", [], idle)))
+    opsets = {(o.domain, o.version) for m in models.values() for o in m.opset_import}
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets)])
     model.ir_version = max(m.ir_version for m in models.values())
     onnx.save(model, str(dst))
     check(dst)
-    return {"file": dst.name, "graphs": list(files), "nodes": len(graph.node), "merged_weights": merged}
+    return {"file": dst.name, "graphs": list(files), "nodes": nodes, "shared_weights": len(kept)}
 
 
-def _merge_matmuls(graph, weights: set[str]) -> int:
-    """Give every weight of ``weights`` that two or more MatMuls multiply by (as B) one MatMul node."""
+def _constant_value(node):
+    """The value of a ``Constant`` node as an initializer named like its output, else None."""
+    import numpy as np
     from onnx import helper, numpy_helper
 
-    import numpy as np
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    a = node.attribute[0]
+    if a.name == "value":
+        value = type(a.t)()
+        value.CopyFrom(a.t)
+    elif a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+        value = numpy_helper.from_array(np.array(helper.get_attribute_value(a),
+                                                 dtype=np.float32 if "float" in a.name else np.int64))
+    else:
+        return None
+    value.name = node.output[0]
+    return value
 
-    users: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        for i, x in enumerate(node.input):
-            if x in weights:
-                users[x].append((node, i))
-    done = 0
-    drop: set[str] = set()
-    stacked: dict[tuple[str, ...], tuple[str, str, list[str]]] = {}  # inputs -> (rows, sizes, leads), built once
-    new = []
-    for w, uses in users.items():
-        if len(uses) < 2 or any(n.op_type != "MatMul" or i != 1 or n.domain not in ("", "ai.onnx") for n, i in uses):
+
+def _equal_constants(initializers) -> dict[str, str]:
+    """name -> the first name of an equal inline constant, for each inline initializer that repeats an earlier one.
+
+    The exporter writes a small constant (an axis, a shape part) as a Constant node per use. ONNX Runtime merges
+    equal nodes (Unsqueeze of x on axis 0 ...) only when they read the same constant, and it shares equal constants
+    in the main graph but not in an If branch: left as exported, a decode branch keeps ~1,100 shape operators more
+    than the same graph in a session of its own (Qwen3-0.6B shape)."""
+    from onnx import TensorProto
+
+    first: dict[bytes, str] = {}
+    alias = {}
+    for t in initializers:
+        if t.data_location == TensorProto.EXTERNAL:
             continue
-        dims = next(t.dims for t in graph.initializer if t.name == w)
-        if len(dims) != 2:
-            continue
-        k, n_out = int(dims[0]), int(dims[1])
-        base = f"merged{SEP}{w}"
-        inputs = tuple(node.input[0] for node, _ in uses)
-        if inputs not in stacked:  # q/k/v (and gate/up) projections of a layer multiply the same rows: stack once
-            stack = f"merged{SEP}rows{len(stacked)}"
-            flat_shape = f"{stack}/flat_shape"
-            graph.initializer.append(numpy_helper.from_array(np.array([-1, k], np.int64), flat_shape))
-            flats, rows, leads = [], [], []
-            for j, a in enumerate(inputs):
-                flat, row, lead = f"{stack}/flat{j}", f"{stack}/rows{j}", f"{stack}/lead{j}"
-                new += [helper.make_node("Reshape", [a, flat_shape], [flat], name=f"{stack}/reshape{j}"),
-                        helper.make_node("Shape", [flat], [row], name=f"{stack}/rows{j}", start=0, end=1),
-                        helper.make_node("Shape", [a], [lead], name=f"{stack}/lead{j}", start=0, end=-1)]
-                flats.append(flat)
-                rows.append(row)
-                leads.append(lead)
-            new += [helper.make_node("Concat", flats, [f"{stack}/rows"], name=f"{stack}/concat", axis=0),
-                    helper.make_node("Concat", rows, [f"{stack}/sizes"], name=f"{stack}/sizes", axis=0)]
-            stacked[inputs] = (f"{stack}/rows", f"{stack}/sizes", leads)
-        rows_all, sizes, leads = stacked[inputs]
-        width = f"{base}/width"
-        graph.initializer.append(numpy_helper.from_array(np.array([n_out], np.int64), width))
-        new += [helper.make_node("MatMul", [rows_all, w], [f"{base}/product"], name=f"{base}/matmul"),
-                helper.make_node("Split", [f"{base}/product", sizes], [f"{base}/part{j}" for j in range(len(uses))],
-                                 name=f"{base}/split", axis=0)]
-        for j, (node, _) in enumerate(uses):
-            shape = f"{base}/shape{j}"
-            new += [helper.make_node("Concat", [leads[j], width], [shape], name=f"{base}/shape{j}", axis=0),
-                    helper.make_node("Reshape", [f"{base}/part{j}", shape], [node.output[0]], name=f"{base}/out{j}")]
-            drop.add(node.name)
-        done += 1
-    graph.node.extend(new)
-    keep = [n for n in graph.node if n.name not in drop]
-    del graph.node[:]
-    graph.node.extend(keep)
-    return done
+        value = TensorProto()
+        value.CopyFrom(t)
+        value.name = ""
+        key = value.SerializeToString(deterministic=True)
+        if key in first:
+            alias[t.name] = first[key]
+        else:
+            first[key] = t.name
+    return alias
+
+
+def _scope_dims(vi, graph: str) -> None:
+    """Each graph's symbolic sizes ("batch", ...) are its own: ``<graph>/<symbol>``."""
+    for dim in vi.type.tensor_type.shape.dim:
+        if dim.dim_param:
+            dim.dim_param = f"{graph}{SEP}{dim.dim_param}"

@@ -120,7 +120,6 @@ def check_finite(model) -> None:
 
 def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     from pauserec.export import bundle, merge, onnx, validate, weights
-    from pauserec.runtime.backends.ort import merged_unsupported_reason
     from pauserec.runtime.spec import freeze, graph_specs, resolve_dims
 
     clock: dict[str, float] = {}
@@ -182,11 +181,8 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     files32 = weights.consolidate(exported, fp32_dir)
     shutil.rmtree(raw)
     merged = None if cfg.static else merge.MERGED_FILE  # static shapes are for TensorRT, which runs the graphs
-    if merged and merged_unsupported_reason():  # it could not be validated here: the engine goes without
-        say("merge", f"skipped: {merged_unsupported_reason()}")
-        merged = None
-    if merged:
-        say("merge", f"every graph in one CPU model ({merged}): each weight multiplied, and packed, once")
+    if merged and not deferred:  # (deferred: the merged model is built from the lowered graphs)
+        say("merge", f"every graph in one CPU model ({merged}), one If branch each: each weight packed once")
         merge.merge_graphs(files32, fp32_dir / merged)
     clock["export"] = time.perf_counter() - t0
 
@@ -403,15 +399,12 @@ def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate
 
 def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common: dict, validate_args: dict, say):
     """fp16 / int8 / int4 graphs from the validated fp32 ones, judged by ranking agreement."""
-    from pauserec.export import bundle, onnx, quantize, validate
+    from pauserec.export import bundle, merge, onnx, quantize, validate
 
     say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", block {cfg.int4_block}, {cfg.int4_compute} compute"
                                                            if cfg.precision == "int4" else ""))
     fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     sources = {n: (files32[n], s.file, onnx.float_io(s)) for n, s in specs.items()}
-    if common["merged"]:  # the merged model is lowered like the graphs (its weights are theirs: stored once)
-        sources["merged"] = (fp32_dir / common["merged"], common["merged"],
-                             [f"{n}/{x}" for n, s in specs.items() for x in onnx.float_io(s)])
     if cfg.precision == "fp16":
         files = quantize.fp16_graphs(sources, stage, lazy=src.streamed)
     else:
@@ -421,12 +414,10 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     if cfg.precision != "fp16" and cfg.kv_dtype != "float32":
         say("kv", f"{cfg.kv_dtype} KV cache at the graphs' boundaries ("
             + ("cast" if cfg.kv_dtype == "float16" else "one scale per key or value vector") + " per layer; compute unchanged)")
-        for n, path in files.items():  # the merged model names its graphs' tensors "graph/tensor"
-            prefix = {g: f"{g}/" for g in specs} if n == "merged" else {n: ""}
-            ins = [p + x for g, p in prefix.items() for x in onnx.kv_io(specs[g])[0]]
-            outs = [p + x for g, p in prefix.items() for x in onnx.kv_io(specs[g])[1]]
-            onnx.kv_storage(path, ins, outs, cfg.kv_dtype)
-    files.pop("merged", None)
+        for n, path in files.items():
+            onnx.kv_storage(path, *onnx.kv_io(specs[n]), cfg.kv_dtype)
+    if common["merged"]:  # built from the final graphs: it computes what they compute
+        merge.merge_graphs(files, stage / common["merged"])
     say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
     kv = DTYPES[kv_dtype(cfg)]
     checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,

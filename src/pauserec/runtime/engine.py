@@ -160,10 +160,6 @@ class Engine:
         if not graphs:
             return cls(path, manifest, catalog, {}, provider, threads, source)
         merged = manifest.merged
-        if merged:
-            from pauserec.runtime.backends.ort import merged_unsupported_reason
-
-            merged = None if merged_unsupported_reason() else merged  # onnxruntime < 1.32: per-graph sessions
         if prepack is None:
             prepack = bool(merged) or manifest.precision == "int4"
         used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged, tf32,

@@ -18,8 +18,9 @@ from pauserec.errors import EngineError, PauserecError
 from pauserec.runtime.spec import KV_STORAGE, GraphSpec
 
 # 2: one weights.bin shared by the graphs, scoring rule; 3: decode returns the new beam-KV slot;
-# 4: the prompt as data (fused prefix/suffix ids, ids or text history assembly, token budget), typed manifest
-FORMAT_VERSION = 4
+# 4: the prompt as data (fused prefix/suffix ids, ids or text history assembly, token budget), typed manifest;
+# 5: merged.onnx runs one graph per call (an If branch per graph, selected by its "<graph>/run" flag)
+FORMAT_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 REEXPORT = "pauserec-export CHECKPOINT --out {path} --force"
 SCORING = ("full", "sid")

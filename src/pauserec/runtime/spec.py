@@ -35,6 +35,18 @@ def kv_width(head_dim: int, kv_dtype: str) -> int:
     return head_dim + KV_STORAGE[kv_dtype]
 SYMBOLS = ("batch", "beams", "hist", "ctx")
 GRAPH_FILES = {"prefill": "prefill.onnx", "decode": "decode.onnx", "think": "think.onnx"}
+# merged.onnx (pauserec.export.merge): every graph's inputs and outputs as "<graph>/<name>", and one boolean
+# "<graph>/run" per graph; a run sets its graph's flag alone (the idle graphs compute nothing).
+MERGED_SEP = "/"
+
+
+def merged_name(graph: str, name: str) -> str:
+    return f"{graph}{MERGED_SEP}{name}"
+
+
+def run_flag(graph: str) -> str:
+    """The merged model's input that makes ``graph`` compute."""
+    return merged_name(graph, "run")
 
 
 @dataclass(frozen=True)

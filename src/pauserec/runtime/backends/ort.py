@@ -2,7 +2,7 @@
 
 CPU sessions run plain ``session.run`` on host arrays. An engine's merged model (``merged.onnx``, see
 ``pauserec.export.merge``) opens as one ``MergedSession`` whose per-graph views run one graph at a
-time: the other graphs get a batch of zero users, so every weight is packed once for all graphs. CUDA sessions always use IO binding: feeds
+time (its flag set, the others' idle): every weight is packed once for all graphs. CUDA sessions always use IO binding: feeds
 that are device values (OrtValues on "cuda", ``DeviceArray``, any ``__cuda_array_interface__``) are
 bound in place, host arrays are copied in, and the outputs named in ``keep`` stay on the GPU as
 OrtValues (the context KV always; with device steps (``CudaOps``) also log-probs and the new KV slots).
@@ -20,7 +20,7 @@ import numpy as np
 from pauserec.errors import BackendUnavailable, EngineError
 from pauserec.runtime.memory import release_memory
 from pauserec.runtime.session import check_declared
-from pauserec.runtime.spec import GraphSpec
+from pauserec.runtime.spec import GraphSpec, merged_name, run_flag
 
 ORT_DTYPES = {"tensor(int64)": "int64", "tensor(float)": "float32", "tensor(float16)": "float16"}
 CUDA_HELP = ("install the GPU build of ONNX Runtime (pip uninstall onnxruntime && pip install onnxruntime-gpu) "
@@ -62,32 +62,6 @@ def inference_session(path: Path, opts, providers: list, disabled_optimizers: li
         raise EngineError(f"ONNX Runtime cannot load {path.name} ({e}); re-export the engine") from e
     release_memory(collect=False)  # C++ heap: no Python objects to collect
     return sess
-
-
-# The merged model runs its idle graphs on a batch of zero users. ONNX Runtime before 1.32 mishandles
-# empty tensors in CPU kernels the graphs use: a reduction over an empty batch returns its input's shape
-# unreduced (ReduceLogSumExp, ReduceSum, ...), and MatMul refuses to broadcast a zero-sized batch
-# dimension ("left operand cannot broadcast on dim 0"). There the engine runs its per-graph sessions.
-MERGED_MIN_ORT = (1, 32)
-
-
-def ort_version() -> tuple[int, int]:
-    """(major, minor) of the installed onnxruntime (or onnxruntime-gpu)."""
-    import onnxruntime as ort
-
-    major, minor = (int("".join(c for c in x if c.isdigit()) or 0) for x in ort.__version__.split(".")[:2])
-    return major, minor
-
-
-def merged_unsupported_reason() -> str | None:
-    """None when this onnxruntime runs merged models (empty batches), else why it does not."""
-    if ort_version() >= MERGED_MIN_ORT:
-        return None
-    import onnxruntime as ort
-
-    need = ".".join(map(str, MERGED_MIN_ORT))
-    return (f"onnxruntime {ort.__version__} cannot run a batch of zero users (fixed in {need}): the engine's graphs "
-            f"run in separate sessions; `pip install 'onnxruntime>={need}'` for one prepacked session")
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -171,9 +145,6 @@ class OrtSession:
 # that copies every layer's KV at the start of a step (+300 MB at batch 8 x beam 20 at the 0.6B shape);
 # each layer's Gather copies only its own slice, when it needs it.
 DISABLED_OPTIMIZERS = ["GatherSliceToSplitFusion"]
-# ORT's ReshapeFusion turns computed target shapes into constants with a -1, which cannot resolve for a
-# batch of zero users: the merged model keeps its Reshapes as exported.
-MERGED_DISABLED_OPTIMIZERS = [*DISABLED_OPTIMIZERS, "ReshapeFusion"]
 # The prefill's intermediates (every layer's KV before they are stacked) are a run's largest: its arena
 # memory goes back to the system after each prefill, since the decode steps that follow need a fraction.
 SHRINK_AFTER = ("prefill",)
@@ -190,12 +161,13 @@ def run_options(graph: str):
     return ro
 
 
-def idle_feeds(io: GraphSpec, prefix: str) -> dict[str, np.ndarray]:
-    """Inputs that make graph ``io`` do nothing: zero users ("batch" = 0), every other symbol 1."""
+def idle_feeds(io: GraphSpec, graph: str) -> dict[str, np.ndarray]:
+    """Inputs of graph ``io`` while it is idle (every input must be fed; none is read): zero users ("batch" = 0),
+    every other symbol 1."""
     feeds = {}
     for t in io.inputs:
         shape = tuple(0 if d == "batch" else (1 if isinstance(d, str) else d) for d in t.dims)
-        feeds[prefix + t.name] = np.zeros(shape, t.np_dtype)
+        feeds[merged_name(graph, t.name)] = np.zeros(shape, t.np_dtype)
     return feeds
 
 
@@ -203,21 +175,25 @@ class MergedSession:
     """One CPU session on an engine's merged model; ``views[name]`` is graph ``name``'s Session.
 
     ONNX Runtime maps the weights itself here (no shared OrtValues: there is one session) and prepacks
-    them: each weight's original pages are released once its one MatMul has packed it.
+    them, once for every branch that multiplies by them; a weight's original pages are released once packed.
+    A run sets its graph's ``<graph>/run`` flag alone: only that graph's branch computes.
     """
 
     def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None, spin: bool = False) -> None:
         opts = session_options(threads, prepack=True, spin=spin)
-        self.sess = inference_session(path, opts, ["CPUExecutionProvider"], MERGED_DISABLED_OPTIMIZERS)
+        self.sess = inference_session(path, opts, ["CPUExecutionProvider"], DISABLED_OPTIMIZERS)
         self.providers = self.sess.get_providers()
         declared_in = {a.name: a for a in self.sess.get_inputs()}
         declared_out = {a.name: a for a in self.sess.get_outputs()}
-        self.idle = {name: idle_feeds(io, f"{name}/") for name, io in graphs.items()}
+        self.idle = {name: {**idle_feeds(io, name), run_flag(name): np.array(False)} for name, io in graphs.items()}
         self.run_options = {name: run_options(name) for name in graphs}
         self.views = {}
         for name, io in graphs.items():
-            ins = [declared_in.get(f"{name}/{t.name}") for t in io.inputs]
-            outs = [declared_out.get(f"{name}/{t.name}") for t in io.outputs]
+            if run_flag(name) not in declared_in:
+                raise EngineError(f"{path.name} has no {run_flag(name)} input (an engine of an older pauserec); "
+                                  "re-export the engine")
+            ins = [declared_in.get(merged_name(name, t.name)) for t in io.inputs]
+            outs = [declared_out.get(merged_name(name, t.name)) for t in io.outputs]
             if None in ins or None in outs:
                 raise EngineError(f"{path.name} lacks inputs or outputs of the {name} graph; re-export the engine")
             check_declared(io, _described(ins, len(name) + 1), _described(outs, len(name) + 1), f"{path.name} ({name})")
@@ -225,8 +201,9 @@ class MergedSession:
 
     def run(self, name: str, io: GraphSpec, feeds: dict[str, Any]) -> dict[str, Any]:
         full = {k: v for other, idle in self.idle.items() if other != name for k, v in idle.items()}
-        full.update({f"{name}/{k}": np.asarray(v, order="C") for k, v in feeds.items()})
-        outs = self.sess.run([f"{name}/{n}" for n in io.output_names], full, self.run_options[name])
+        full.update({merged_name(name, k): np.asarray(v, order="C") for k, v in feeds.items()})
+        full[run_flag(name)] = np.array(True)
+        outs = self.sess.run([merged_name(name, n) for n in io.output_names], full, self.run_options[name])
         return dict(zip(io.output_names, outs))
 
 
