@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pauserec.runtime.spec import MERGED_SEP as SEP, run_flag
+from pauserec.runtime.spec import merged_name, run_flag
 
 MERGED_FILE = "merged.onnx"
 
@@ -66,20 +66,23 @@ def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
     nodes = 0
     for g, m in models.items():
         inputs = {vi.name for vi in m.graph.input}
-        if run_flag(g) in {f"{g}{SEP}{x}" for x in inputs}:
+        if any(merged_name(g, x) == run_flag(g) for x in inputs):
             raise ExportError(f"the {g} graph has an input named like the merged model's flag {run_flag(g)!r}")
 
         def rename(x: str, g: str = g, inputs: set = inputs) -> str:
             if not x or x in shared:
                 return x
-            return f"{g}{SEP}{x}" if x in inputs else f"{g}:{x}"  # graph inputs are the model's, read from outside
+            return merged_name(g, x) if x in inputs else f"{g}:{x}"  # graph inputs are the model's, read from outside
 
-        local = []  # the graph's own constants are its branch's initializers, each distinct value once
-        constants = [n for n in m.graph.node if _constant_value(n) is not None]  # (a Constant node's value too)
-        values = list(m.graph.initializer) + [_constant_value(n) for n in constants]
+        body, values = [], list(m.graph.initializer)  # a Constant node's value becomes an initializer too
+        for n in m.graph.node:
+            value = _constant_value(n)
+            if value is None:
+                body.append(n)
+            else:
+                values.append(value)
         alias = _equal_constants(values)
-        for n in constants:
-            m.graph.node.remove(n)
+        local = []  # the graph's own constants are its branch's initializers, each distinct value once
         for t in values:
             if t.name in shared:
                 if t.name not in kept:
@@ -93,12 +96,10 @@ def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
             _scope_dims(vi, g)
             graph.input.append(vi)
         graph.input.append(helper.make_tensor_value_info(run_flag(g), onnx.TensorProto.BOOL, []))
-        body = []
-        for n in m.graph.node:
+        for n in body:
             n.input[:] = [rename(alias.get(x, x)) for x in n.input]
             n.output[:] = [rename(x) for x in n.output]
-            n.name = f"{g}{SEP}{n.name}"
-            body.append(n)
+            n.name = merged_name(g, n.name)
         nodes += len(body)
         ran, idle, idle_nodes = [], [], []
         for vi in m.graph.output:
@@ -108,11 +109,11 @@ def merge_graphs(files: dict[str, Path], dst: Path) -> dict:
             idle_nodes.append(helper.make_node("Constant", [], [empty], name=empty,
                                                value=helper.make_tensor(empty, tt.elem_type, [0] * len(tt.shape.dim), [])))
             idle.append(helper.make_tensor_value_info(empty, tt.elem_type, None))
-            vi.name = f"{g}{SEP}{vi.name}"
+            vi.name = merged_name(g, vi.name)
             _scope_dims(vi, g)
             graph.output.append(vi)
         graph.node.append(helper.make_node(
-            "If", [run_flag(g)], [vi.name for vi in m.graph.output], name=f"{g}{SEP}if",
+            "If", [run_flag(g)], [vi.name for vi in m.graph.output], name=merged_name(g, "if"),
             then_branch=helper.make_graph(body, f"{g}_run", [], ran, local),
             else_branch=helper.make_graph(idle_nodes, f"{g}_idle", [], idle)))
     opsets = {(o.domain, o.version) for m in models.values() for o in m.opset_import}
@@ -172,4 +173,4 @@ def _scope_dims(vi, graph: str) -> None:
     """Each graph's symbolic sizes ("batch", ...) are its own: ``<graph>/<symbol>``."""
     for dim in vi.type.tensor_type.shape.dim:
         if dim.dim_param:
-            dim.dim_param = f"{graph}{SEP}{dim.dim_param}"
+            dim.dim_param = merged_name(graph, dim.dim_param)
