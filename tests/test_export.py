@@ -252,6 +252,33 @@ def test_decode_reads_each_layers_kv_where_it_needs_it(tmp_path, engines):
     assert kv_readers(DISABLED_OPTIMIZERS) == {"Gather"}
 
 
+@pytest.mark.parametrize("name", ["qwen3-pause", "qwen2-direct", "llama-cot"])
+def test_no_layer_reads_a_size_off_its_tensors(tmp_path, engines, name):
+    """Sizes (users, beams, context) are read once per graph from its inputs: a size read off a layer's tensor
+    (a traced ``x.shape``) is a Shape / Gather / Unsqueeze / Concat chain per use that ONNX Runtime cannot fold,
+    ~40 extra operators per decode layer. None is left after the runtime's own graph optimisation."""
+    import re
+
+    import onnx
+    import onnxruntime as ort
+
+    from pauserec.runtime.backends.ort import DISABLED_OPTIMIZERS, session_options
+
+    for path in sorted(engines[name].glob("*.onnx")):
+        if path.name == "merged.onnx":
+            continue
+        opts = session_options(1)
+        opts.optimized_model_filepath = str(tmp_path / path.name)
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+        in_layer = {t.name for t in graph.initializer if re.search(r"\.w\d+_|layers\.\d+\.", t.name)}
+        for node in graph.node:  # topological: a tensor computed from a layer's weights is a layer's tensor
+            if node.op_type != "Shape" and any(x in in_layer for x in node.input):
+                in_layer.update(node.output)
+        reads = [n.input[0] for n in graph.node if n.op_type == "Shape" and n.input[0] in in_layer]
+        assert not reads, f"{path.name}: sizes read off layer tensors {reads[:5]}"
+
+
 def test_engine_without_merged_model_keeps_one_unpacked_copy(tmp_path, engines):
     """An engine exported before merged.onnx existed loads as before: fp32 unpacked, the graphs' sessions sharing
     the mapped weights (prepacking them would hold one copy per graph); prepack=True still works."""

@@ -106,26 +106,34 @@ def model_dims(model) -> ModelDims:
     )
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    """(-x2, x1) of x = (x1, x2) along its last axis of 2 * ``half`` (a constant: a traced ``x.shape`` is not)."""
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _joint_attention(parts: list[tuple[torch.Tensor, torch.Tensor]], shape) -> torch.Tensor:
+def _joint_attention(parts: list[tuple[torch.Tensor, torch.Tensor, tuple | None]], shape) -> torch.Tensor:
     """Softmax over several key blocks at once, without concatenating the score blocks.
 
-    ``parts``: (scores (..., M, N_i) with masked keys already at NEG, values (..., N_i, D)) pairs, each
-    broadcastable as ``scores @ values``; every product is viewed as ``shape`` and summed.
+    ``shape``: the output's (..., M, D). ``parts``: (scores (*rows, N_i) with masked keys already at NEG, values,
+    rows) triples, ``scores @ values`` broadcastable; ``rows`` is None when the scores' leading shape is the
+    output's (..., M), else that leading shape (its product the same rows in another layout), and the part is
+    viewed to the output's layout. Every shape here is the caller's (sizes it read once per graph), never read
+    off a tensor: a traced ``x.shape`` costs a chain of Shape / Gather / Unsqueeze / Concat operators per use.
     """
-    peaks = [scores.amax(dim=-1, keepdim=True).reshape(*shape[:-1], 1) for scores, _ in parts]
-    peak = peaks[0]
-    for p in peaks[1:]:
-        peak = torch.maximum(peak, p)  # (..., M, 1) in the layout of ``shape``
+    out_rows = tuple(shape[:-1])
+
+    def to_out(x, rows, last):  # (*rows, last) -> (*out_rows, last)
+        return x if rows is None else x.reshape(*out_rows, last)
+
+    peak = None  # (..., M, 1)
+    for scores, _, rows in parts:
+        p = to_out(scores.amax(dim=-1, keepdim=True), rows, 1)
+        peak = p if peak is None else torch.maximum(peak, p)
     total, den = 0, 0
-    for scores, values in parts:
-        e = torch.exp(scores - peak.reshape(*scores.shape[:-1], 1))
-        den = den + e.sum(dim=-1, keepdim=True).reshape(*shape[:-1], 1)
-        total = total + (e @ values).reshape(shape)
+    for scores, values, rows in parts:
+        e = torch.exp(scores - (peak if rows is None else peak.reshape(*rows, 1)))
+        den = den + to_out(e.sum(dim=-1, keepdim=True), rows, 1)
+        total = total + to_out(e @ values, rows, shape[-1])
     return total / den
 
 
@@ -235,17 +243,19 @@ class Core(nn.Module):
         dtype = self.embed.weight.dtype
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
-    def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Normed hidden (..., H) -> q (..., Hq, D), k, v (..., Hkv, D) with RoPE applied to q and k."""
+    def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lead: tuple):
+        """Normed hidden (*lead, H) -> q (*lead, Hq, D), k, v (*lead, Hkv, D) with RoPE applied to q and k.
+        ``lead``: x's leading sizes, read once per graph by the caller (see ``_joint_attention``)."""
         attn = self.layers[i].self_attn
         d = self.dims
-        q = self.linear(i, "q_proj", x).unflatten(-1, (d.q_heads, d.head_dim))
-        k = self.linear(i, "k_proj", x).unflatten(-1, (d.kv_heads, d.head_dim))
-        v = self.linear(i, "v_proj", x).unflatten(-1, (d.kv_heads, d.head_dim))
+        q = self.linear(i, "q_proj", x).view(*lead, d.q_heads, d.head_dim)
+        k = self.linear(i, "k_proj", x).view(*lead, d.kv_heads, d.head_dim)
+        v = self.linear(i, "v_proj", x).view(*lead, d.kv_heads, d.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        half = d.head_dim // 2
+        return q * cos + _rotate_half(q, half) * sin, k * cos + _rotate_half(k, half) * sin, v
 
     def finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Residual + o_proj, then the MLP block. attn_out (..., Hq * D)."""
@@ -288,7 +298,7 @@ def prefix_kv(core: Core, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     keys, values = [], []
     for i in range(d.layers):
         with core.layer_weights(i):  # (streaming: this layer's weights are read for the step, then dropped)
-            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (P, Hq|Hkv, D)
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin, (n,))  # (P, Hq|Hkv, D)
             q = q.transpose(0, 1).unflatten(0, (d.kv_heads, d.group))  # (Hkv, G, P, D)
             k, v = k.transpose(0, 1), v.transpose(0, 1)  # (Hkv, P, D)
             s = (q @ k.unsqueeze(1).transpose(-1, -2)) * core.scale  # (Hkv, G, P, P)
@@ -311,11 +321,12 @@ class _Graph(nn.Module):
         self.register_buffer("prefix_value", pv)
         self.prefix_len = pk.shape[2]
 
-    def prefix_part(self, i: int, q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """q (B, Hkv, M, D), already scaled -> [(scores (B, Hkv, M, P), values (Hkv, P, D))]; none without prefix."""
+    def prefix_part(self, i: int, q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, None]]:
+        """q (B, Hkv, M, D), already scaled -> [(scores (B, Hkv, M, P), values (Hkv, P, D), None)] (a part of
+        ``_joint_attention`` in its output's layout); none without prefix."""
         if self.prefix_len == 0:
             return []
-        return [(q @ self.prefix_key[i].transpose(-1, -2), self.prefix_value[i])]
+        return [(q @ self.prefix_key[i].transpose(-1, -2), self.prefix_value[i], None)]
 
 
 class PrefillGraph(_Graph):
@@ -364,7 +375,7 @@ class PrefillGraph(_Graph):
         c = h.shape[1]
         keys, values = [], []
         for i in range(d.layers):
-            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, C, H*, D)
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin, (b, c))  # (B, C, H*, D)
             q = q.transpose(1, 2).reshape(b, d.kv_heads, d.group * c, d.head_dim) * core.scale  # (B,Hkv,G*C,D)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, C, D)
             keys.append(k[:, :, skip:])
@@ -372,7 +383,7 @@ class PrefillGraph(_Graph):
             if fused:  # (B, Hkv, P+C, D): one small copy of the prefix, one softmax
                 k = torch.cat([self.prefix_key[i].unsqueeze(0).expand(b, -1, -1, -1), k], dim=2)
                 v = torch.cat([self.prefix_value[i].unsqueeze(0).expand(b, -1, -1, -1), v], dim=2)
-            n_keys = k.shape[2]  # (explicit sizes, no -1: a batch of 0 users is valid, see export.merge)
+            n_keys = c + (self.prefix_len if fused else 0)  # k's keys (explicit sizes, no -1 and no k.shape)
             scores = (q @ k.transpose(-1, -2)).view(b, d.kv_heads, d.group, c, n_keys) + bias  # (B,Hkv,G,C,P+C)
             probs = torch.softmax(scores.float(), dim=-1).to(v.dtype).view(b, d.kv_heads, d.group * c, n_keys)
             out = (probs @ v).view(b, d.q_heads, c, d.head_dim).transpose(1, 2).reshape(b, c, d.q_heads * d.head_dim)
@@ -436,7 +447,7 @@ class DecodeGraph(_Graph):
         shape = (b, d.kv_heads, k_beams * d.group, d.head_dim)
         new_keys, new_values = [], []
         for i in range(d.layers):
-            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, K, H*, D)
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin, (b, k_beams))  # (B, K, H*, D)
             q5 = q.view(b, k_beams, d.kv_heads, d.group, d.head_dim).permute(0, 2, 1, 3, 4) * core.scale  # (B,Hkv,K,G,D)
             qc = q5.reshape(shape)  # (B, Hkv, K*G, D): all beams of a user against one shared context
             nk, nv = k.transpose(1, 2).unsqueeze(3), v.transpose(1, 2).unsqueeze(3)  # (B, Hkv, K, 1, D)
@@ -444,7 +455,8 @@ class DecodeGraph(_Graph):
             bv = torch.where(write, nv, beam_value[i])
             ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, K*G, C)
             own = (q5 @ bk.transpose(-1, -2)) + own_bias  # (B, Hkv, K, G, L-1): each beam's own positions
-            out = _joint_attention(self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (own, bv)], shape)
+            own_rows = (b, d.kv_heads, k_beams, d.group)
+            out = _joint_attention(self.prefix_part(i, qc) + [(ctx, ctx_value[i], None), (own, bv, own_rows)], shape)
             out = out.view(b, d.kv_heads, k_beams, d.group, d.head_dim).permute(0, 2, 1, 3, 4).reshape(
                 b, k_beams, d.q_heads * d.head_dim)
             h = core.finish_layer(i, h, out)  # (B, K, H)
@@ -469,11 +481,11 @@ class ThinkGraph(_Graph):
         shape = (b, d.kv_heads, d.group, d.head_dim)
         new_keys, new_values = [], []
         for i in range(d.layers):
-            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin)  # (B, 1, H*, D)
+            q, k, v = core.qkv(i, core.layers[i].input_layernorm(h), cos, sin, (b, 1))  # (B, 1, H*, D)
             qc = q.view(shape) * core.scale  # (B, Hkv, G, D)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, 1, D)
             ctx = (qc @ ctx_key[i].transpose(-1, -2)) + ctx_bias  # (B, Hkv, G, C)
-            parts = self.prefix_part(i, qc) + [(ctx, ctx_value[i]), (qc @ k.transpose(-1, -2), v)]
+            parts = self.prefix_part(i, qc) + [(ctx, ctx_value[i], None), (qc @ k.transpose(-1, -2), v, None)]
             h = core.finish_layer(i, h, _joint_attention(parts, shape).reshape(b, 1, d.q_heads * d.head_dim))
             new_keys.append(k)
             new_values.append(v)
