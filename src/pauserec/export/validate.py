@@ -83,10 +83,13 @@ class MergedGraphs:
 
     def __init__(self, path: Path, specs: dict, threads: int | None = None) -> None:
         from pauserec.runtime.backends.ort import MergedSession
+        from pauserec.runtime.memory import dropping_mapped_pages
         from pauserec.runtime.spec import GraphSpec
+        from pauserec.runtime.weights import WEIGHTS_FILE
 
         concrete = {n: GraphSpec.from_manifest(n, s.to_dict("float32")) for n, s in specs.items()}  # fp32 KV
-        self.sessions = MergedSession(path, concrete, threads).views
+        with dropping_mapped_pages(path.parent / WEIGHTS_FILE):  # as the runtime opens it (prepacked)
+            self.sessions = MergedSession(path, concrete, threads).views
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
         view = self.sessions[graph]

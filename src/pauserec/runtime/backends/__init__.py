@@ -11,6 +11,7 @@ falls back silently.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -90,14 +91,16 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
     from pauserec.runtime.backends.ort import MergedSession, OrtSession
     from pauserec.runtime.weights import WEIGHTS_FILE, WeightStore
 
-    from pauserec.runtime.memory import drop_mapped_pages
+    from pauserec.runtime.memory import dropping_mapped_pages
 
-    if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
-        sessions = dict(MergedSession(path / merged, graphs, threads, spin).views)
-    else:
-        store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
-        sessions = {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin)
-                    for name, io in graphs.items()}
-    if prepack or provider != "cpu":  # the kernels hold their own copies: the pages read at load are not read again
-        drop_mapped_pages(path / WEIGHTS_FILE)
+    # the kernels hold their own copies when they prepack (or live on a GPU): the pages read at load are not read
+    # again, and are dropped while the sessions open, not after (see dropping_mapped_pages)
+    copies = prepack or provider != "cpu"
+    with dropping_mapped_pages(path / WEIGHTS_FILE) if copies else contextlib.nullcontext():
+        if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
+            sessions = dict(MergedSession(path / merged, graphs, threads, spin).views)
+        else:
+            store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
+            sessions = {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin)
+                        for name, io in graphs.items()}
     return sessions
