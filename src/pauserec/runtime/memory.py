@@ -63,9 +63,9 @@ def dropping_mapped_pages(path: str | Path, every: float = 0.02):
     weight once into its packed copy, and it keeps the weights the merged model's branches share mapped (an
     initializer of the outer graph is not released once a branch's kernel has packed it). Dropped only after
     the session was open, those pages made the load's peak the packed copies *plus* the whole file: an int4
-    Llama-2-7B engine (4.15 GB) peaked at 8.98 GB while loading and then held 4.87 GB. Dropping them while
-    the session is created keeps the peak near what the session holds. ONNX Runtime never writes to a weight,
-    so a dropped page is one it reads back from the file if it needs it again.
+    Llama-2-7B engine (4.15 GB) peaked at 9.41 GB while loading to hold 5.11 GB; dropped while the session is
+    created, the peak is 5.31 GB. ONNX Runtime never writes to a weight, so a dropped page is one it reads back
+    from the file if it needs it again.
     """
     stop = threading.Event()
 
