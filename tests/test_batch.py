@@ -613,6 +613,60 @@ def test_batch_size_reaches_the_engine(trained_engines, tmp_path, monkeypatch):
     assert batches == [40, 5]  # was [32, 8, 5]: the Recommender kept its default batch
 
 
+def test_kv_memory_splits_a_batch_into_calls_with_the_same_results(trained_engines, tmp_path, monkeypatch):
+    """--kv-memory: a batch whose KV would pass it runs in calls of fewer users (the most that fit), and every
+    user gets the same items and scores as in one call; a limit that cannot hold one user stops the job before
+    any row, saying what one user needs."""
+    from typer.testing import CliRunner
+
+    from pauserec.cli.main import app
+    from pauserec.runtime import Engine, Recommender
+
+    engine = trained_engines["direct"]
+    ids = Engine.load(engine).catalog.item_ids
+    (tmp_path / "users.jsonl").write_text("".join(json.dumps({"user_id": str(i), "history": [ids[i], ids[i + 1]]})
+                                                  + "\n" for i in range(9)))
+    rec = Recommender(Engine.load(engine, graphs=False, verify=False))
+    width = rec.padded_length(len(rec.encoder.many_kept([np.array([1, 2])])[0][0]))
+    one_user = rec.call_bytes(width, 8)
+    batches = []
+    real = Engine.prefill
+    monkeypatch.setattr(Engine, "prefill", lambda self, ids, mask, device=False:
+                        batches.append(len(ids)) or real(self, ids, mask, device))
+
+    def run(name, limit):
+        res = CliRunner().invoke(app, ["recommend", str(engine), "-i", str(tmp_path / "users.jsonl"), "-o",
+                                       str(tmp_path / name), "--k", "5", "--beams", "8", "--threads", "1",
+                                       "--kv-memory", limit])
+        return res, (read_jsonl(tmp_path / name) if res.exit_code == 0 else None)
+
+    res, whole = run("whole.jsonl", "none")
+    assert res.exit_code == 0, res.output
+    assert batches == [9]
+    batches.clear()
+    res, parts = run("parts.jsonl", str(int(one_user * 4.5)))
+    assert res.exit_code == 0, res.output
+    assert batches == [4, 4, 1]
+    assert [r["items"] for r in parts] == [r["items"] for r in whole]
+    assert [r["scores"] for r in parts] == [r["scores"] for r in whole]
+    batches.clear()
+    res, _ = run("refused.jsonl", "1kB")
+    assert res.exit_code == 2 and "kv_memory is 1,000 bytes" in res.output and "needs ~" in res.output, res.output
+    assert batches == [] and not (tmp_path / "refused.jsonl").exists()
+
+
+def test_kv_memory_auto_is_half_of_what_is_left(trained_engines, monkeypatch):
+    from pauserec.runtime import Engine, Recommender
+    from pauserec.runtime import recommender as recommender_module
+
+    engine = Engine.load(trained_engines["direct"], graphs=False, verify=False)
+    monkeypatch.setattr(recommender_module, "available_bytes", lambda: 10_000_000)
+    assert Recommender(engine).kv_memory == 5_000_000
+    monkeypatch.setattr(recommender_module, "available_bytes", lambda: None)  # unknown: no limit
+    assert Recommender(engine).kv_memory is None and Recommender(engine).users_per_call(16, 20) == 32
+    assert Recommender(engine, kv_memory="2GB").kv_memory == 2_000_000_000
+
+
 def test_filters_in_the_batch_job_match_the_library(trained_engines, tmp_path):
     from typer.testing import CliRunner
 

@@ -1,4 +1,4 @@
-"""Memory the runtime hands back: mapped weight pages no kernel reads after a prepacked load."""
+"""Memory the runtime hands back (mapped weight pages no kernel reads after a prepacked load) and what it may take."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from pauserec.runtime.memory import _file_mappings, drop_mapped_pages, dropping_mapped_pages
+from pauserec.errors import DataError
+from pauserec.runtime.memory import (_file_mappings, available_bytes, drop_mapped_pages, dropping_mapped_pages,
+                                     parse_size)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
@@ -120,3 +122,43 @@ def test_a_prepacked_engine_keeps_no_weight_pages_it_does_not_read(tmp_path_fact
     got = Recommender(engine).recommend(histories, k=10, beams=10)
     np.testing.assert_array_equal(got.items, want.items)
     np.testing.assert_array_equal(got.scores, want.scores)
+
+
+def _fake_root(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+MEMINFO = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000000 kB\n"
+
+
+def test_available_memory_is_the_machines_or_what_its_cgroup_leaves(tmp_path):
+    """MemAvailable, lowered to a cgroup's limit - usage + its inactive page cache (v2: the process's own group;
+    v1: the memory controller's), and never raised by a limit above the machine's."""
+    machine = _fake_root(tmp_path / "m", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/\n",
+                                          "sys/fs/cgroup/memory.max": "max\n"})
+    assert available_bytes(machine) == 20_000_000 * 1024
+    v2 = _fake_root(tmp_path / "v2", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/job/7\n",
+                                      "sys/fs/cgroup/job/7/memory.max": "8000000000\n",
+                                      "sys/fs/cgroup/job/7/memory.current": "3000000000\n",
+                                      "sys/fs/cgroup/job/7/memory.stat": "anon 1\ninactive_file 1000000000\n"})
+    assert available_bytes(v2) == 6_000_000_000
+    v1 = _fake_root(tmp_path / "v1", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "4:memory:/docker/x\n",
+                                      "sys/fs/cgroup/memory/memory.limit_in_bytes": "4000000000\n",
+                                      "sys/fs/cgroup/memory/memory.usage_in_bytes": "3500000000\n",
+                                      "sys/fs/cgroup/memory/memory.stat": "total_inactive_file 500000000\n"})
+    assert available_bytes(v1) == 1_000_000_000
+    unlimited = _fake_root(tmp_path / "u", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "4:memory:/\n",
+                                            "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"})
+    assert available_bytes(unlimited) == 20_000_000 * 1024
+    assert available_bytes(tmp_path / "nothing") is None
+
+
+def test_sizes_are_read_with_their_units():
+    assert parse_size("2GB") == 2_000_000_000 and parse_size("1.5 GiB") == 3 << 29 and parse_size("512mb") == 512_000_000
+    assert parse_size("4096") == 4096 and parse_size(7) == 7
+    for bad in ("lots", "2 GBs", "-1GB", "0"):
+        with pytest.raises(DataError, match="size|above zero"):
+            parse_size(bad)

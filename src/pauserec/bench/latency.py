@@ -85,12 +85,14 @@ class _EngineSystem:
     system = "engine"
 
     def __init__(self, path: Path, threads: int | None, prepack: bool | None = None, impl: str = "auto",
-                 wrap: Callable | None = None, label: str | None = None, spin: bool = False):
+                 wrap: Callable | None = None, label: str | None = None, spin: bool = False,
+                 kv_memory: int | str | None = None):
+        """``kv_memory``: as ``Recommender``'s; None (default): each batch runs as the calls asked, never split."""
         from pauserec.runtime import Engine, Recommender
 
         self.system = {None: "engine", True: "engine+prepack", False: "engine-unpacked"}[prepack]
         self.engine = Engine.load(path, threads=threads, prepack=prepack, spin=spin)
-        self.rec = Recommender(wrap(self.engine) if wrap else self.engine, impl=impl)
+        self.rec = Recommender(wrap(self.engine) if wrap else self.engine, impl=impl, kv_memory=kv_memory)
         self.path, self.kind = path, self.engine.manifest.kind
         self.catalog = self.engine.catalog
         self.sha = self.engine.manifest.source.get("sha256")
@@ -233,7 +235,7 @@ def _measure(systems, users, cfg: LatencyConfig, tick: Callable[[], None] | None
                     lat[i].append(dt)
                     answers[i].append((np.asarray(items), np.asarray(scores)))
                     for key, v in timings.items():
-                        if isinstance(v, (int, float)) and key != "users":  # seconds only
+                        if isinstance(v, (int, float)) and key not in ("users", "calls"):  # seconds only
                             split[i][key] = split[i].get(key, 0.0) + float(v)
             if it >= cfg.warmup:
                 load.append(os.getloadavg()[0])

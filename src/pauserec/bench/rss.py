@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--history-len", type=int, default=20, help="items per user's history (seeded random)")
     ap.add_argument("--engine", type=Path, default=None, help="hf-generate of a checkpoint without a training card: "
                     "the engine whose prompt and catalog it runs")
+    ap.add_argument("--kv-memory", default=None, help="engine: the Recommender's kv_memory (e.g. 300MB, auto); "
+                    "default: none, the batch runs as one call")
     args = ap.parse_args(argv)
     from pauserec.bench.latency import _EngineSystem, _HFSystem
 
@@ -33,13 +35,14 @@ def main(argv: list[str] | None = None) -> None:
         system = _HFSystem(args.path, args.threads, args.engine)
     else:
         prepack = {"engine": None, "engine+prepack": True, "engine-unpacked": False}[args.system]
-        system = _EngineSystem(args.path, args.threads, prepack=prepack)
+        system = _EngineSystem(args.path, args.threads, prepack=prepack, kv_memory=args.kv_memory)
     loaded, load_peak = rss_kib("VmRSS"), peak_rss_kib()
     rng = np.random.default_rng(0)
     n = len(system.catalog.item_ids)
     users = [rng.choice(n, size=min(args.history_len, n), replace=False) for _ in range(args.batch)]
-    system.run(users, 10, args.beams)
-    print(json.dumps({"peak_rss_mb": peak_rss_kib() / 1024, "loaded_rss_mb": loaded / 1024,
+    timings = system.run(users, 10, args.beams)[0]
+    calls = {"calls": int(timings["calls"])} if "calls" in timings else {}  # search calls the batch took
+    print(json.dumps({"peak_rss_mb": peak_rss_kib() / 1024, "loaded_rss_mb": loaded / 1024, **calls,
                       "load_peak_rss_mb": load_peak / 1024, "torch_imported": "torch" in sys.modules}))
 
 

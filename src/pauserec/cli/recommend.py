@@ -21,6 +21,9 @@ def recommend(
     k: int = typer.Option(10, "--k", help="Items per user."),
     beams: int = typer.Option(20, "--beams", help="Beam width of the trie-constrained search (>= --k)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Users per batch (and per crash-safe part)."),
+    kv_memory: str = typer.Option("auto", "--kv-memory", help="Memory one search call's KV cache may take (e.g. "
+                                  "2GB): a batch runs in calls of fewer users where it would take more; same results. "
+                                  "auto: half the memory left once the engine is loaded; none: no limit."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same job."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or discard an interrupted run."),
     unique: bool = typer.Option(False, "--unique", help="A repeated user id is an error row (default: kept, counted)."),
@@ -43,7 +46,7 @@ def recommend(
     from pauserec.frontends.batch import BatchConfig
 
     cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams, batch_size=batch_size,
-                      resume=resume, overwrite=overwrite, unique=unique, user_field=user_field,
+                      kv_memory=None if kv_memory.lower() == "none" else kv_memory, resume=resume, overwrite=overwrite, unique=unique, user_field=user_field,
                       history_field=history_field, exclude_history=exclude_history, exclude_file=exclude_file)
     with _progress_bar(cfg) as progress:
         if ray:
@@ -77,7 +80,8 @@ def _run_local(cfg, engine: str, provider: str, threads: int | None, progress, s
     from pauserec.runtime import Engine, Recommender
     from pauserec.frontends.batch import run_batch
 
-    rec = Recommender(Engine.load(engine, provider=provider, threads=threads, spin=spin), batch_size=cfg.batch_size)
+    rec = Recommender(Engine.load(engine, provider=provider, threads=threads, spin=spin), batch_size=cfg.batch_size,
+                      kv_memory=cfg.kv_memory)
     return run_batch(cfg, rec, progress=progress)
 
 

@@ -417,28 +417,19 @@ def summarize(checks: list[Check]) -> list[dict]:
     return [c.to_dict() for c in checks]
 
 
-# The export's own runs of an engine (ranking sample, smoke test, popularity guard) take batches whose KV cache, with
-# the graphs' working copies of it (x3), stays within an eighth of the engine's bytes (at least 256 MB): a 7B model
-# with 32 KV heads holds ~120 MB per user in float32, so a batch of 8 would add 2 GB to the export's peak memory.
-CHECK_KV_SHARE, CHECK_KV_FLOOR, CHECK_KV_COPIES = 1 / 8, 256 << 20, 3
-
-
-def check_batch(engine, beams: int) -> int:
-    """Users per batch for the export's own runs of ``engine`` (1 .. the runtime's default batch)."""
-    from pauserec.runtime.recommender import DEFAULT_BATCH
-
-    weights = sum(p.stat().st_size for p in engine.path.iterdir() if p.is_file())
-    budget = max(CHECK_KV_FLOOR, int(weights * CHECK_KV_SHARE))
-    per_user = CHECK_KV_COPIES * engine.kv_bytes_per_user(beams)
-    return int(max(1, min(DEFAULT_BATCH, budget // max(per_user, 1))))
+# The export's own runs of an engine (ranking sample, smoke test, popularity guard) give a search call an eighth of
+# the engine's bytes (at least 256 MB) for its KV and the graphs' working copies (``Recommender.kv_memory``): a 7B
+# model with 32 KV heads holds ~130 MB per user in float32, so a batch of 8 would add 2 GB to the export's peak.
+CHECK_KV_SHARE, CHECK_KV_FLOOR = 1 / 8, 256 << 20
 
 
 def check_recommender(path: Path, provider: str = "cpu", beams: int = 20, threads: int | None = None):
-    """The engine at ``path`` loaded for the export's own checks, its batches sized by ``check_batch``."""
+    """The engine at ``path`` loaded for the export's own checks, its calls' KV within ``CHECK_KV_SHARE``."""
     from pauserec.runtime import Engine, Recommender
 
     engine = Engine.load(path, provider=provider, threads=threads)
-    return Recommender(engine, batch_size=check_batch(engine, beams))
+    weights = sum(p.stat().st_size for p in engine.path.iterdir() if p.is_file())
+    return Recommender(engine, kv_memory=max(CHECK_KV_FLOOR, int(weights * CHECK_KV_SHARE)))
 
 
 def compare_quantized(ref_dir: Path, q_dir: Path, histories: list[list[str]], targets: list[str] | None,

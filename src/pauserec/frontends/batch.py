@@ -98,6 +98,9 @@ class BatchConfig:
     history_field: str = "history"
     exclude_history: bool = False
     exclude_file: Path | None = None  # item ids excluded for every user, one per line
+    # memory a search call's KV may take (Recommender.kv_memory: "auto", None or a size); not part of the job's
+    # identity: a user's results are the same in a call of any size
+    kv_memory: int | str | None = "auto"
 
     @property
     def _stem(self) -> Path:

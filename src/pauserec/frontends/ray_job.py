@@ -135,8 +135,9 @@ class PoolWorker:
     timeout measures placement only, never the copy of a big engine."""
 
     def __init__(self, engine: str, provider: str, batch_size: int, opts: RowOptions,
-                 expected: dict[str, str] | None = None) -> None:
+                 expected: dict[str, str] | None = None, kv_memory: int | str | None = "auto") -> None:
         self.engine, self.provider, self.batch_size, self.expected = engine, provider, batch_size, expected
+        self.kv_memory = kv_memory
         self.threads = actor_cpus()
         self.opts, self.rows, self.rec = opts, 0, None
 
@@ -147,7 +148,7 @@ class PoolWorker:
         from pauserec.runtime import Engine, Recommender
 
         self.rec = Recommender(Engine.load(self.engine, provider=self.provider, threads=self.threads),
-                               batch_size=self.batch_size)
+                               batch_size=self.batch_size, kv_memory=self.kv_memory)
         if self.expected is not None:
             check_same_engine(self.rec.fingerprint(), self.expected, self.engine)
         self.rec.check_request(self.opts.k, self.opts.beams)
@@ -176,10 +177,11 @@ class RayRunner(ChunkRunner):
     worker = PoolWorker  # the actor class (tests slow its engine load down)
 
     def __init__(self, engine: str | Path, plan: PoolPlan, provider: str = "cpu", batch_size: int = 64,
-                 expected: dict[str, str] | None = None) -> None:
-        """``expected``: the driver's fingerprint of the engine; every actor checks that it loaded that engine."""
+                 expected: dict[str, str] | None = None, kv_memory: int | str | None = "auto") -> None:
+        """``expected``: the driver's fingerprint of the engine; every actor checks that it loaded that engine.
+        ``kv_memory``: each actor's ``Recommender.kv_memory`` ("auto": half of what its node has left once loaded)."""
         self.engine, self.plan, self.provider, self.batch_size = str(engine), plan, provider, batch_size
-        self.expected = expected
+        self.expected, self.kv_memory = expected, kv_memory
         self.started = self.lost = self.retried = 0
         self.actors: list = []  # every actor handle started (killed at the end)
         self.load: dict = {}  # actors that started and are alive -> chunks in flight
@@ -191,7 +193,7 @@ class RayRunner(ChunkRunner):
         gpus = 1 if self.provider in ("cuda", "tensorrt") else 0
         cls = ray.remote(self.worker).options(num_cpus=self.plan.cpus, num_gpus=gpus, max_restarts=0,
                                              max_task_retries=0, scheduling_strategy="SPREAD")
-        actor = cls.remote(self.engine, self.provider, self.batch_size, opts, self.expected)
+        actor = cls.remote(self.engine, self.provider, self.batch_size, opts, self.expected, self.kv_memory)
         self.actors.append(actor)
         self.started += 1
         starting[actor.ready.remote()] = actor
@@ -343,11 +345,12 @@ def run_ray(cfg: BatchConfig, engine: str | Path, address: str | None = None, co
     try:
         # Manifest and catalog only, no file hashed here: every actor checks every file it loads, and its fingerprint
         # (the manifest's sha256, which holds every file's) against this one.
-        checks = Recommender(Engine.load(engine, provider=provider, graphs=False, verify=False))
+        checks = Recommender(Engine.load(engine, provider=provider, graphs=False, verify=False), kv_memory=cfg.kv_memory)
         plan = plan_pool(cluster_node_cpus(), concurrency, threads)
         if warn and plan.warning():
             warn(plan.warning())
-        runner = RayRunner(engine, plan, provider=provider, batch_size=cfg.batch_size, expected=checks.fingerprint())
+        runner = RayRunner(engine, plan, provider=provider, batch_size=cfg.batch_size, expected=checks.fingerprint(),
+                           kv_memory=cfg.kv_memory)
         return run_batch(cfg, checks, progress=progress, runner=runner)
     finally:
         if runner is not None:

@@ -1,4 +1,4 @@
-"""Handing memory the process no longer uses back to the operating system."""
+"""Handing memory the process no longer uses back to the operating system, and what memory it may still take."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+
+from pauserec.errors import DataError
 
 MADV_DONTNEED = 4  # Linux
 
@@ -81,6 +84,70 @@ def dropping_mapped_pages(path: str | Path, every: float = 0.02):
         stop.set()
         thread.join()
         drop_mapped_pages(path)
+
+
+def available_bytes(root: str | Path = "/") -> int | None:
+    """Memory this process could still take: ``MemAvailable`` of ``/proc/meminfo``, lowered to what its cgroup's
+    limit leaves (a container's ``--memory``; cgroup v2 or v1, its reclaimable page cache counted as free). None
+    where neither can be read (not Linux). ``root``: where ``/proc`` and ``/sys`` are (tests)."""
+    root = Path(root)
+    meminfo = _read(root / "proc/meminfo")
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo or "", re.M)
+    free = [int(found.group(1)) * 1024] if found else []
+    cgroup = _cgroup_free(root)
+    if cgroup is not None:
+        free.append(cgroup)
+    return min(free) if free else None
+
+
+def _cgroup_free(root: Path) -> int | None:
+    """Bytes the cgroup's memory limit leaves this process: limit - usage + inactive page cache; None: no limit."""
+    own = (_read(root / "proc/self/cgroup") or "").splitlines()
+    v2 = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), None)
+    fs = root / "sys/fs/cgroup"
+    for folder in ([fs / v2.lstrip("/"), fs] if v2 is not None else []):  # v2: the process's own group, else the root
+        limit = _read(folder / "memory.max")
+        if limit is not None:
+            if limit.strip() == "max":
+                return None
+            return _left(int(limit), _read(folder / "memory.current"), _read(folder / "memory.stat"), "inactive_file")
+    v1 = fs / "memory"
+    limit = _read(v1 / "memory.limit_in_bytes")
+    if limit is None or int(limit) >= 1 << 60:  # v1 writes "no limit" as a page-rounded 2**63 - 1
+        return None
+    return _left(int(limit), _read(v1 / "memory.usage_in_bytes"), _read(v1 / "memory.stat"), "total_inactive_file")
+
+
+def _left(limit: int, usage: str | None, stat: str | None, cache_key: str) -> int:
+    cache = re.search(rf"^{cache_key} (\d+)", stat or "", re.M)
+    return max(0, limit - int(usage or 0) + (int(cache.group(1)) if cache else 0))
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):
+        return None
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of ``text``: an integer, or a number with a unit (``512MB``, ``1.5GB``, ``2GiB``; kB/MB/GB are
+    powers of 10, KiB/MiB/GiB of 2)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
+        unit = found and _UNITS.get(found.group(2).lower())
+        if not unit:
+            raise DataError(f"{text!r} is not a size: write bytes, or a number with a unit (e.g. 512MB, 2GB, 1.5GiB)")
+        value = int(float(found.group(1)) * unit)
+    if value <= 0:
+        raise DataError(f"size {text!r} must be above zero")
+    return value
 
 
 def _file_mappings(smaps: str, target: str):

@@ -26,8 +26,15 @@ from pauserec.errors import DataError, EngineError
 from pauserec.runtime import filters as item_filters
 from pauserec.runtime.beam import Timings, beam_search
 from pauserec.runtime.engine import MANIFEST_FILE, sha256_file
+from pauserec.runtime.memory import available_bytes, parse_size
 
 DEFAULT_BATCH = 32
+# What one search call holds beyond the loaded engine, per user: its KV cache (``Engine.kv_bytes_per_user``) and the
+# graphs' working copies of it. Measured 1.46x the KV (+ 40 MB) at the Llama-2-7B shape, int4, float32 KV, batches of
+# 1 and 8; 2 leaves room. ``kv_memory="auto"`` lets a call take this share of the memory the machine has left once
+# the engine is loaded.
+KV_WORKING_COPIES = 2
+AUTO_KV_SHARE = 0.5
 # A user's scores must not depend on who shares its batch. The graphs compute each user's rows alone, but the
 # length its history is padded to changes the order of the float sums over its context (masked slots shift the
 # real ones into other SIMD lanes and tails): ~1e-7 in float32, which the rounding of quantised activations
@@ -57,10 +64,22 @@ class Recommendations:
 class Recommender:
     """Batch recommendation over a loaded ``Engine``; ``impl`` picks the trie top-k implementation."""
 
-    def __init__(self, engine, impl: str = "auto", batch_size: int | None = None) -> None:
+    def __init__(self, engine, impl: str = "auto", batch_size: int | None = None,
+                 kv_memory: int | str | None = "auto") -> None:
+        """``batch_size``: users per search call at most. ``kv_memory``: bytes one call's KV cache and its working
+        copies may take; a call runs fewer users where theirs would take more (at least one: the results are the
+        same in any batch; ``check_request`` refuses a set limit that cannot hold one user). "auto": half the host
+        memory available once the engine is loaded (cgroup limits included); None: no limit; a number or a size
+        ("2GB"). It matters at 7-8B, whose float32 KV is ~0.05-0.15 GB a user (beam 20)."""
         self.engine, self.impl = engine, impl
         self.catalog = engine.catalog
         self.batch_size = int(engine.static_batch or batch_size or DEFAULT_BATCH)
+        self.kv_memory_set = kv_memory not in ("auto", None)
+        if kv_memory == "auto":
+            free = available_bytes()
+            self.kv_memory = int(free * AUTO_KV_SHARE) if free else None
+        else:
+            self.kv_memory = None if kv_memory is None else parse_size(kv_memory)
         self.encoder = engine.encoder  # histories -> the history ids of the engine's prompt
         self.id_dtype = np.array(self.catalog.item_ids).dtype  # fixed-width unicode of the longest id
 
@@ -119,16 +138,16 @@ class Recommender:
             sids=np.full((n, k, levels), -1, np.int32),
             kept=np.zeros(n, np.int32),
         )
-        timings, masking = Timings(), 0.0
+        timings, masking, calls = Timings(), 0.0, 0
         hist, res.kept[:] = self.encoder.many_kept(dense)  # each user's history ids, within the engine's budget
-        for rows, width in self._batches(hist):
+        for calls, (rows, width) in enumerate(self._batches(hist, beams), 1):
             t1 = time.perf_counter()
             node_mask, mask_row = filters.masks(self.catalog.trie, rows) if filters else (None, None)
             masking += time.perf_counter() - t1
             nodes, scores = self._search([hist[r] for r in rows], width, beams, timings, node_mask, mask_row)
             self._fill(res, rows, nodes, scores, k, filters)
         res.timings = {**timings.as_dict(), **({"filters": masking} if filters else {}),
-                       "total": time.perf_counter() - t0, "users": float(n)}
+                       "total": time.perf_counter() - t0, "users": float(n), "calls": float(calls)}
         return res
 
     def iter_recommend(self, histories: Iterable, k: int = 10, beams: int = 20, batch_size: int | None = None,
@@ -175,6 +194,24 @@ class Recommender:
         k, beams = self._check_sizes(k, beams)
         if k > self.catalog.n_items:
             raise DataError(f"k={k} is more than the {self.catalog.n_items:,} items of the catalog; lower k")
+        longest = self.padded_length(self.engine.prompt.max_history_tokens)
+        need = self.call_bytes(longest, beams)
+        if self.kv_memory_set and not self.engine.static and need > self.kv_memory:
+            raise DataError(f"kv_memory is {_size(self.kv_memory)}, but one user with the longest history this "
+                            f"engine takes ({longest} tokens) needs ~{_size(need)} at beams={beams}: raise it, "
+                            "lower beams, or export with --kv-dtype int8 (a quarter of float32's KV)")
+
+    def call_bytes(self, width: int, beams: int, users: int = 1) -> int:
+        """Memory a search call of ``users`` users with ``width`` history slots takes beyond the loaded engine:
+        their KV and the graphs' working copies of it (``KV_WORKING_COPIES``)."""
+        return KV_WORKING_COPIES * users * self.engine.kv_bytes_per_user(beams, width)
+
+    def users_per_call(self, width: int, beams: int) -> int:
+        """Users one search call runs at ``width`` history slots: ``batch_size``, fewer where their
+        ``call_bytes`` would pass ``kv_memory``, at least one. A static engine runs its own batch."""
+        if self.engine.static or self.kv_memory is None:
+            return self.batch_size
+        return int(max(1, min(self.batch_size, self.kv_memory // max(self.call_bytes(width, beams), 1))))
 
     def fingerprint(self) -> dict[str, str]:
         """What identifies this engine's results: its manifest (which checksums every file), the catalog, the
@@ -214,14 +251,15 @@ class Recommender:
             return int(e.static_hist)
         return int(min(-(-max(n_tokens, 1) // PAD_QUANTUM) * PAD_QUANTUM, max(e.prompt.max_history_tokens, n_tokens)))
 
-    def _batches(self, hist: list[np.ndarray]):
-        """(rows, padded length) of each batch: users of one padded length, at most ``batch_size`` of them."""
+    def _batches(self, hist: list[np.ndarray], beams: int):
+        """(rows, padded length) of each search call: users of one padded length, ``users_per_call`` at most."""
         width = np.array([self.padded_length(len(h)) for h in hist], np.int64)
         order = np.argsort(width, kind="stable")
         for w in np.unique(width):
             rows = order[width[order] == w]
-            for start in range(0, len(rows), self.batch_size):
-                yield rows[start : start + self.batch_size], int(w)
+            size = self.users_per_call(int(w), beams)
+            for start in range(0, len(rows), size):
+                yield rows[start : start + size], int(w)
 
     def _search(self, hist: list[np.ndarray], width: int, beams: int, timings: Timings,
                 node_mask: np.ndarray | None = None, mask_row: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -269,3 +307,7 @@ class Recommender:
                 res.scores[r, col : col + n] = score
                 res.sids[r, col : col + n] = trie.sid_codes[s]
                 col += n
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 10**6 else f"{n:,} bytes"
