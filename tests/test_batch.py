@@ -653,6 +653,8 @@ def test_kv_memory_splits_a_batch_into_calls_with_the_same_results(trained_engin
     res, _ = run("refused.jsonl", "1kB")
     assert res.exit_code == 2 and "kv_memory is 1,000 bytes" in res.output and "needs ~" in res.output, res.output
     assert batches == [] and not (tmp_path / "refused.jsonl").exists()
+    res, _ = run("refused.jsonl", "lots")
+    assert res.exit_code == 2 and "'lots' is not a size" in res.output, res.output
 
 
 def test_kv_memory_auto_is_half_of_what_is_left(trained_engines, monkeypatch):

@@ -46,14 +46,22 @@ def recommend(
     from pauserec.frontends.batch import BatchConfig
 
     cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams, batch_size=batch_size,
-                      kv_memory=None if kv_memory.lower() == "none" else kv_memory, resume=resume, overwrite=overwrite, unique=unique, user_field=user_field,
-                      history_field=history_field, exclude_history=exclude_history, exclude_file=exclude_file)
+                      kv_memory=_kv_memory(kv_memory), resume=resume, overwrite=overwrite, unique=unique,
+                      user_field=user_field, history_field=history_field, exclude_history=exclude_history, exclude_file=exclude_file)
     with _progress_bar(cfg) as progress:
         if ray:
             report = _run_ray(cfg, engine, address, concurrency, threads, provider, progress)
         else:
             report = _run_local(cfg, engine, provider, threads, progress, spin)
     _print(report)
+
+
+def _kv_memory(text: str) -> int | str | None:
+    """--kv-memory as Recommender takes it, a bad size refused before the engine loads."""
+    from pauserec.runtime.memory import parse_size
+
+    word = text.strip().lower()
+    return None if word == "none" else "auto" if word == "auto" else parse_size(text)
 
 
 @contextmanager
