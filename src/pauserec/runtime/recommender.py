@@ -5,8 +5,8 @@ ids by the engine's ``PromptEncoder`` (:mod:`pauserec.prompt.spec`): SID token i
 (``ids`` assembly, no text tokenizer), or the layout's text tokenised with the checkpoint's tokenizer
 (``text`` assembly), the oldest items dropped until the history fits its token budget
 (``Recommendations.kept``: the items each user's prompt kept). Users are sorted by history length and run in
-batches of similar length (less padding); results come back in input order. After the last SID
-level each leaf's SID expands to its items (collision groups in the trie's stable order).
+batches of similar length (less padding), each call's KV within ``kv_memory``; results come back in input order.
+After the last SID level each leaf's SID expands to its items (collision groups in the trie's stable order).
 
 Filters (``exclude``, ``allow``, ``exclude_history``; forms and semantics in
 :mod:`pauserec.runtime.filters`) act inside the trie search: the results are the best k allowed
