@@ -32,3 +32,16 @@ def handle_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+# --kv-memory of the commands that serve (recommend, serve): Recommender.kv_memory
+KV_MEMORY_HELP = ("Memory one search call's KV cache may take (e.g. 2GB): a batch runs in calls of fewer users where it "
+                  "would take more; same results. auto: half the memory left once the engine is loaded; none: no limit.")
+
+
+def kv_memory(text: str) -> int | str | None:
+    """--kv-memory as Recommender takes it, a bad size refused before the engine loads."""
+    from pauserec.runtime.memory import parse_size
+
+    word = text.strip().lower()
+    return None if word == "none" else "auto" if word == "auto" else parse_size(text)

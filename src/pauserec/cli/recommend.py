@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from pauserec.cli.common import console, handle_errors
+from pauserec.cli.common import KV_MEMORY_HELP, console, handle_errors
+from pauserec.cli.common import kv_memory as parse_kv_memory
 
 
 @handle_errors
@@ -21,9 +22,7 @@ def recommend(
     k: int = typer.Option(10, "--k", help="Items per user."),
     beams: int = typer.Option(20, "--beams", help="Beam width of the trie-constrained search (>= --k)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Users per batch (and per crash-safe part)."),
-    kv_memory: str = typer.Option("auto", "--kv-memory", help="Memory one search call's KV cache may take (e.g. "
-                                  "2GB): a batch runs in calls of fewer users where it would take more; same results. "
-                                  "auto: half the memory left once the engine is loaded; none: no limit."),
+    kv_memory: str = typer.Option("auto", "--kv-memory", help=KV_MEMORY_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same job."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output or discard an interrupted run."),
     unique: bool = typer.Option(False, "--unique", help="A repeated user id is an error row (default: kept, counted)."),
@@ -46,7 +45,7 @@ def recommend(
     from pauserec.frontends.batch import BatchConfig
 
     cfg = BatchConfig(input=input, output=output, errors=errors, k=k, beams=beams, batch_size=batch_size,
-                      kv_memory=_kv_memory(kv_memory), resume=resume, overwrite=overwrite, unique=unique,
+                      kv_memory=parse_kv_memory(kv_memory), resume=resume, overwrite=overwrite, unique=unique,
                       user_field=user_field, history_field=history_field, exclude_history=exclude_history, exclude_file=exclude_file)
     with _progress_bar(cfg) as progress:
         if ray:
@@ -54,14 +53,6 @@ def recommend(
         else:
             report = _run_local(cfg, engine, provider, threads, progress, spin)
     _print(report)
-
-
-def _kv_memory(text: str) -> int | str | None:
-    """--kv-memory as Recommender takes it, a bad size refused before the engine loads."""
-    from pauserec.runtime.memory import parse_size
-
-    word = text.strip().lower()
-    return None if word == "none" else "auto" if word == "auto" else parse_size(text)
 
 
 @contextmanager

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from pauserec.cli.common import handle_errors
+from pauserec.cli.common import KV_MEMORY_HELP, handle_errors
+from pauserec.cli.common import kv_memory as parse_kv_memory
 
 
 @handle_errors
@@ -18,6 +19,7 @@ def serve(
     k: int = typer.Option(10, "--k", min=1, help="Items per request unless the request sends \"k\"."),
     beams: int = typer.Option(20, "--beams", min=1, help="Beam width of the trie-constrained search (>= any k)."),
     max_batch: int = typer.Option(16, "--max-batch", min=1, help="Requests batched into one engine call."),
+    kv_memory: str = typer.Option("auto", "--kv-memory", help=KV_MEMORY_HELP),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="How long the oldest waiting request "
                                       "waits for others before its batch starts."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Requests that may wait; more get 503."),
@@ -36,6 +38,6 @@ def serve(
     from pauserec.frontends.server import ServeConfig, read_exclude_file, serve as run
 
     run(ServeConfig(engine=engine, host=host, port=port, k=k, beams=beams, max_batch=max_batch,
-                    max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads, spin=spin, provider=provider,
+                    kv_memory=parse_kv_memory(kv_memory), max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads, spin=spin, provider=provider,
                     admin_token=admin_token, exclude_history=exclude_history,
                     exclude=read_exclude_file(exclude_file), drain_s=drain_s))

@@ -64,6 +64,7 @@ class ServeConfig:
     k: int = 10  # items per request unless the request says "k"
     beams: int = 20
     max_batch: int = 16  # requests in one batch
+    kv_memory: int | str | None = "auto"  # Recommender.kv_memory: a batch's KV beyond it runs in smaller calls
     max_wait_ms: float = 5.0  # how long the oldest waiting request may wait for others
     max_queue: int = 256  # requests waiting beyond this get 503
     threads: int | None = None
@@ -247,7 +248,7 @@ class Server:
         self.cfg, self.opts = cfg, cfg.row_options()
         if recommender is None:
             engine = Engine.load(cfg.engine, provider=cfg.provider, threads=cfg.threads, spin=cfg.spin)
-            recommender = Recommender(engine, batch_size=cfg.max_batch)
+            recommender = Recommender(engine, batch_size=cfg.max_batch, kv_memory=cfg.kv_memory)
         recommender.check_request(cfg.k, cfg.beams)
         self.metrics = Metrics()
         self.serving = Serving.of(recommender, "engine")
@@ -292,7 +293,7 @@ class Server:
 
         old = self.serving.recommender
         engine = old.engine.with_catalog(source)
-        rec = Recommender(engine, impl=old.impl, batch_size=old.batch_size)
+        rec = Recommender(engine, impl=old.impl, batch_size=old.batch_size, kv_memory=self.cfg.kv_memory)
         rec.check_request(self.cfg.k, self.cfg.beams)
         probe = [engine.catalog.item_ids[0]]
         rec.recommend([probe], k=min(self.cfg.k, engine.catalog.n_items), beams=self.cfg.beams)
