@@ -742,6 +742,12 @@ def test_per_tensor_int8_engines_are_found_batch_dependent(trained_engines, tmp_
     model.graph.node.append(helper.make_node("DynamicQuantizeLinear", ["history_mask"], ["q", "s", "z"]))
     onnx.save(model, str(old / "prefill.onnx"))
     assert not Engine.load(old, graphs=False, verify=False).batch_invariant
+    from pauserec.runtime import Recommender
+
+    legacy = Engine.load(old, graphs=False, verify=False)
+    assert Recommender(legacy).kv_memory is None  # auto: calls never sized by free memory
+    with pytest.raises(DataError, match="kv_memory would change them"):
+        Recommender(legacy, kv_memory="1GB").check_request(5, 8)
 
 
 MOUNTINFO = """22 1 252:1 / / rw,relatime shared:1 - ext4 /dev/vda rw

@@ -75,7 +75,9 @@ class Recommender:
         self.catalog = engine.catalog
         self.batch_size = int(engine.static_batch or batch_size or DEFAULT_BATCH)
         self.kv_memory_set = kv_memory not in ("auto", None)
-        if kv_memory == "auto":
+        if kv_memory == "auto" and not getattr(engine, "batch_invariant", True):
+            self.kv_memory = None  # its scores follow the call's users: calls sized by free memory would vary them
+        elif kv_memory == "auto":
             free = available_bytes()
             self.kv_memory = int(free * AUTO_KV_SHARE) if free else None
         else:
@@ -194,6 +196,10 @@ class Recommender:
         k, beams = self._check_sizes(k, beams)
         if k > self.catalog.n_items:
             raise DataError(f"k={k} is more than the {self.catalog.n_items:,} items of the catalog; lower k")
+        if self.kv_memory_set and not getattr(self.engine, "batch_invariant", True):
+            raise DataError("this engine's scores depend on the users of a call (an int8 engine with per-tensor "
+                            "activation scales), so kv_memory would change them: leave it unset, or re-export the "
+                            "engine with this pauserec")
         longest = self.padded_length(self.engine.prompt.max_history_tokens)
         need = self.call_bytes(longest, beams)
         if self.kv_memory_set and not self.engine.static and need > self.kv_memory:
