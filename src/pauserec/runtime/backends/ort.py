@@ -36,6 +36,10 @@ def session_options(threads: int | None, prepack: bool = False, spin: bool = Fal
     buffer layout per input shape (peak RSS grew with each new shape).
     ``spin=True``: intra-op threads busy-wait between operators (ONNX Runtime's own default): faster on a
     machine the engine has to itself (the graphs are thousands of small operators), CPU burnt while waiting.
+    Operators run in priority-based order (the graph's own order among equals), not ONNX Runtime's default
+    reverse-DFS order: that one runs every input-free operator first, and the float32 copies the CPU provider
+    casts an fp16 engine's weights to (no float16 MatMul on x86) were then all alive at once: a Qwen3-0.6B-shape
+    fp16 engine peaked at 2.54 GB on its first call, 1.38 GB in this order.
     """
     import onnxruntime as ort
 
@@ -48,6 +52,7 @@ def session_options(threads: int | None, prepack: bool = False, spin: bool = Fal
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return opts
 
 
