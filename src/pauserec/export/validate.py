@@ -81,13 +81,13 @@ class OrtGraphs:
 class MergedGraphs:
     """The graphs of an engine's merged model (one prepacked session), as a validation runner."""
 
-    def __init__(self, path: Path, specs: dict, threads: int | None = None) -> None:
+    def __init__(self, path: Path, specs: dict, threads: int | None = None, kv_dtype: str = "float32") -> None:
         from pauserec.runtime.backends.ort import MergedSession
         from pauserec.runtime.memory import dropping_mapped_pages
         from pauserec.runtime.spec import GraphSpec
         from pauserec.runtime.weights import WEIGHTS_FILE
 
-        concrete = {n: GraphSpec.from_manifest(n, s.to_dict("float32")) for n, s in specs.items()}  # fp32 KV
+        concrete = {n: GraphSpec.from_manifest(n, s.to_dict(kv_dtype)) for n, s in specs.items()}
         with dropping_mapped_pages(path.parent / WEIGHTS_FILE):  # as the runtime opens it (prepacked)
             self.sessions = MergedSession(path, concrete, threads).views
 
