@@ -54,8 +54,9 @@ class OrtGraphs:
     """ONNX Runtime CPU sessions over staged graph files that share one ``weights.bin`` (validation only).
 
     One session is open at a time: running another graph closes the open one first. A session can hold far more
-    than the mapped weights (ONNX Runtime's CPU provider turns every float16 weight into a float32 copy: an fp16
-    engine's prefill and decode sessions side by side held 4.3x its bytes), and the checks switch graphs a few times.
+    than the mapped weights (ONNX Runtime's CPU provider turns every float16 weight of a graph into a float32 copy
+    as the session loads: an fp16 engine's prefill and decode sessions side by side held 4.3x its bytes, which is
+    why fp16 graphs are checked in the merged model, ``MergedGraphs``), and the checks switch graphs a few times.
     """
 
     def __init__(self, files: dict[str, Path], threads: int | None = None) -> None:
