@@ -134,9 +134,7 @@ def status_kb(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
-opts = session_options(2)
-if sys.argv[2] == "default":
-    opts.execution_order = ort.ExecutionOrder.DEFAULT
+opts = session_options(2, fp16_weights=sys.argv[2] == "fp16")
 sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak RSS starts again from the current RSS (ru_maxrss would keep the parent's, too)
@@ -178,8 +176,26 @@ def test_an_fp16_engines_float32_weight_copies_live_one_at_a_time(tmp_path):
         return int(out.stdout.split()[-1])
 
     fp16_bytes, copy_bytes = layers * width * width * 2, width * width * 4
-    assert call_peak("default") > fp16_bytes + 8 * copy_bytes  # ONNX Runtime's order: this test can fail
-    assert call_peak("runtime") < fp16_bytes + 3 * copy_bytes  # the weights read once, a copy or two alive
+    assert call_peak("other") > fp16_bytes + 8 * copy_bytes  # ONNX Runtime's order: this test can fail
+    assert call_peak("fp16") < fp16_bytes + 3 * copy_bytes  # the weights read once, a copy or two alive
+
+
+def test_fp16_engines_alone_run_their_operators_in_priority_order(tmp_path_factory):
+    """Priority order for the engines whose weights the CPU provider casts (above); the others keep ONNX Runtime's
+    default order, in which an int8 KV engine's prefill encodes each layer's KV before the next layer runs."""
+    pytest.importorskip("torch")
+    import onnxruntime as ort
+    from test_export import exported
+
+    from pauserec.runtime import Engine
+
+    for path, order in ((exported(tmp_path_factory, "qwen3", "pause", "-fp16", precision="fp16", quant_sample=16,
+                                  min_agreement=0.5), ort.ExecutionOrder.PRIORITY_BASED),
+                        (exported(tmp_path_factory, "qwen2", "direct", "-int8", precision="int8", quant_sample=16,
+                                  min_agreement=0.0), ort.ExecutionOrder.DEFAULT)):
+        engine = Engine.load(path, provider="cpu")
+        orders = {s.sess.get_session_options().execution_order for s in engine.sessions.values()}
+        assert orders == {order}, path.name
 
 
 def _fake_root(tmp_path, files: dict[str, str]):

@@ -424,7 +424,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
         # it loads (the fp32 model whole, beside the fp16). The merged model, which the runtime runs, reads the
         # weights inside its branches: there each cast is made in the call, one weight at a time.
         say("validate", f"{cfg.precision} {common['merged']} vs the HF model (reported; ranking decides)")
-        runner = validate.MergedGraphs(stage / common["merged"], specs, cfg.threads, kv_dtype(cfg))
+        runner = validate.MergedGraphs(stage / common["merged"], specs, cfg.threads, kv_dtype(cfg), fp16_weights=True)
         checks = validate.merged_checks(validate.validate_graphs(
             files=runner, atol=validate.ATOL[cfg.precision], kv_dtype=kv, precision=cfg.precision, **validate_args))
         del runner

@@ -82,7 +82,8 @@ class OrtGraphs:
 class MergedGraphs:
     """The graphs of an engine's merged model (one prepacked session), as a validation runner."""
 
-    def __init__(self, path: Path, specs: dict, threads: int | None = None, kv_dtype: str = "float32") -> None:
+    def __init__(self, path: Path, specs: dict, threads: int | None = None, kv_dtype: str = "float32",
+                 fp16_weights: bool = False) -> None:
         from pauserec.runtime.backends.ort import MergedSession
         from pauserec.runtime.memory import dropping_mapped_pages
         from pauserec.runtime.spec import GraphSpec
@@ -90,7 +91,7 @@ class MergedGraphs:
 
         concrete = {n: GraphSpec.from_manifest(n, s.to_dict(kv_dtype)) for n, s in specs.items()}
         with dropping_mapped_pages(path.parent / WEIGHTS_FILE):  # as the runtime opens it (prepacked)
-            self.sessions = MergedSession(path, concrete, threads).views
+            self.sessions = MergedSession(path, concrete, threads, fp16_weights=fp16_weights).views
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
         view = self.sessions[graph]

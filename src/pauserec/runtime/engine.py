@@ -163,7 +163,7 @@ class Engine:
         if prepack is None:
             prepack = bool(merged) or manifest.precision == "int4"
         used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged, tf32,
-                                       spin)
+                                       spin, fp16_weights=manifest.precision == "fp16")
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
     def with_catalog(self, catalog: Catalog | str | Path) -> Engine:
