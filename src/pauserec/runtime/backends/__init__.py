@@ -69,7 +69,8 @@ def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str
         for candidate in ("tensorrt", "cuda"):
             if unavailable_reason(candidate, bool(plans)) is None:
                 try:
-                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged, tf32, spin, fp16_weights)
+                    return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged, tf32, spin,
+                                            fp16_weights)
                 except BackendUnavailable:
                     continue
         return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged, tf32, spin, fp16_weights)
@@ -102,6 +103,6 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
             sessions = dict(MergedSession(path / merged, graphs, threads, spin, fp16_weights).views)
         else:
             store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
-            sessions = {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin, fp16_weights)
-                        for name, io in graphs.items()}
+            sessions = {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin,
+                                         fp16_weights) for name, io in graphs.items()}
     return sessions
