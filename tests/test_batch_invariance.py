@@ -33,7 +33,7 @@ ATOL = {"fp16": 1e-3, "int4": 1e-5}
 COT_ATOL = 1e-5
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8", "int4"])
 @pytest.mark.parametrize("arch,kind", [("qwen3", "pause"), ("llama", "cot")])
 def test_scores_are_the_same_alone_and_in_a_batch(tmp_path_factory, precision, arch, kind):
     from pauserec.runtime import Engine, Recommender

@@ -124,63 +124,103 @@ def test_a_prepacked_engine_keeps_no_weight_pages_it_does_not_read(tmp_path_fact
     np.testing.assert_array_equal(got.scores, want.scores)
 
 
-_FP16_CALL = """
+_CAST_CALL = """
 import sys
 import numpy as np
 import onnxruntime as ort
-from pauserec.runtime.backends.ort import session_options
+from pauserec.runtime.backends.ort import disabled_optimizers, session_options
 
 def status_kb(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
-opts = session_options(2, fp16_weights=sys.argv[2] == "fp16")
-sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+before = status_kb("VmRSS")
+runtime = sys.argv[2] == "runtime"  # the runtime's options for such engines, or ONNX Runtime's defaults
+sess = ort.InferenceSession(sys.argv[1], session_options(2, cast_weights=runtime), providers=["CPUExecutionProvider"],
+                            disabled_optimizers=disabled_optimizers(runtime))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak RSS starts again from the current RSS (ru_maxrss would keep the parent's, too)
 loaded = status_kb("VmRSS")
-sess.run(None, {"run": np.array(True), "x": np.ones((1, 2048), np.float16)})
-print((status_kb("VmHWM") - loaded) * 1024)
+x = np.ones((1, 2048), np.float16 if sys.argv[3] == "fp16" else np.float32)
+sess.run(None, {"run": np.array(True), "x": x})
+print((loaded - before) * 1024, (status_kb("VmHWM") - loaded) * 1024)
 """
+
+
+def _cast_weights_model(path: Path, kind: str, layers: int = 16, width: int = 2048) -> tuple[int, int]:
+    """A merged-engine-like model (its weights read by an ``If`` branch) of ``layers`` products by 16-bit weights:
+    "fp16" (the CPU provider casts them), "bf16" (cast as ``quantize.bf16_graph`` casts them) or "bf16-cast" (a
+    plain Cast of each weight). Returns (16-bit weight bytes, bytes of one float32 copy)."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pauserec.export.quantize import _widen
+
+    rng = np.random.default_rng(0)
+    values = [(rng.standard_normal((width, width)) * 0.02).astype(np.float32) for _ in range(layers)]
+    nodes = []
+    if kind == "fp16":
+        weights = [numpy_helper.from_array(v.astype(np.float16), f"w{i}") for i, v in enumerate(values)]
+        nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"])
+                 for i in range(layers)]
+        io_type = TensorProto.FLOAT16
+    else:  # each product followed by a bias, as in a decoder: ONNX Runtime fuses such readers into new nodes
+        weights = [helper.make_tensor(f"w{i}", TensorProto.BFLOAT16, [width, width],
+                                      v.astype(ml_dtypes.bfloat16).view(np.uint16).tobytes(), raw=True)
+                   for i, v in enumerate(values)] + [numpy_helper.from_array(np.zeros(width, np.float32), "bias")]
+        made = set()
+        for i in range(layers):
+            matmul = helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"c{i}"], [f"m{i}"])
+            nodes += (_widen(f"w{i}", f"c{i}", [width, width], matmul, {"bias"}, made) if kind == "bf16" else
+                      [helper.make_node("Cast", [f"w{i}"], [f"c{i}"], to=TensorProto.FLOAT)])
+            nodes += [matmul, helper.make_node("Add", [f"m{i}", "bias"], [f"h{i}"])]
+        io_type = TensorProto.FLOAT
+    value = lambda name, shape=None: helper.make_tensor_value_info(name, io_type, shape)  # noqa: E731
+    branch = helper.make_graph(nodes, "then", [], [value(f"h{layers - 1}")])
+    empty = helper.make_graph([helper.make_node("Identity", ["x"], ["y0"])], "else", [], [value("y0")])
+    graph = helper.make_graph([helper.make_node("If", ["run"], ["y"], then_branch=branch, else_branch=empty)], "g",
+                              [helper.make_tensor_value_info("run", TensorProto.BOOL, []), value("x", [1, width])],
+                              [value("y")], weights)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, location=path.stem + ".bin", size_threshold=0)
+    return layers * width * width * 2, width * width * 4
+
+
+def _call_peaks(path: Path, options: str, io: str) -> int:
+    """A fresh process's RSS growth as it loads ``path`` plus its peak above that in one call."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _CAST_CALL, str(path), options, io], capture_output=True, text=True,
+                         check=True)
+    return sum(int(v) for v in out.stdout.split()[-2:])
 
 
 @linux
 def test_an_fp16_engines_float32_weight_copies_live_one_at_a_time(tmp_path):
     """The CPU provider has no float16 MatMul: it casts each fp16 weight to a float32 copy. In the runtime's
-    operator order each copy goes before the next is made; in ONNX Runtime's default order all were made first
-    (an fp16 engine's first call then took its weights twice over). The weights are read by an ``If`` branch,
-    as in a merged engine (the casts of a main-graph weight are folded at load instead)."""
-    import subprocess
-
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    layers, width = 16, 2048  # 8 MiB fp16 weights, 16 MiB float32 copies: 256 MiB all at once
-    rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array((rng.standard_normal((width, width)) * 0.02).astype(np.float16), f"w{i}")
-               for i in range(layers)]
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"]) for i in range(layers)]
-    fp16 = lambda name, shape=None: helper.make_tensor_value_info(name, TensorProto.FLOAT16, shape)  # noqa: E731
-    branch = helper.make_graph(nodes, "then", [], [fp16(f"h{layers - 1}")])
-    empty = helper.make_graph([helper.make_node("Identity", ["x"], ["y0"])], "else", [], [fp16("y0")])
-    graph = helper.make_graph([helper.make_node("If", ["run"], ["y"], then_branch=branch, else_branch=empty)], "g",
-                              [helper.make_tensor_value_info("run", TensorProto.BOOL, []), fp16("x", [1, width])],
-                              [fp16("y")], weights)
-    path = tmp_path / "fp16.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
-                    save_as_external_data=True, location="fp16.bin", size_threshold=0)
-
-    def call_peak(order: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _FP16_CALL, str(path), order], capture_output=True,
-                             text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    fp16_bytes, copy_bytes = layers * width * width * 2, width * width * 4
-    assert call_peak("other") > fp16_bytes + 8 * copy_bytes  # ONNX Runtime's order: this test can fail
-    assert call_peak("fp16") < fp16_bytes + 3 * copy_bytes  # the weights read once, a copy or two alive
+    operator order each copy goes before the next is made; in ONNX Runtime's default order all were made first (an
+    fp16 engine's first call then took its weights twice over). The weights are read by an ``If`` branch, as in a
+    merged engine (the casts of a main-graph weight are folded at load instead)."""
+    half_bytes, copy_bytes = _cast_weights_model(tmp_path / "fp16.onnx", "fp16")
+    assert _call_peaks(tmp_path / "fp16.onnx", "default", "fp16") > half_bytes + 8 * copy_bytes  # this test can fail
+    assert _call_peaks(tmp_path / "fp16.onnx", "runtime", "fp16") < half_bytes + 3 * copy_bytes  # a copy or two alive
 
 
-def test_fp16_engines_alone_run_their_operators_in_priority_order(tmp_path_factory):
+@linux
+def test_a_bf16_engines_float32_weight_copies_live_one_at_a_time(tmp_path):
+    """A bf16 engine's graphs cast their weights themselves. A plain Cast reads nothing computed: constant folding
+    makes every copy as the session loads, and without it ONNX Runtime still runs such Casts first once its
+    optimizers have fused their readers into new nodes. ``quantize.bf16_graph``'s casts wait for their activations
+    and, with the runtime's options, each copy is made as its product runs."""
+    half_bytes, copy_bytes = _cast_weights_model(tmp_path / "bf16.onnx", "bf16")
+    _cast_weights_model(tmp_path / "bf16-cast.onnx", "bf16-cast")
+    for options in ("default", "runtime"):  # plain casts: all copies alive at once (this test can fail)
+        assert _call_peaks(tmp_path / "bf16-cast.onnx", options, "bf16") > half_bytes + 8 * copy_bytes
+    assert _call_peaks(tmp_path / "bf16.onnx", "runtime", "bf16") < half_bytes + 3 * copy_bytes
+
+
+def test_cast_weight_engines_alone_run_their_operators_in_priority_order(tmp_path_factory):
     """Priority order for the engines whose weights the CPU provider casts (above); the others keep ONNX Runtime's
     default order, in which an int8 KV engine's prefill encodes each layer's KV before the next layer runs."""
     pytest.importorskip("torch")
@@ -191,6 +231,8 @@ def test_fp16_engines_alone_run_their_operators_in_priority_order(tmp_path_facto
 
     for path, order in ((exported(tmp_path_factory, "qwen3", "pause", "-fp16", precision="fp16", quant_sample=16,
                                   min_agreement=0.5), ort.ExecutionOrder.PRIORITY_BASED),
+                        (exported(tmp_path_factory, "qwen3", "pause", "-batch-bf16", precision="bf16", quant_sample=4,
+                                  min_agreement=0.0), ort.ExecutionOrder.PRIORITY_BASED),
                         (exported(tmp_path_factory, "qwen2", "direct", "-int8", precision="int8", quant_sample=16,
                                   min_agreement=0.0), ort.ExecutionOrder.DEFAULT)):
         engine = Engine.load(path, provider="cpu")

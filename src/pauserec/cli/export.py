@@ -27,14 +27,15 @@ def export(
     items: Path = typer.Option(None, "--items", help="Item fields the prompt renders (titles): LC-Rec .item.json "
                                "or MiniOneRec info .txt."),
     base: Path = typer.Option(None, "--base", help="Base checkpoint of a PEFT LoRA adapter (merged at export)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (activations per row) | int4 "
-                                  "(weight-only, MatMulNBits)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (bfloat16 weights, float32 "
+                                  "compute: exact for a bf16 checkpoint at half fp32's bytes) | fp16 | int8 (activations "
+                                  "per row) | int4 (weight-only, MatMulNBits)."),
     int4_compute: str = typer.Option("int8", "--int4-compute", help="int4: int8 (activations quantised per block: "
                                      "integer kernels, faster) | fp32 (activations stay float)."),
     int4_block: int = typer.Option(32, "--int4-block", help="int4: weights per scale along K (16, 32, 64, 128, "
                                    "256); larger blocks give a smaller engine and fewer scales to apply, coarser "
                                    "weights."),
-    kv_dtype: str = typer.Option("float32", "--kv-dtype", help="int8/int4: float16 holds the KV cache in half the "
+    kv_dtype: str = typer.Option("float32", "--kv-dtype", help="bf16/int8/int4: float16 holds the KV cache in half the "
                                  "memory (cast per layer at the graphs' boundaries), int8 in about a quarter (one "
                                  "scale per key or value vector); ranked against fp32 like the weights. fp32 engines "
                                  "keep float32 (exact); fp16 engines always use float16."),

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 INT4_COMPUTE = {"fp32": None, "int8": 4}  # MatMulNBits accuracy_level: activations in fp32, or quantised to int8
 INT4_BLOCKS = (16, 32, 64, 128, 256)  # block sizes (weights per scale along K) MatMulNBits takes
 KV_DTYPES = ("float32", "float16", "int8")  # how the KV cache is held between graph calls (runtime.spec.KV_STORAGE)
@@ -62,7 +62,7 @@ class ExportReport:
     static: bool
     files: dict[str, int]  # file -> bytes
     checks: list[dict]  # every validation check (graph, case, output, max_abs_err, atol, precision, ok)
-    quantized: dict | None  # fp16/int8/int4: top-10 agreement (and Hit@10 change) against the fp32 engine
+    quantized: dict | None  # bf16/fp16/int8/int4: top-10 agreement (and Hit@10 change) against the fp32 engine
     seconds: dict[str, float] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)
     prompt: dict = field(default_factory=dict)  # the prompt checks: HF tokenizer ids, HF generate top-10

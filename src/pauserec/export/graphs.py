@@ -52,6 +52,9 @@ SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")
 SCORING = ("full", "sid")
 NEG = -1e9  # masked attention score (finite: a fully masked row stays NaN-free)
 HEAD_BLOCK = 8192  # vocabulary columns per head block (Core.split_head)
+# The graphs' constants the export computes (the fused prefix's KV), not weights of the checkpoint: a bf16 engine
+# keeps them in float32 (rounding them would move every score).
+COMPUTED_CONSTANTS = ("prefix_key", "prefix_value")
 
 
 @dataclass(frozen=True)
@@ -317,8 +320,8 @@ class _Graph(nn.Module):
         super().__init__()
         self.core = core
         pk, pv = prefix_kv(core, list(instruction_ids))
-        self.register_buffer("prefix_key", pk)  # (layers, Hkv, P, D)
-        self.register_buffer("prefix_value", pv)
+        self.register_buffer(COMPUTED_CONSTANTS[0], pk)  # prefix_key (layers, Hkv, P, D)
+        self.register_buffer(COMPUTED_CONSTANTS[1], pv)  # prefix_value
         self.prefix_len = pk.shape[2]
 
     def prefix_part(self, i: int, q: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, None]]:

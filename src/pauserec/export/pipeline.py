@@ -27,7 +27,7 @@ from pauserec.export.config import (BACKENDS, INT4_BLOCKS, INT4_COMPUTE, KV_DTYP
                                      ExportReport, Progress)
 from pauserec.prompt.spec import PromptEncoder
 from pauserec.runtime.memory import release_memory
-from pauserec.runtime.spec import DTYPES
+from pauserec.runtime.spec import CAST_WEIGHTS, DTYPES
 
 
 def _check_config(cfg: ExportConfig) -> None:
@@ -62,7 +62,7 @@ def _check_config(cfg: ExportConfig) -> None:
         raise ExportError("--batch/--beams freeze shapes and need --static; drop them for a dynamic engine")
     if cfg.backend == "tensorrt" and not cfg.static:
         raise ExportError("--backend tensorrt builds from static graphs: add --static --batch B --beams K")
-    if cfg.backend == "tensorrt" and cfg.precision in ("int8", "int4"):
+    if cfg.backend == "tensorrt" and cfg.precision in ("bf16", "int8", "int4"):
         raise ExportError(f"{cfg.precision} TensorRT plans are not built by pauserec; use --precision fp16")
     from pauserec.export.onnx import OPSETS
 
@@ -153,9 +153,10 @@ def _run(cfg: ExportConfig, stage: Path, say: Progress) -> ExportReport:
     prompt_check = check_prompts(cfg, src)
     clock["prompt_check"] = time.perf_counter() - t1
     source_sha = bundle.checkpoint_sha256(Path(cfg.checkpoint))
-    # streamed int8 / int4 / fp16: no fp32 engine is written (cot fp16 goes through one: its ranking reference is it)
+    # streamed int8 / int4 / fp16 / bf16: no fp32 engine is written (cot fp16 / bf16 go through one: their ranking
+    # reference is it)
     deferred = src.streamed is not None and (cfg.precision in ("int8", "int4") or
-                                             (cfg.precision == "fp16" and spec.kind != "cot"))
+                                             (cfg.precision in CAST_WEIGHTS and spec.kind != "cot"))
     if deferred and spec.kind == "cot":
         raise ExportError(f"--stream at {cfg.precision} ranks the engine against the HF model computed one layer at "
                           "a time, which does not generate a cot model's rationales; export this cot model without "
@@ -398,15 +399,24 @@ def _tensorrt(cfg: ExportConfig, src, specs, stage: Path, common: dict, validate
 
 
 def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common: dict, validate_args: dict, say):
-    """fp16 / int8 / int4 graphs from the validated fp32 ones, judged by ranking agreement."""
+    """bf16 / fp16 / int8 / int4 graphs from the validated fp32 ones, judged by ranking agreement (an exact bf16
+    engine, a bf16 checkpoint's with a float32 KV cache, is also held to fp32's tolerance against the HF model)."""
     from pauserec.export import bundle, merge, onnx, quantize, validate
 
     say(cfg.precision, quantize.LOWERING[cfg.precision] + (f", block {cfg.int4_block}, {cfg.int4_compute} compute"
                                                            if cfg.precision == "int4" else ""))
     fp32_dir = next(iter(files32.values())).parent  # two complete engines, to compare recommendations
     sources = {n: (files32[n], s.file, onnx.float_io(s)) for n, s in specs.items()}
+    exact = False  # a bf16 engine that computes what the fp32 engine computes
     if cfg.precision == "fp16":
         files = quantize.fp16_graphs(sources, stage, lazy=src.streamed)
+    elif cfg.precision == "bf16":
+        files, exact = quantize.bf16_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
+                                            lazy=src.streamed)
+        exact = exact and cfg.kv_dtype == "float32"
+        say("bf16", "every weight is a bfloat16 value (a bf16 checkpoint): the engine is exact, held to fp32's "
+            "tolerance" if exact else "weights rounded to bfloat16" + (" and a rounded KV cache" if cfg.kv_dtype
+                                                                       != "float32" else "") + ": ranking decides")
     else:
         files = quantize.quantize_graphs({n: (path, file) for n, (path, file, _) in sources.items()}, stage,
                                          cfg.precision, lazy=src.streamed, accuracy_level=INT4_COMPUTE[cfg.int4_compute],
@@ -419,19 +429,23 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     if common["merged"]:  # built from the final graphs: it computes what they compute
         merge.merge_graphs(files, stage / common["merged"])
     kv = DTYPES[kv_dtype(cfg)]
-    if cfg.precision == "fp16" and common["merged"]:
-        # The CPU provider has no float16 MatMul: a graph's own session casts every weight to a float32 copy as
-        # it loads (the fp32 model whole, beside the fp16). The merged model, which the runtime runs, reads the
-        # weights inside its branches: there each cast is made in the call, one weight at a time.
-        say("validate", f"{cfg.precision} {common['merged']} vs the HF model (reported; ranking decides)")
-        runner = validate.MergedGraphs(stage / common["merged"], specs, cfg.threads, kv_dtype(cfg), fp16_weights=True)
+    atol = (cfg.atol if cfg.atol is not None else validate.ATOL["fp32"]) if exact else validate.ATOL[cfg.precision]
+    verdict = "must match it" if exact else "reported; ranking decides"
+    if cfg.precision in CAST_WEIGHTS and common["merged"]:
+        # The CPU provider has no float16 or bfloat16 MatMul: a graph's own session casts every weight to a float32
+        # copy as it loads (the fp32 model whole, beside the fp16 / bf16). The merged model, which the runtime runs,
+        # reads the weights inside its branches: there each cast is made in the call, one weight at a time.
+        say("validate", f"{cfg.precision} {common['merged']} vs the HF model ({verdict})")
+        runner = validate.MergedGraphs(stage / common["merged"], specs, cfg.threads, kv_dtype(cfg), cast_weights=True)
         checks = validate.merged_checks(validate.validate_graphs(
-            files=runner, atol=validate.ATOL[cfg.precision], kv_dtype=kv, precision=cfg.precision, **validate_args))
+            files=runner, atol=atol, kv_dtype=kv, precision=cfg.precision, **validate_args))
         del runner
     else:
-        say("validate", f"{cfg.precision} graphs vs the HF model (reported; ranking decides)")
-        checks = validate.validate_graphs(files=files, atol=validate.ATOL[cfg.precision], kv_dtype=kv,
-                                          precision=cfg.precision, **validate_args)
+        say("validate", f"{cfg.precision} graphs vs the HF model ({verdict})")
+        checks = validate.validate_graphs(files=files, atol=atol, kv_dtype=kv, precision=cfg.precision,
+                                          **validate_args)
+    if exact:
+        validate.raise_mismatches(checks, cfg.precision)
     deferred = src.streamed is not None and src.streamed.defer
     for folder, precision in ((stage, cfg.precision),) if deferred else ((fp32_dir, "fp32"), (stage, cfg.precision)):
         src.catalog.save(folder / bundle.CATALOG_FILE)
@@ -441,6 +455,8 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
     say(cfg.precision, f"top-10 agreement with {reference} on {cfg.quant_sample} users")
     report = _ranking_report(cfg, src, None if deferred else fp32_dir, stage)
     report["reference"] = "hf-layerwise" if deferred else "fp32-engine"
+    if cfg.precision == "bf16":
+        report["exact"] = exact
     if cfg.precision == "int4":
         report["int4_compute"] = cfg.int4_compute
         report["int4_block"] = cfg.int4_block
@@ -448,7 +464,7 @@ def _lower_precision(cfg: ExportConfig, src, specs, files32, stage: Path, common
         raise ExportError(
             f"the {cfg.precision} engine agrees with {reference} on only {report['top10_overlap']:.3f} of the top-10 "
             f"(floor {cfg.min_agreement}; top-1 agreement {report['top1_agreement']:.3f}) on {report['sample']} "
-            "users; nothing was written. Use a higher precision (fp16 > int8 > int4), or lower --min-agreement "
+            "users; nothing was written. Use a higher precision (bf16 / fp16 > int8 > int4), or lower --min-agreement "
             "if that ranking change is acceptable")
     return checks, report
 

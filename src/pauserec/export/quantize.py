@@ -45,9 +45,11 @@ INT4_BLOCK = 32  # MatMulNBits block size: 32 keeps ranking closest to fp32 at a
 # What each reduced precision does to the fp32 graphs, as export reports it.
 LOWERING = {
     "fp16": "float16 weights and KV (norms and softmaxes in float32)",
+    "bf16": "bfloat16 weights cast to float32 where read, float32 compute (exact for a bf16 checkpoint)",
     "int8": "int8 MatMul weights per column, activations quantised per row (batch-invariant)",
     "int4": "int4 weight-only MatMul (ONNX Runtime MatMulNBits, symmetric, blocks along K)",
 }
+BF16_SUFFIX = "::bf16"  # a bf16 engine's stored weight (and a Gather's bfloat16 rows) before its cast
 COLUMN_BYTES = 256 << 20  # float32 bytes of a weight read and quantised at a time
 
 
@@ -359,6 +361,125 @@ def fp16_graphs(graphs: dict[str, tuple[Path, str, list[str]]], out_dir: Path, l
     try:
         return {n: fp16_graph(path, out_dir / file, keep, writer, TensorSource(path.parent, lazy), done)
                 for n, (path, file, keep) in graphs.items()}
+    finally:
+        writer.close()
+
+
+def bf16_graph(src: Path, dst: Path, writer: WeightsWriter, source: TensorSource, done: dict) -> bool:
+    """The bf16-weights version of the fp32 graph ``src`` at ``dst`` (beside ``writer``'s weights.bin): every
+    external float32 weight of the checkpoint is stored as bfloat16 and cast back to float32 where it is read (a
+    Gather reads the bfloat16 rows, then casts them), so the graph computes in float32. Each cast sits just before
+    its first reader and waits for its activation (``_widen``): in priority order without constant folding
+    (``runtime.backends.ort``, ``cast_weights=True``) a call makes one float32 copy at a time. Returns whether every
+    weight was a bfloat16 value already (a bf16 checkpoint): then the
+    graph computes exactly what the fp32 graph computes."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pauserec.export.graphs import COMPUTED_CONSTANTS
+    from pauserec.export.onnx import check
+
+    if dst.parent != writer.path.parent:
+        raise ExportError(f"{dst} must be written beside {writer.path} (its external data); report this as a bug")
+    model = onnx.load(str(src), load_external_data=False)
+    graph, exact, renamed = model.graph, True, {}
+    for t in graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        if t.data_type != TensorProto.FLOAT or t.name in COMPUTED_CONSTANTS:  # copied as they are
+            key = source.key(t)
+            if key not in done:
+                writer.raw(t, source.bytes(t))
+                info = {e.key: e.value for e in t.external_data}
+                done[key] = (int(info["offset"]), int(info["length"]), True)
+            else:
+                point_to(t, WEIGHTS_FILE, *done[key][:2])
+            continue
+        key = source.key(t)
+        if key not in done:
+            values = np.frombuffer(source.bytes(t), np.float32)  # the fp32 graph's bytes, or the checkpoint's
+            if not np.isfinite(values).all():
+                raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training "
+                                  "diverged or the checkpoint is damaged; export an earlier checkpoint")
+            half = values.astype(ml_dtypes.bfloat16)  # round to nearest even
+            if not np.isfinite(half).all():
+                raise ExportError(f"the weight {t.name} has values beyond bfloat16's range; export --precision fp32")
+            same = not (values.view(np.uint32) & 0xFFFF).any()  # its low 16 bits are zero: a bfloat16 value
+            writer.raw(t, memoryview(np.ascontiguousarray(half).view(np.uint16)).cast("B"))
+            info = {e.key: e.value for e in t.external_data}
+            done[key] = (int(info["offset"]), int(info["length"]), same)
+            del values, half
+        else:
+            point_to(t, WEIGHTS_FILE, *done[key][:2])
+        exact = exact and done[key][2]
+        renamed[t.name] = t.name + BF16_SUFFIX
+        t.name, t.data_type = renamed[t.name], TensorProto.BFLOAT16
+    constants = {t.name for t in graph.initializer} | set(renamed)
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    nodes, cast, made = [], set(), set()
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[0] in renamed:  # the rows, then their cast
+            out = node.output[0]
+            node.input[0], node.output[0] = renamed[node.input[0]], out + BF16_SUFFIX
+            nodes += [node, helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT,
+                                             name=f"{node.name or out}{BF16_SUFFIX}.cast")]
+            continue
+        for name in node.input:
+            if name in renamed and name not in cast:
+                nodes += _widen(renamed[name], name, dims[renamed[name]], node, constants, made)
+                cast.add(name)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    writer.fh.flush()
+    check(dst)
+    return exact
+
+
+def _widen(src: str, dst: str, dims: list[int], reader, constants: set[str], made: set[str]) -> list:
+    """The nodes that cast bfloat16 weight ``src`` (shape ``dims``) to float32 ``dst`` for its first ``reader``.
+    A plain Cast reads nothing computed, so ONNX Runtime may run it as soon as the call starts (in priority order
+    too, once its optimizers have fused the readers into new nodes: every copy was alive at once, 4.4 GB for a
+    1.2 GB Qwen3-0.6B-shape engine; a CastLike on the activation is inlined into such a Cast). So a MatMul's weight
+    is first reshaped to its own shape, given as its dims followed by the activation's empty shape slice (a value
+    that exists only once the activation does): each copy is made as its layer runs. ``made``: the names already
+    written (an activation's slice and a shape are shared)."""
+    from onnx import TensorProto, helper
+
+    others = [i for i in reader.input[:2] if i != dst and i not in constants]
+    if reader.op_type not in ("MatMul", "Gemm") or not others:
+        return [helper.make_node("Cast", [src], [dst], to=TensorProto.FLOAT, name=f"{dst}{BF16_SUFFIX}.cast")]
+    after, dims_name = f"{others[0]}{BF16_SUFFIX}.after", f"{BF16_SUFFIX}.dims." + "x".join(map(str, dims))
+    nodes = []
+    if after not in made:
+        nodes.append(helper.make_node("Shape", [others[0]], [after], start=0, end=0, name=after))
+        made.add(after)
+    if dims_name not in made:
+        nodes.append(helper.make_node("Constant", [], [dims_name], name=dims_name,
+                                      value=helper.make_tensor(dims_name, TensorProto.INT64, [len(dims)], dims)))
+        made.add(dims_name)
+    return nodes + [
+        helper.make_node("Concat", [dims_name, after], [f"{dst}{BF16_SUFFIX}.shape"], axis=0,
+                         name=f"{dst}{BF16_SUFFIX}.shape"),
+        helper.make_node("Reshape", [src, f"{dst}{BF16_SUFFIX}.shape"], [f"{dst}{BF16_SUFFIX}.ready"],
+                         name=f"{dst}{BF16_SUFFIX}.ready"),
+        helper.make_node("Cast", [f"{dst}{BF16_SUFFIX}.ready"], [dst], to=TensorProto.FLOAT,
+                         name=f"{dst}{BF16_SUFFIX}.cast")]
+
+
+def bf16_graphs(graphs: dict[str, tuple[Path, str]], out_dir: Path, lazy=None) -> tuple[dict[str, Path], bool]:
+    """Every graph (name -> (fp32 graph file, file name in ``out_dir``)) with bfloat16 weights, sharing one
+    ``out_dir/weights.bin``; one weight in memory at a time. Also returns whether the engine is exact (every
+    weight a bfloat16 value already)."""
+    writer, done, exact = WeightsWriter(out_dir / WEIGHTS_FILE), {}, True
+    try:
+        files = {}
+        for n, (path, file) in graphs.items():
+            exact = bf16_graph(path, out_dir / file, writer, TensorSource(path.parent, lazy), done) and exact
+            files[n] = out_dir / file
+        return files, exact
     finally:
         writer.close()
 

@@ -21,7 +21,7 @@ from pauserec.errors import ExportError
 from pauserec.runtime.spec import ModelShape
 
 # fp32 must match the HF model; reduced precisions are reported and judged by ranking agreement instead
-ATOL = {"fp32": 1e-4, "fp16": float("inf"), "int8": float("inf"), "int4": float("inf")}
+ATOL = {"fp32": 1e-4, "bf16": float("inf"), "fp16": float("inf"), "int8": float("inf"), "int4": float("inf")}
 # A row's common offset (its log-normaliser) carries the float32 rounding of the row's largest logits, which grows
 # with their size (~1.2e-4 on a trained 128-wide model whose differences within the row were 3e-6): it moves every
 # code of a level alike, so it is held to NORMALISER_FACTOR x the tolerance, the rest of the row to the tolerance.
@@ -83,7 +83,7 @@ class MergedGraphs:
     """The graphs of an engine's merged model (one prepacked session), as a validation runner."""
 
     def __init__(self, path: Path, specs: dict, threads: int | None = None, kv_dtype: str = "float32",
-                 fp16_weights: bool = False) -> None:
+                 cast_weights: bool = False) -> None:
         from pauserec.runtime.backends.ort import MergedSession
         from pauserec.runtime.memory import dropping_mapped_pages
         from pauserec.runtime.spec import GraphSpec
@@ -91,7 +91,7 @@ class MergedGraphs:
 
         concrete = {n: GraphSpec.from_manifest(n, s.to_dict(kv_dtype)) for n, s in specs.items()}
         with dropping_mapped_pages(path.parent / WEIGHTS_FILE):  # as the runtime opens it (prepacked)
-            self.sessions = MergedSession(path, concrete, threads, fp16_weights=fp16_weights).views
+            self.sessions = MergedSession(path, concrete, threads, cast_weights=cast_weights).views
 
     def run(self, graph: str, **feeds) -> list[np.ndarray]:
         view = self.sessions[graph]

@@ -15,7 +15,7 @@ from pauserec.prompt.spec import ITEMS_FILE, TOKENIZER_FILE, PromptEncoder, Prom
 from pauserec.errors import DataError, EngineError, PauserecError
 from pauserec.runtime.backends import available_cpus, open_sessions
 from pauserec.runtime.manifest import FORMAT_VERSION, MANIFEST_FILE, REEXPORT, Manifest  # noqa: F401
-from pauserec.runtime.spec import DTYPES, kv_width
+from pauserec.runtime.spec import CAST_WEIGHTS, DTYPES, kv_width
 
 PREFILL_TOKENS = 256  # history tokens per host prefill call: bounds its working memory (Engine.prefill)
 
@@ -163,7 +163,7 @@ class Engine:
         if prepack is None:
             prepack = bool(merged) or manifest.precision == "int4"
         used, sessions = open_sessions(path, manifest.graphs, manifest.plans, provider, threads, prepack, merged, tf32,
-                                       spin, fp16_weights=manifest.precision == "fp16")
+                                       spin, cast_weights=manifest.precision in CAST_WEIGHTS)
         return cls(path, manifest, catalog, sessions, used, threads, source)
 
     def with_catalog(self, catalog: Catalog | str | Path) -> Engine:

@@ -22,6 +22,9 @@ import numpy as np
 from pauserec.errors import EngineError
 
 DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16, "int8": np.int8}
+# Engine precisions whose weights are stored in 16 bits and cast to float32 where they are read (CPU: no float16
+# or bfloat16 MatMul); their sessions run operators in priority order (runtime.backends.ort.session_options).
+CAST_WEIGHTS = ("fp16", "bf16")
 KV = "kv"  # placeholder dtype of KV tensors: the engine's kv_dtype (KV_STORAGE)
 # How an engine holds its KV cache between graph calls (the manifest's kv_dtype) -> the bytes the last axis
 # of every KV tensor adds to head_dim. "int8": each (layer, user, head, slot) vector of head_dim values is stored

@@ -60,9 +60,9 @@ def unavailable_reason(provider: str, has_plans: bool = True) -> str | None:
 
 def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
                   threads: int | None, prepack: bool = False, merged: str | None = None,
-                  tf32: bool = False, spin: bool = False, fp16_weights: bool = False) -> tuple[str, dict[str, Session]]:
+                  tf32: bool = False, spin: bool = False, cast_weights: bool = False) -> tuple[str, dict[str, Session]]:
     """(provider used, graph name -> session); ``prepack``, ``merged``, ``tf32``, ``spin``: see ``Engine.load``;
-    ``fp16_weights``: see ``ort.session_options``."""
+    ``cast_weights``: see ``ort.session_options``."""
     if provider not in PROVIDERS:
         raise BackendUnavailable(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
     if provider == "auto":
@@ -70,19 +70,19 @@ def open_sessions(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str
             if unavailable_reason(candidate, bool(plans)) is None:
                 try:
                     return candidate, _open(path, graphs, plans, candidate, threads, prepack, merged, tf32, spin,
-                                            fp16_weights)
+                                            cast_weights)
                 except BackendUnavailable:
                     continue
-        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged, tf32, spin, fp16_weights)
+        return "cpu", _open(path, graphs, plans, "cpu", threads, prepack, merged, tf32, spin, cast_weights)
     reason = unavailable_reason(provider, bool(plans))
     if reason:
         raise BackendUnavailable(f"provider {provider!r} is not usable: {reason}")
-    return provider, _open(path, graphs, plans, provider, threads, prepack, merged, tf32, spin, fp16_weights)
+    return provider, _open(path, graphs, plans, provider, threads, prepack, merged, tf32, spin, cast_weights)
 
 
 def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provider: str,
           threads: int | None, prepack: bool, merged: str | None = None, tf32: bool = False,
-          spin: bool = False, fp16_weights: bool = False) -> dict[str, Session]:
+          spin: bool = False, cast_weights: bool = False) -> dict[str, Session]:
     if provider == "tensorrt":
         from pauserec.runtime.backends.trt import TrtSession
 
@@ -100,9 +100,9 @@ def _open(path: Path, graphs: dict[str, GraphSpec], plans: dict[str, str], provi
     copies = prepack or provider != "cpu"
     with dropping_mapped_pages(path / WEIGHTS_FILE) if copies else contextlib.nullcontext():
         if provider == "cpu" and prepack and merged:  # one session: each weight packed once for every graph
-            sessions = dict(MergedSession(path / merged, graphs, threads, spin, fp16_weights).views)
+            sessions = dict(MergedSession(path / merged, graphs, threads, spin, cast_weights).views)
         else:
             store = WeightStore(path / WEIGHTS_FILE)  # one mapped copy of the weights for every graph
             sessions = {name: OrtSession(path / io.file, io, provider, threads, store, prepack, tf32, spin,
-                                         fp16_weights) for name, io in graphs.items()}
+                                         cast_weights) for name, io in graphs.items()}
     return sessions

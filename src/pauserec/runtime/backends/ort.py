@@ -27,7 +27,7 @@ CUDA_HELP = ("install the GPU build of ONNX Runtime (pip uninstall onnxruntime &
              "on a machine with an NVIDIA GPU and driver, or use provider='cpu'")
 
 
-def session_options(threads: int | None, prepack: bool = False, spin: bool = False, fp16_weights: bool = False):
+def session_options(threads: int | None, prepack: bool = False, spin: bool = False, cast_weights: bool = False):
     """Options for small machines: no busy-waiting intra-op threads, a fixed thread count when given.
 
     ``prepack=False`` keeps ONNX Runtime from re-laying each MatMul weight into a private buffer per
@@ -36,12 +36,12 @@ def session_options(threads: int | None, prepack: bool = False, spin: bool = Fal
     buffer layout per input shape (peak RSS grew with each new shape).
     ``spin=True``: intra-op threads busy-wait between operators (ONNX Runtime's own default): faster on a
     machine the engine has to itself (the graphs are thousands of small operators), CPU burnt while waiting.
-    ``fp16_weights``: operators run in priority order (the graph's own order among equals), not ONNX Runtime's
+    ``cast_weights``: operators run in priority order (the graph's own order among equals), not ONNX Runtime's
     default order, which runs every operator without a computed input first: the float32 copies the CPU provider
-    casts an fp16 engine's weights to (it has no float16 MatMul) were then all alive at once (a Qwen3-0.6B-shape
-    fp16 engine's first call: 2.54 GB, 1.37 GB in priority order). Other engines keep the default order: in priority
-    order the exporter's KV stacking runs at the end of the prefill, and an int8 KV engine's batch of 8 held 0.9 GB
-    more at the Llama-2-7B shape.
+    casts an fp16 engine's weights to (it has no float16 MatMul; a bf16 engine's graphs cast theirs) were then all
+    alive at once (a Qwen3-0.6B-shape fp16 engine's first call: 2.54 GB, 1.37 GB in priority order). Other engines
+    keep the default order: in priority order the exporter's KV stacking runs at the end of the prefill, and an int8
+    KV engine's batch of 8 held 0.9 GB more at the Llama-2-7B shape.
     """
     import onnxruntime as ort
 
@@ -54,7 +54,7 @@ def session_options(threads: int | None, prepack: bool = False, spin: bool = Fal
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if fp16_weights:
+    if cast_weights:
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     return opts
 
@@ -85,7 +85,7 @@ class OrtSession:
     """One graph on ONNX Runtime; ``device`` is "cpu" or "cuda"."""
 
     def __init__(self, path: Path, io: GraphSpec, device: str, threads: int | None, weights=None,
-                 prepack: bool = False, tf32: bool = False, spin: bool = False, fp16_weights: bool = False) -> None:
+                 prepack: bool = False, tf32: bool = False, spin: bool = False, cast_weights: bool = False) -> None:
         """``weights``: the engine's ``WeightStore``; its tensors are shared with the other graphs' sessions (on
         "cuda": one device copy for all of them). ``tf32``: CUDA may multiply float32 in TF32 (faster on Ampere
         and later, scores differ by ~1e-3); off, float32 engines give the CPU's results."""
@@ -96,10 +96,10 @@ class OrtSession:
             reason = cuda_unavailable_reason()
             if reason:
                 raise BackendUnavailable(reason)
-        opts = session_options(threads, prepack, spin, fp16_weights)
+        opts = session_options(threads, prepack, spin, cast_weights)
         if weights is not None:
             weights.add_to(opts, path, device)
-        self.sess = inference_session(path, opts, providers, DISABLED_OPTIMIZERS)
+        self.sess = inference_session(path, opts, providers, disabled_optimizers(cast_weights))
         if device == "cuda" and self.sess.get_providers()[0] != "CUDAExecutionProvider":
             raise BackendUnavailable(f"ONNX Runtime could not create a CUDA session for {path.name} "
                                      f"(got {self.sess.get_providers()}): no usable GPU or driver; {CUDA_HELP}")
@@ -153,6 +153,13 @@ class OrtSession:
 # that copies every layer's KV at the start of a step (+300 MB at batch 8 x beam 20 at the 0.6B shape);
 # each layer's Gather copies only its own slice, when it needs it.
 DISABLED_OPTIMIZERS = ["GatherSliceToSplitFusion"]
+# A bf16 engine's graphs cast each bfloat16 weight to float32 where they read it; constant folding would make
+# every such copy as the session loads (a 16-layer test model: 321 MB more at load than its 134 MB of weights).
+CAST_WEIGHTS_DISABLED = [*DISABLED_OPTIMIZERS, "ConstantFolding"]
+
+
+def disabled_optimizers(cast_weights: bool) -> list[str]:
+    return CAST_WEIGHTS_DISABLED if cast_weights else DISABLED_OPTIMIZERS
 # The prefill's intermediates (every layer's KV before they are stacked) are a run's largest: its arena
 # memory goes back to the system after each prefill, since the decode steps that follow need a fraction.
 SHRINK_AFTER = ("prefill",)
@@ -188,9 +195,9 @@ class MergedSession:
     """
 
     def __init__(self, path: Path, graphs: dict[str, GraphSpec], threads: int | None, spin: bool = False,
-                 fp16_weights: bool = False) -> None:
-        opts = session_options(threads, prepack=True, spin=spin, fp16_weights=fp16_weights)
-        self.sess = inference_session(path, opts, ["CPUExecutionProvider"], DISABLED_OPTIMIZERS)
+                 cast_weights: bool = False) -> None:
+        opts = session_options(threads, prepack=True, spin=spin, cast_weights=cast_weights)
+        self.sess = inference_session(path, opts, ["CPUExecutionProvider"], disabled_optimizers(cast_weights))
         self.providers = self.sess.get_providers()
         declared_in = {a.name: a for a in self.sess.get_inputs()}
         declared_out = {a.name: a for a in self.sess.get_outputs()}
