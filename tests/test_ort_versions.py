@@ -98,11 +98,11 @@ def test_an_engine_with_a_merged_model_runs_on_older_onnxruntime(merged_engine, 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", [OLDEST, NEWEST_GPU])
 def test_export_on_older_onnxruntime(tmp_path, tmp_path_factory, merged_engine, version):
-    """fp32, int4 and fp16 export there (the quantizer's API is the oldest's too; fp16 is checked in the merged model
-    and loaded in priority operator order), merged model and all; the fp32 engine recommends what the engine exported
-    with this environment's onnxruntime does."""
+    """fp32, int4, fp16 and bf16 export there (the quantizer's API is the oldest's too; fp16 and bf16 are checked in
+    the merged model and loaded in priority operator order, bf16 without constant folding), merged model and all; the
+    fp32 engine recommends what the engine exported with this environment's onnxruntime does."""
     ckpt = make_checkpoint(tmp_path_factory.getbasetemp() / "pauserec-tiny", "qwen3", "pause")
-    for precision in ("fp32", "int4", "fp16"):
+    for precision in ("fp32", "int4", "fp16", "bf16"):
         out = tmp_path / precision
         _python(version, EXPORT, str(ckpt), str(out), precision)
         manifest = json.loads((out / "manifest.json").read_text())
