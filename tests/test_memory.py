@@ -251,8 +251,9 @@ MEMINFO = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   20000
 
 
 def test_available_memory_is_the_machines_or_what_its_cgroup_leaves(tmp_path):
-    """MemAvailable, lowered to a cgroup's limit - usage + its inactive page cache (v2: the process's own group;
-    v1: the memory controller's), and never raised by a limit above the machine's."""
+    """MemAvailable, lowered to what the cgroup limits leave (limit - usage + inactive page cache, at the process's
+    own group and every group above it; v2, else v1's memory controller), never raised by a limit above the
+    machine's."""
     machine = _fake_root(tmp_path / "m", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/\n",
                                           "sys/fs/cgroup/memory.max": "max\n"})
     assert available_bytes(machine) == 20_000_000 * 1024
@@ -270,6 +271,23 @@ def test_available_memory_is_the_machines_or_what_its_cgroup_leaves(tmp_path):
                                             "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n"})
     assert available_bytes(unlimited) == 20_000_000 * 1024
     assert available_bytes(tmp_path / "nothing") is None
+    # a group made inside a container's (v1: the container sees its group as the mount's root) under a tighter
+    # limit, and a v2 group whose parent's limit binds first: the least of the limits on the way up counts
+    nested_v1 = _fake_root(tmp_path / "n1", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "4:memory:/docker/x/box\n",
+                                             "sys/fs/cgroup/memory/memory.limit_in_bytes": "9000000000\n",
+                                             "sys/fs/cgroup/memory/memory.usage_in_bytes": "5000000000\n",
+                                             "sys/fs/cgroup/memory/box/memory.limit_in_bytes": "2000000000\n",
+                                             "sys/fs/cgroup/memory/box/memory.usage_in_bytes": "500000000\n"})
+    assert available_bytes(nested_v1) == 1_500_000_000
+    nested_v2 = _fake_root(tmp_path / "n2", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "0::/job/7\n",
+                                             "sys/fs/cgroup/job/memory.max": "5000000000\n",
+                                             "sys/fs/cgroup/job/memory.current": "4000000000\n",
+                                             "sys/fs/cgroup/job/7/memory.max": "max\n"})
+    assert available_bytes(nested_v2) == 1_000_000_000
+    hybrid = _fake_root(tmp_path / "h", {"proc/meminfo": MEMINFO, "proc/self/cgroup": "4:memory:/box\n0::/\n",
+                                         "sys/fs/cgroup/unified/cgroup.procs": "",
+                                         "sys/fs/cgroup/memory/box/memory.limit_in_bytes": "3000000000\n"})
+    assert available_bytes(hybrid) == 3_000_000_000  # v2 mounted without its memory controller: v1's groups
 
 
 def test_sizes_are_read_with_their_units():

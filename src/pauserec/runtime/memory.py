@@ -100,22 +100,45 @@ def available_bytes(root: str | Path = "/") -> int | None:
     return min(free) if free else None
 
 
+# cgroup v2 and v1 memory controllers: (limit file, usage file, the stat line of reclaimable page cache)
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
 def _cgroup_free(root: Path) -> int | None:
-    """Bytes the cgroup's memory limit leaves this process: limit - usage + inactive page cache; None: no limit."""
-    own = (_read(root / "proc/self/cgroup") or "").splitlines()
-    v2 = next((line.split(":", 2)[2] for line in own if line.startswith("0::")), None)
+    """Bytes the cgroup memory limits leave this process: the least over its own group and every group above it
+    (a limit binds its whole subtree) of limit - usage + inactive page cache; None: no limit. v2 where its memory
+    files are found, else v1's memory controller."""
     fs = root / "sys/fs/cgroup"
-    for folder in ([fs / v2.lstrip("/"), fs] if v2 is not None else []):  # v2: the process's own group, else the root
-        limit = _read(folder / "memory.max")
-        if limit is not None:
-            if limit.strip() == "max":
-                return None
-            return _left(int(limit), _read(folder / "memory.current"), _read(folder / "memory.stat"), "inactive_file")
-    v1 = fs / "memory"
-    limit = _read(v1 / "memory.limit_in_bytes")
-    if limit is None or int(limit) >= 1 << 60:  # v1 writes "no limit" as a page-rounded 2**63 - 1
-        return None
-    return _left(int(limit), _read(v1 / "memory.usage_in_bytes"), _read(v1 / "memory.stat"), "total_inactive_file")
+    groups = {}
+    for line in (_read(root / "proc/self/cgroup") or "").splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            groups["v2"] = path
+        elif "memory" in controllers.split(","):
+            groups["v1"] = path
+    for version, mount in (("v2", fs), ("v1", fs / "memory")):
+        if version not in groups:
+            continue
+        limit_file, usage_file, cache_key = _CGROUP_FILES[version]
+        folders = _own_and_above(mount, groups[version])
+        limits = [(folder, _read(folder / limit_file)) for folder in folders]
+        if all(limit is None for _, limit in limits):
+            continue  # (v2 without its memory controller here: v1's)
+        left = [_left(int(limit), _read(folder / usage_file), _read(folder / "memory.stat"), cache_key)
+                for folder, limit in limits
+                if limit is not None and limit.strip() != "max" and int(limit) < 1 << 60]  # v1: no limit ~ 2**63
+        return min(left) if left else None
+    return None
+
+
+def _own_and_above(mount: Path, path: str) -> list[Path]:
+    """The process's group folder under ``mount`` and each folder above it up to ``mount``. ``path`` (from
+    /proc/self/cgroup) may name groups above the mount's root (a container sees its own group as the root): the
+    group is the longest tail of ``path`` found under ``mount``."""
+    parts = [p for p in path.split("/") if p]
+    own = next((mount.joinpath(*parts[i:]) for i in range(len(parts)) if mount.joinpath(*parts[i:]).is_dir()), mount)
+    return [own, *[p for p in own.parents if p == mount or mount in p.parents]]
 
 
 def _left(limit: int, usage: str | None, stat: str | None, cache_key: str) -> int:
