@@ -112,6 +112,10 @@ def test_bfloat16_shards_stream_to_the_same_engine(tmp_path):
     want, got = (r.recommend(histories, k=10, beams=10) for r in (fp32, bf16))
     np.testing.assert_array_equal(got.items, want.items)
     np.testing.assert_allclose(got.scores, want.scores, atol=2e-5, rtol=0)
+    # a session per graph over the shared mapped weights (as on a GPU): the bfloat16 tensors go in as such
+    per_graph = Recommender(Engine.load(c, provider="cpu", prepack=False)).recommend(histories, k=10, beams=10)
+    np.testing.assert_array_equal(per_graph.items, got.items)
+    np.testing.assert_allclose(per_graph.scores, got.scores, atol=2e-5, rtol=0)
 
 
 def _assert_bf16_graphs(engine: Path) -> None:

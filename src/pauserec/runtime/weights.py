@@ -19,6 +19,7 @@ from pauserec.errors import EngineError
 
 WEIGHTS_FILE = "weights.bin"
 ALIGN = 64
+NUMPY_FOREIGN = (16,)  # TensorProto.BFLOAT16: a 2-byte type numpy lacks; its values are handed over as uint16 bytes
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ExternalTensor:
     dims: tuple[int, ...]
     offset: int
     length: int
+    onnx_type: int = 1  # TensorProto data type (bf16 engines: BFLOAT16, which numpy has no type of its own for)
 
 
 def external_tensors(model) -> list[ExternalTensor]:
@@ -44,7 +46,7 @@ def external_tensors(model) -> list[ExternalTensor]:
             raise EngineError(f"initializer {t.name!r} points to {info.get('location')!r}, not {WEIGHTS_FILE}; "
                               "the engine was not written by this pauserec: re-export it")
         out.append(ExternalTensor(t.name, np.dtype(tensor_dtype_to_np_dtype(t.data_type)), tuple(t.dims),
-                                  int(info.get("offset", 0)), int(info["length"])))
+                                  int(info.get("offset", 0)), int(info["length"]), t.data_type))
     return out
 
 
@@ -76,11 +78,16 @@ class WeightStore:
         planned it, and copies a CPU one into every CUDA session otherwise)."""
         import onnxruntime as ort
 
-        key = (t.offset, t.dtype.str, t.dims, device)
+        key = (t.offset, t.onnx_type, t.dims, device)
         if key not in self._values:
             array = self.array(t)
-            self._values[key] = (ort.OrtValue.ortvalue_from_numpy(array) if device == "cpu" else
-                                 ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0))
+            if t.onnx_type in NUMPY_FOREIGN:  # over the same bytes, typed as ONNX names them
+                value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), t.onnx_type)
+            elif device == "cpu":
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+            self._values[key] = value
         return self._values[key]
 
     def add_to(self, opts, graph_file: Path, device: str = "cpu") -> int:
@@ -91,7 +98,9 @@ class WeightStore:
             model = onnx.load(str(graph_file), load_external_data=False)
         except Exception as e:  # protobuf / onnx raise several types
             raise EngineError(f"{graph_file} is not a readable ONNX file ({e}); re-export the engine") from e
-        tensors = external_tensors(model)
+        # (a bfloat16 tensor goes to a GPU session as ONNX Runtime reads it from the file: the Python API makes
+        # such values on the CPU only)
+        tensors = [t for t in external_tensors(model) if device == "cpu" or t.onnx_type not in NUMPY_FOREIGN]
         for t in tensors:
             opts.add_initializer(t.name, self.ortvalue(t, device))
         return len(tensors)
