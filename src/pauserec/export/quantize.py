@@ -306,6 +306,30 @@ def quantize_graph(src: Path, dst: Path, precision: str, writer: WeightsWriter, 
     return dst
 
 
+def _float32_values(t, source: TensorSource) -> np.ndarray:
+    """The float32 values of weight ``t`` (the fp32 graph's bytes, or the checkpoint's); ExportError if any is not
+    finite."""
+    values = np.frombuffer(source.bytes(t), np.float32)
+    if not np.isfinite(values).all():
+        raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training diverged or the "
+                          "checkpoint is damaged; export an earlier checkpoint")
+    return values
+
+
+def _store_once(t, key, writer: WeightsWriter, done: dict, encode):
+    """Point initializer ``t`` at its bytes in weights.bin, made by ``encode() -> (bytes, note)`` and written once
+    per ``key`` (a source tensor and the type it is stored as; ``done``: key -> (offset, length, note)). Returns
+    the note."""
+    if key not in done:
+        data, note = encode()
+        writer.raw(t, data)
+        info = {e.key: e.value for e in t.external_data}
+        done[key] = (int(info["offset"]), int(info["length"]), note)
+    else:
+        point_to(t, WEIGHTS_FILE, *done[key][:2])
+    return done[key][2]
+
+
 def fp16_graph(src: Path, dst: Path, keep: list[str], writer: WeightsWriter, source: TensorSource,
                done: dict) -> Path:
     """The fp16 version of the fp32 graph ``src`` at ``dst`` (beside ``writer``'s weights.bin): ONNX Runtime's
@@ -334,20 +358,13 @@ def fp16_graph(src: Path, dst: Path, keep: list[str], writer: WeightsWriter, sou
     for t in model.graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
-        key = (keys[t.name], t.data_type)
-        if key not in done:
-            values = np.frombuffer(source.bytes(t), np.float32)  # the fp32 graph's bytes, or the checkpoint's
-            if not np.isfinite(values).all():
-                raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training "
-                                  "diverged or the checkpoint is damaged; export an earlier checkpoint")
+        def encode(t=t):
+            values = _float32_values(t, source)
             if t.data_type == TensorProto.FLOAT16:
                 values = float16.convert_np_to_float16(values)  # the converter's rounding (clamped to float16's range)
-            writer.raw(t, memoryview(np.ascontiguousarray(values)).cast("B"))
-            info = {e.key: e.value for e in t.external_data}
-            done[key] = (int(info["offset"]), int(info["length"]))
-            del values
-        else:
-            point_to(t, WEIGHTS_FILE, *done[key])
+            return memoryview(np.ascontiguousarray(values)).cast("B"), None
+
+        _store_once(t, (keys[t.name], t.data_type), writer, done, encode)
     onnx.save(model, str(dst))
     writer.fh.flush()
     check(dst)
@@ -384,35 +401,21 @@ def bf16_graph(src: Path, dst: Path, writer: WeightsWriter, source: TensorSource
         raise ExportError(f"{dst} must be written beside {writer.path} (its external data); report this as a bug")
     model = onnx.load(str(src), load_external_data=False)
     graph, exact, renamed = model.graph, True, {}
+    def as_bf16(t):
+        values = _float32_values(t, source)
+        half = values.astype(ml_dtypes.bfloat16)  # round to nearest even
+        if not np.isfinite(half).all():
+            raise ExportError(f"the weight {t.name} has values beyond bfloat16's range; export --precision fp32")
+        same = not (values.view(np.uint32) & 0xFFFF).any()  # its low 16 bits are zero: a bfloat16 value
+        return memoryview(np.ascontiguousarray(half).view(np.uint16)).cast("B"), same
+
     for t in graph.initializer:
         if t.data_location != TensorProto.EXTERNAL:
             continue
         if t.data_type != TensorProto.FLOAT or t.name in COMPUTED_CONSTANTS:  # copied as they are
-            key = source.key(t)
-            if key not in done:
-                writer.raw(t, source.bytes(t))
-                info = {e.key: e.value for e in t.external_data}
-                done[key] = (int(info["offset"]), int(info["length"]), True)
-            else:
-                point_to(t, WEIGHTS_FILE, *done[key][:2])
+            _store_once(t, source.key(t), writer, done, lambda t=t: (source.bytes(t), True))
             continue
-        key = source.key(t)
-        if key not in done:
-            values = np.frombuffer(source.bytes(t), np.float32)  # the fp32 graph's bytes, or the checkpoint's
-            if not np.isfinite(values).all():
-                raise ExportError(f"the weight {t.name} has non-finite (NaN/inf) values: the model's training "
-                                  "diverged or the checkpoint is damaged; export an earlier checkpoint")
-            half = values.astype(ml_dtypes.bfloat16)  # round to nearest even
-            if not np.isfinite(half).all():
-                raise ExportError(f"the weight {t.name} has values beyond bfloat16's range; export --precision fp32")
-            same = not (values.view(np.uint32) & 0xFFFF).any()  # its low 16 bits are zero: a bfloat16 value
-            writer.raw(t, memoryview(np.ascontiguousarray(half).view(np.uint16)).cast("B"))
-            info = {e.key: e.value for e in t.external_data}
-            done[key] = (int(info["offset"]), int(info["length"]), same)
-            del values, half
-        else:
-            point_to(t, WEIGHTS_FILE, *done[key][:2])
-        exact = exact and done[key][2]
+        exact = _store_once(t, source.key(t), writer, done, lambda t=t: as_bf16(t)) and exact
         renamed[t.name] = t.name + BF16_SUFFIX
         t.name, t.data_type = renamed[t.name], TensorProto.BFLOAT16
     constants = {t.name for t in graph.initializer} | set(renamed)
